@@ -1,0 +1,232 @@
+"""Loading and converting IconMatting weights, never executing pickled code.
+
+Accepted files:
+* the released checkpoint: a PyTorch Lightning ``.ckpt`` whose ``state_dict`` holds the
+  trainable weights under ``in_context_decoder.*`` (and possibly frozen ``feature_extractor.*``
+  SD weights, which are ignored: SD is loaded from its own files);
+* our ``.safetensors`` (written by :func:`convert_checkpoint`), keys of ``IconMattingHead``.
+
+``.ckpt``/``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)``. Lightning
+checkpoints can hold small non-tensor objects (e.g. a hyper-parameter dict); if the strict loader
+refuses one, the file is read again with an unpickler that resolves *no* class or function from
+outside a short allow-list: anything else becomes an inert placeholder, so no code runs.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .config import IconMattingConfig
+from .matting_head import IconMattingHead
+
+# reference-key prefix -> our prefix (first match wins; regex groups carry indices)
+_REFERENCE_TO_OURS: List[Tuple[str, str]] = [
+    (r"in_context_decoder\.in_context_fusion\.attn_module\.norm\.", "similarity.token_norm."),
+    (r"in_context_decoder\.in_context_fusion\.attn_module_list\.(\d+)\.", r"similarity.propagation.\1."),
+    (r"in_context_decoder\.in_context_fusion\.ft_module_list\.(\d+)\.", r"fusion.feature_convs.\1."),
+    (r"in_context_decoder\.in_context_fusion\.ft_attn_module_list\.(\d+)\.", r"fusion.guided_convs.\1."),
+    (r"in_context_decoder\.in_context_fusion\.fusion\.module_list\.0\.conv\.", "fusion.scale_fusion.conv."),
+    (r"in_context_decoder\.detail_decoder\.convstream\.convs\.(\d+)\.", r"detail.image_convs.\1."),
+    (r"in_context_decoder\.detail_decoder\.fusion_blks\.(\d+)\.", r"detail.fuse_blocks.\1."),
+    (r"in_context_decoder\.detail_decoder\.matting_head\.matting_convs\.", "detail.alpha_head."),
+]
+_OURS_TO_REFERENCE: List[Tuple[str, str]] = [
+    ("similarity.token_norm.", "in_context_decoder.in_context_fusion.attn_module.norm."),
+    (r"similarity\.propagation\.(\d+)\.", r"in_context_decoder.in_context_fusion.attn_module_list.\1."),
+    (r"fusion\.feature_convs\.(\d+)\.", r"in_context_decoder.in_context_fusion.ft_module_list.\1."),
+    (r"fusion\.guided_convs\.(\d+)\.", r"in_context_decoder.in_context_fusion.ft_attn_module_list.\1."),
+    (r"fusion\.scale_fusion\.conv\.", "in_context_decoder.in_context_fusion.fusion.module_list.0.conv."),
+    (r"detail\.image_convs\.(\d+)\.", r"in_context_decoder.detail_decoder.convstream.convs.\1."),
+    (r"detail\.fuse_blocks\.(\d+)\.", r"in_context_decoder.detail_decoder.fusion_blks.\1."),
+    (r"detail\.alpha_head\.", "in_context_decoder.detail_decoder.matting_head.matting_convs."),
+]
+# keys of the reference model that carry no IconMattingHead weight
+IGNORED_REFERENCE_PREFIXES = ("feature_extractor.", "loss_function.")
+EMPTY_PROMPT_KEY = "feature_extractor.prompt_embeds"
+CONFIG_METADATA_KEY = "iconmatting_config"
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used; the message names the file and what to do."""
+
+
+def _rename(key: str, rules) -> Optional[str]:
+    for pattern, repl in rules:
+        new, n = re.subn("^" + pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
+def reference_to_ours(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Reference (Lightning) keys -> IconMattingHead keys. Returns (mapped, unmapped keys)."""
+    mapped, unmapped = {}, []
+    for key, value in state_dict.items():
+        if key.startswith(IGNORED_REFERENCE_PREFIXES):
+            continue
+        new = _rename(key, _REFERENCE_TO_OURS)
+        if new is None:
+            unmapped.append(key)
+        else:
+            mapped[new] = value
+    return mapped, unmapped
+
+
+def ours_to_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """IconMattingHead keys -> the reference model's keys (the released checkpoint's layout)."""
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(key, _OURS_TO_REFERENCE)
+        if new is None:
+            raise KeyError(f"no reference name for {key}")
+        out[new] = value
+    return out
+
+
+class _Placeholder:
+    """Stands in for any object whose class is not allow-listed; keeps nothing executable."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return _Placeholder()
+
+
+class _InertUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._utils", "_rebuild_parameter_with_state"),
+        ("torch", "Size"),
+        ("torch", "device"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        ("builtins", "complex"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and (name.endswith("Storage") or name in ("float32", "float16", "bfloat16")):
+            return super().find_class(module, name)
+        return _Placeholder
+
+
+class _InertPickleModule:
+    Unpickler = _InertUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "iconmatting_inert_pickle"
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    # weights_only refused a non-tensor object; read again with nothing executable resolved
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickleModule)
+
+
+def read_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and (safetensors) metadata of a weights file, without executing code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        obj = _torch_load(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # corrupt / truncated / not a checkpoint
+        raise CheckpointError(
+            f"cannot read weights file {path}: {type(exc).__name__}: {exc}. "
+            "The file is probably corrupt or incomplete; download it again."
+        ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return dict(obj), {}
+
+
+def head_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Optional[IconMattingConfig], Optional[torch.Tensor]]:
+    """IconMattingHead weights from either layout, plus the config (ours only) and, if the file
+    carries it, the empty-prompt embedding. Unknown keys raise CheckpointError."""
+    state, meta = read_state_dict(path)
+    config = IconMattingConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in meta else None
+    prompt = state.pop(EMPTY_PROMPT_KEY, None)
+    if any(k.startswith("in_context_decoder.") for k in state):
+        state, unmapped = reference_to_ours(state)
+        if unmapped:
+            raise CheckpointError(f"{path}: unexpected keys in the IconMatting checkpoint: {_short(unmapped)}")
+    elif not state:
+        raise CheckpointError(f"{path} holds no weights")
+    return state, config, prompt
+
+
+def _short(keys: Iterable[str], n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_head(path, config: Optional[IconMattingConfig] = None) -> Tuple[IconMattingHead, Optional[torch.Tensor]]:
+    """Build an IconMattingHead and load a weights file strictly.
+
+    Returns (head, empty-prompt embedding or None). Missing or unexpected keys, or tensors of
+    the wrong shape, raise CheckpointError naming the file.
+    """
+    state, file_config, prompt = head_state_dict(path)
+    config = config or file_config or IconMattingConfig()
+    head = IconMattingHead(config)
+    expected = head.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"{path} does not match the IconMatting model ({config.image_size}px config):"]
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shapes: {_short(wrong)}")
+        parts.append("Is this the IconMatting checkpoint (e.g. icm.ckpt)?")
+        raise CheckpointError(" ".join(parts))
+    head.load_state_dict(state, strict=True)
+    return head.eval(), prompt
+
+
+def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torch.Tensor] = None) -> None:
+    """Write our ``.safetensors`` (config stored in the metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    if empty_prompt_embedding is not None:
+        tensors[EMPTY_PROMPT_KEY] = empty_prompt_embedding.detach().float().contiguous().cpu()
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())})
+
+
+def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:
+    """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst."""
+    head, prompt = load_head(src, config)
+    save_head(head, dst, prompt)
+    return Path(dst)

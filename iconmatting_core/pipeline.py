@@ -1,0 +1,240 @@
+"""The whole flow: preprocess -> features -> reference context -> match -> matting head -> postprocess.
+
+``IconMattingModel`` is the one ``nn.Module`` holding every weight (frozen SD feature extractor and
+the trainable head), so a host application can move or offload it as a unit.
+``IconMattingPipeline`` wraps it with the user-facing steps::
+
+    pipe = load_pipeline("icm.safetensors", "v2-1_768-ema-pruned.safetensors")
+    context = pipe.encode_reference(ref_image, ref_mask)      # once
+    alphas = pipe.matte(context, target_images)               # any number of targets
+
+Targets are processed in chunks of ``chunk_size``; results are moved to ``output_device`` after
+each chunk, so device memory stays flat however long the batch. ``progress(done, total)`` is
+called after each chunk (a host can raise from it to interrupt).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import preprocess as pre
+from .checkpoint import load_head
+from .config import IconMattingConfig
+from .context import ReferenceContext, build_context
+from .features import SDFeatureExtractor
+from .matching import MatchResult, match_features
+from .matting_head import IconMattingHead
+from .postprocess import rgba_cutout
+from .sd_loading import load_sd_components
+
+Progress = Optional[Callable[[int, int], None]]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class IconMattingModel(nn.Module):
+    """Frozen SD feature extractor + IconMatting head."""
+
+    def __init__(self, extractor: SDFeatureExtractor, head: IconMattingHead):
+        super().__init__()
+        if extractor.config != head.config:
+            raise ValueError("feature extractor and head were built with different IconMattingConfig")
+        self.extractor = extractor
+        self.head = head
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def config(self) -> IconMattingConfig:
+        return self.head.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _prepare_targets(images, size: int, resize_mode: str):
+    items = pre.split_batch(images, "target images")
+    prepared, placements = [], []
+    for i, img in enumerate(items):
+        x, p = pre.prepare_image(pre.to_rgb(img, f"target image {i}"), size, resize_mode)
+        prepared.append(x)
+        placements.append(p)
+    return prepared, placements
+
+
+def _chunks(n: int, size: int):
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {size}")
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+class IconMattingPipeline:
+    """User-facing steps over an :class:`IconMattingModel`."""
+
+    def __init__(self, model: IconMattingModel):
+        self.model = model
+
+    @property
+    def config(self) -> IconMattingConfig:
+        return self.model.config
+
+    def to(self, device=None, dtype=None) -> "IconMattingPipeline":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_reference(
+        self,
+        images,
+        masks,
+        pooling: str = "mask",
+        resize_mode: str = "pad",
+        seed: int = 0,
+    ) -> ReferenceContext:
+        """Reference image(s) + mask(s) -> ReferenceContext (on the CPU).
+
+        images: one image [H, W, C] or a batch/list; masks: one [H, W] mask per image (or one
+        mask for all images of a batch). Masks are binarised at 0.5. Raises ValueError for a mask
+        whose size differs from its image, an empty mask, a mask covering the whole image, or a
+        mask that selects no feature cell.
+        """
+        cfg = self.config
+        imgs = pre.split_batch(images, "reference images")
+        msks = pre.split_batch(masks, "masks")
+        if len(msks) == 1 and len(imgs) > 1:
+            msks = msks * len(imgs)
+        if len(msks) != len(imgs):
+            raise ValueError(f"got {len(imgs)} reference images but {len(msks)} masks; give one mask per image")
+        correspondences, prepared_masks, sizes = [], [], []
+        for i, (img, m) in enumerate(zip(imgs, msks)):
+            rgb = pre.to_rgb(img, f"reference image {i}")
+            mask = pre.to_mask(m, f"reference mask {i}")
+            if tuple(mask.shape) != tuple(rgb.shape[:2]):
+                raise ValueError(
+                    f"reference mask {i} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is "
+                    f"{rgb.shape[1]}x{rgb.shape[0]}; the mask must have the image's size"
+                )
+            fg = mask > 0.5
+            if not fg.any():
+                raise ValueError(f"reference mask {i} is empty (no value above 0.5): mark the foreground on the reference")
+            if fg.all():
+                raise ValueError(
+                    f"reference mask {i} covers the whole image: mark only the foreground, so the model can tell it from the background"
+                )
+            x, placement = pre.prepare_image(rgb, cfg.image_size, resize_mode)
+            prepared_masks.append(pre.prepare_mask(mask, placement, cfg.image_size))
+            feats = self.model.extractor(x[None], seed=seed, with_attention=False)
+            correspondences.append(feats.correspondence[0].float().cpu())
+            sizes.append((placement.height, placement.width))
+        return build_context(correspondences, prepared_masks, cfg, pooling, seed, sizes)
+
+    @torch.no_grad()
+    def match(
+        self,
+        context: ReferenceContext,
+        images,
+        resize_mode: str = "pad",
+        chunk_size: int = 1,
+        progress: Progress = None,
+        output_device: Union[str, torch.device] = "cpu",
+    ) -> MatchResult:
+        """Targets (a batch [B, H, W, C] or a list of images of any sizes) -> MatchResult."""
+        if not isinstance(context, ReferenceContext):
+            raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
+        if context.config != self.config:
+            raise ValueError("the reference context was encoded with a different model configuration")
+        prepared, placements = _prepare_targets(images, self.config.image_size, resize_mode)
+        device, dtype = self.model.device, self.model.dtype
+        tokens = context.tokens.to(device)
+        parts = []
+        for start, stop in _chunks(len(prepared), chunk_size):
+            batch = torch.stack(prepared[start:stop]).to(device, dtype)
+            feats = self.model.extractor(batch, seed=context.seed, with_attention=True)
+            fused, similarity = match_features(self.model.head, tokens, feats)
+            parts.append(
+                MatchResult(fused, similarity, batch, placements[start:stop]).to(output_device)
+            )
+            del feats, fused, similarity, batch
+            if progress is not None:
+                progress(stop, len(prepared))
+        return MatchResult.concat(parts)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        match: MatchResult,
+        chunk_size: int = 4,
+        progress: Progress = None,
+        output_device: Union[str, torch.device] = "cpu",
+    ) -> List[torch.Tensor]:
+        """MatchResult -> one alpha matte [H, W] (float32, [0, 1]) per target, at its original size."""
+        device, dtype = self.model.device, self.model.dtype
+        alphas: List[torch.Tensor] = []
+        for start, stop in _chunks(len(match), chunk_size):
+            part = match.slice(start, stop).to(device, dtype)
+            alpha = self.model.head.detail(part.fused, part.images).float()
+            for a, placement in zip(alpha, part.placements):
+                alphas.append(pre.restore_alpha(a, placement).to(output_device))
+            if progress is not None:
+                progress(stop, len(match))
+        return alphas
+
+    def matte(self, context: ReferenceContext, images, **kwargs) -> List[torch.Tensor]:
+        """encode targets + decode: one alpha [H, W] per target image."""
+        match_kw = {k: kwargs.pop(k) for k in ("resize_mode", "chunk_size") if k in kwargs}
+        return self.decode(self.match(context, images, **match_kw), **kwargs)
+
+    def cutout(self, image, alpha: torch.Tensor, estimate_colors: bool = True) -> torch.Tensor:
+        """One target image [H, W, C] + its alpha [H, W] -> RGBA [H, W, 4] with estimated foreground colours."""
+        rgb = pre.to_rgb(image)
+        return rgba_cutout(rgb[None], alpha[None].to(rgb.device), estimate_colors)[0]
+
+
+def build_model(sd, head: IconMattingHead, empty_prompt: Optional[torch.Tensor] = None) -> IconMattingModel:
+    prompt = sd.empty_prompt_embedding if empty_prompt is None else empty_prompt
+    extractor = SDFeatureExtractor(sd.unet, sd.vae, prompt, head.config)
+    return IconMattingModel(extractor, head)
+
+
+def load_model(
+    matting_weights,
+    sd_path,
+    dtype: Union[str, torch.dtype] = "fp32",
+    config: Optional[IconMattingConfig] = None,
+) -> IconMattingModel:
+    """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to its device)."""
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    head, _ = load_head(matting_weights, config)
+    sd = load_sd_components(sd_path, dtype)
+    return build_model(sd, head).to(dtype=dtype)
+
+
+def load_pipeline(matting_weights, sd_path, device="auto", dtype="auto", config=None) -> IconMattingPipeline:
+    """Load everything and move it to ``device`` ("auto": CUDA when available) in ``dtype``
+    ("auto": fp16 on CUDA, fp32 on CPU; or fp32/fp16/bf16)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    return IconMattingPipeline(load_model(matting_weights, sd_path, dt, config).to(dev))

@@ -1,0 +1,144 @@
+"""Loading the frozen Stable Diffusion 2.1 parts (UNet, VAE, empty-prompt embedding).
+
+Sources, all offline when the files are local:
+* a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``), e.g. a copy of
+  ``stabilityai/stable-diffusion-2-1``;
+* a single ``.safetensors``/``.ckpt`` SD 2.x checkpoint (e.g. ``v2-1_768-ema-pruned.safetensors``),
+  converted with diffusers' converters and the SD 2.1 configs shipped in ``sd_configs/``;
+* a Hugging Face repo id (downloads; needs network).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from .checkpoint import CheckpointError, read_state_dict
+from .clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
+from .config import load_sd_config
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class SDComponents:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    empty_prompt_embedding: torch.Tensor  # [1, 77, D] float32
+
+
+def _strict_load(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str, what: str):
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source}: the {what} weights do not fit Stable Diffusion 2.1 "
+            f"(missing {len(result.missing_keys)} keys, e.g. {result.missing_keys[:3]}; "
+            f"unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:3]}). "
+            "IconMatting needs an SD 2.1 checkpoint such as v2-1_768-ema-pruned.safetensors."
+        )
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, unet_config=None, vae_config=None) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    state, _ = read_state_dict(path)
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(
+            f"{path} is not a Stable Diffusion checkpoint (no '{UNET_PREFIX}*' weights). "
+            "Use an SD 2.1 file such as v2-1_768-ema-pruned.safetensors."
+        )
+    if not any(k.startswith(OPEN_CLIP_PREFIX) for k in state):
+        raise CheckpointError(
+            f"{path} has no OpenCLIP text encoder ('{OPEN_CLIP_PREFIX}*'): it is not an SD 2.x checkpoint. "
+            "IconMatting needs SD 2.1 (e.g. v2-1_768-ema-pruned.safetensors)."
+        )
+    unet_config = unet_config or load_sd_config("unet")
+    vae_config = vae_config or load_sd_config("vae")
+    unet = UNet2DConditionModel.from_config(unet_config)
+    _strict_load(unet, convert_ldm_unet_checkpoint(state, unet_config), str(path), "UNet")
+    vae = AutoencoderKL.from_config(vae_config)
+    _strict_load(vae, convert_ldm_vae_checkpoint(state, vae_config), str(path), "VAE")
+    prompt = encode_empty_prompt(state, "open_clip")
+    del state
+    return SDComponents(unet.to(dtype), vae.to(dtype), prompt)
+
+
+def _text_encoder_prompt(root: Union[Path, str], local: bool) -> torch.Tensor:
+    def get(name: str) -> Optional[Path]:
+        if local:
+            p = Path(root) / name
+            return p if p.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(str(root), name))
+        except Exception:
+            return None
+
+    weights = get("text_encoder/model.safetensors") or get("text_encoder/pytorch_model.bin")
+    config_path = get("text_encoder/config.json")
+    if weights is None or config_path is None:
+        raise CheckpointError(
+            f"{root}: text_encoder/ (config.json + model.safetensors) not found; "
+            "a diffusers Stable Diffusion 2.1 folder has unet/, vae/ and text_encoder/."
+        )
+    cfg = json.loads(config_path.read_text())
+    pad = 0
+    special = get("tokenizer/special_tokens_map.json")
+    if special is not None:
+        tok = json.loads(special.read_text()).get("pad_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        pad = 0 if tok in (None, "!") else 49407
+    state, _ = read_state_dict(weights)
+    return encode_empty_prompt(
+        state, "hf", num_heads=cfg.get("num_attention_heads"), num_layers=cfg.get("num_hidden_layers"),
+        eps=cfg.get("layer_norm_eps", 1e-5), pad_token=pad,
+    )
+
+
+def _from_diffusers(root: Union[Path, str], dtype: torch.dtype, local: bool) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if local:
+        for sub in ("unet", "vae"):
+            if not (Path(root) / sub / "config.json").is_file():
+                raise CheckpointError(
+                    f"{root} is not a diffusers Stable Diffusion folder ({sub}/config.json missing). "
+                    "Point to a folder with unet/, vae/ and text_encoder/, or to a single SD 2.1 .safetensors file."
+                )
+    kw = dict(torch_dtype=dtype, local_files_only=local, low_cpu_mem_usage=_has_accelerate())
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", **kw)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load Stable Diffusion from {root}: {exc}") from exc
+    return SDComponents(unet, vae, _text_encoder_prompt(root, local))
+
+
+def load_sd_components(source: Union[str, Path], dtype: torch.dtype = torch.float32) -> SDComponents:
+    """SD 2.1 UNet + VAE (in ``dtype``, on CPU) and the empty-prompt embedding from any source."""
+    path = Path(source)
+    if path.is_dir():
+        return _from_diffusers(path, dtype, local=True)
+    if path.is_file():
+        return _from_single_file(path, dtype)
+    if isinstance(source, str) and _REPO_ID.match(source) and not path.suffix:
+        return _from_diffusers(source, dtype, local=False)
+    raise CheckpointError(
+        f"Stable Diffusion weights not found: {source}. Download SD 2.1 "
+        "(v2-1_768-ema-pruned.safetensors, or the diffusers folder stabilityai/stable-diffusion-2-1) "
+        "and give its path."
+    )
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None

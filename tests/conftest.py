@@ -1,0 +1,42 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny SD diffusers folder + head weights, written once per session."""
+    from iconmatting_core.testing import save_tiny_head, save_tiny_sd_folder
+
+    d = tmp_path_factory.mktemp("tiny_models")
+    save_tiny_sd_folder(d / "sd", seed=0)
+    save_tiny_head(d / "head.safetensors", seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    from iconmatting_core.pipeline import IconMattingPipeline, load_model
+
+    return IconMattingPipeline(load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32"))
+
+
+def make_reference(h=100, w=150, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(h, w, 3, generator=g)
+    mask = torch.zeros(h, w)
+    mask[h // 5 : h * 4 // 5, w // 5 : w * 4 // 5] = 1
+    return image, mask
+
+
+def make_targets(n=3, h=90, w=60, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, h, w, 3, generator=g)

@@ -1,0 +1,273 @@
+"""Checkpoint loading, feature extraction and the stages' building blocks."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import make_reference, make_targets
+from iconmatting_core import checkpoint as ckpt
+from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
+from iconmatting_core.config import IconMattingConfig
+from iconmatting_core.features import noise_schedule
+from iconmatting_core.pipeline import IconMattingPipeline, build_model, load_model
+from iconmatting_core.postprocess import box_blur, estimate_foreground, rgba_cutout
+from iconmatting_core.preprocess import placement_for, prepare_image, prepare_mask, restore_alpha, to_rgb
+from iconmatting_core.sd_loading import load_sd_components
+from iconmatting_core.testing import save_tiny_head, tiny_config, tiny_head, tiny_text_state_dict
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def test_reference_checkpoint_round_trip_gives_identical_outputs(tiny_dir, pipe, tmp_path):
+    """Head saved in the released (Lightning, reference-keys) layout -> load -> same alpha."""
+    ref_path = save_tiny_head(tmp_path / "icm.ckpt", seed=0, layout="reference")
+    state = torch.load(ref_path, weights_only=True)["state_dict"]
+    assert all(k.startswith("in_context_decoder.") for k in state)
+    assert "in_context_decoder.detail_decoder.matting_head.matting_convs.3.weight" in state
+    other = IconMattingPipeline(load_model(ref_path, tiny_dir / "sd", "fp32", config=tiny_config()))
+    image, mask = make_reference()
+    a = pipe.matte(pipe.encode_reference(image, mask), make_targets(2))
+    b = other.matte(other.encode_reference(image, mask), make_targets(2))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_convert_checkpoint_writes_loadable_safetensors(tmp_path):
+    cfg = tiny_config()
+    src = save_tiny_head(tmp_path / "icm.ckpt", cfg, seed=2, layout="reference")
+    dst = ckpt.convert_checkpoint(src, tmp_path / "icm.safetensors", cfg)
+    head, _ = ckpt.load_head(dst)  # the config travels in the file's metadata
+    assert head.config == cfg
+    expected = tiny_head(cfg, seed=2).state_dict()
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_lightning_extras_and_frozen_sd_keys_are_ignored(tmp_path):
+    cfg = tiny_config()
+    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state["feature_extractor.dift_sd.unet.conv_in.weight"] = torch.zeros(1)
+    state["feature_extractor.prompt_embeds"] = torch.ones(1, 77, 32)
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": state, "optimizer_states": [{"state": {}}], "lr_schedulers": [], "epoch": 1}, path)
+    head, prompt = ckpt.load_head(path, cfg)
+    assert torch.equal(prompt, torch.ones(1, 77, 32))
+
+
+def test_missing_and_unexpected_keys_are_reported(tmp_path):
+    cfg = tiny_config()
+    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state.pop("in_context_decoder.detail_decoder.matting_head.matting_convs.3.weight")
+    path = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"broken\.ckpt.*missing keys: detail\.alpha_head\.3\.weight"):
+        ckpt.load_head(path, cfg)
+
+    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state["in_context_decoder.extra_layer.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ckpt.CheckpointError, match="unexpected keys in the IconMatting checkpoint: in_context_decoder.extra_layer.weight"):
+        ckpt.load_head(path, cfg)
+
+    ours = tiny_head(cfg).state_dict()
+    ours["bogus.weight"] = torch.zeros(1)
+    from safetensors.torch import save_file
+
+    save_file(ours, str(tmp_path / "ours.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match="unexpected keys: bogus.weight"):
+        ckpt.load_head(tmp_path / "ours.safetensors", cfg)
+
+
+def test_wrong_config_reports_shapes(tmp_path):
+    path = save_tiny_head(tmp_path / "h.ckpt", tiny_config(), layout="reference")
+    with pytest.raises(ckpt.CheckpointError, match="wrong shapes"):
+        ckpt.load_head(path, IconMattingConfig())
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="weights file not found: .*nope.ckpt"):
+        ckpt.load_head(tmp_path / "nope.ckpt")
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt.ckpt.*download it again"):
+        ckpt.load_head(bad)
+    truncated = tmp_path / "trunc.safetensors"
+    save_tiny_head(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ckpt.CheckpointError, match="trunc.safetensors"):
+        ckpt.load_head(truncated)
+    with pytest.raises(ckpt.CheckpointError, match="Stable Diffusion weights not found"):
+        load_sd_components(tmp_path / "missing_sd.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="not a diffusers Stable Diffusion folder"):
+        load_sd_components(tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickled_code_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config()
+    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": _Evil()}, path)
+    head, _ = ckpt.load_head(path, cfg)  # the tensors still load
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    assert isinstance(head, torch.nn.Module)
+
+
+# --- feature extraction ----------------------------------------------------------------------
+
+def test_recording_attention_leaves_unet_output_unchanged(pipe):
+    ext = pipe.model.extractor
+    unet = ext.unet
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16)
+    cond = ext.empty_prompt_embedding.expand(2, -1, -1)
+    ext._stop_after = 99  # let the whole UNet run
+    try:
+        ext.recorder.reset(2, 1)
+        ext.recorder.active = False
+        plain = unet(latents, 200, encoder_hidden_states=cond).sample
+        ext.recorder.active = True
+        recorded = unet(latents, 200, encoder_hidden_states=cond).sample
+        maps = ext.recorder.maps()
+    finally:
+        ext.recorder.active = False
+        ext._stop_after = 2
+    assert torch.equal(plain, recorded)
+    for r, m in maps.items():
+        assert m.shape == (2, r * r, r * r)
+        assert torch.allclose(m.sum(-1), torch.ones(2, r * r), atol=1e-5)  # rows are probabilities
+
+
+def test_feature_shapes_and_determinism(pipe):
+    cfg = pipe.config
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    f1 = pipe.model.extractor(x, seed=3)
+    f2 = pipe.model.extractor(x, seed=3)
+    s32, s16 = cfg.image_size // 32, cfg.image_size // 16
+    assert f1.up_features[0].shape == (2, cfg.unet_feature_channels[0], s32, s32)
+    assert f1.up_features[1].shape == (2, cfg.unet_feature_channels[1], s16, s16)
+    assert set(f1.attention) == {s32, s16}
+    assert torch.equal(f1.up_features[1], f2.up_features[1])
+    f3 = pipe.model.extractor(x, seed=4)
+    assert not torch.equal(f1.up_features[1], f3.up_features[1])  # the seed drives the noise
+    with pytest.raises(ValueError, match="expected images"):
+        pipe.model.extractor(torch.zeros(1, 3, 64, 64))
+
+
+def test_noise_schedule_matches_diffusers_ddim():
+    from diffusers import DDIMScheduler
+
+    cfg = IconMattingConfig()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    x, n = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    expected = sched.add_noise(x, n, torch.tensor([cfg.timestep]))
+    a, b = noise_schedule(cfg)
+    assert torch.allclose(a * x + b * n, expected, atol=1e-6)
+
+
+def test_empty_prompt_same_in_hf_and_open_clip_layouts():
+    hf = tiny_text_state_dict(seed=1)
+    oc = {
+        OPEN_CLIP_PREFIX + "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+        OPEN_CLIP_PREFIX + "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+        OPEN_CLIP_PREFIX + "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+        OPEN_CLIP_PREFIX + "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+    }
+    for i in range(3):  # one more block than used: SD 2.x takes the penultimate layer
+        src = min(i, 1)
+        p, q = f"text_model.encoder.layers.{src}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        oc[q + "attn.in_proj_weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        oc[q + "attn.in_proj_bias"] = torch.cat([hf[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            oc[q + b + ".weight"], oc[q + b + ".bias"] = hf[p + a + ".weight"], hf[p + a + ".bias"]
+    e_hf = encode_empty_prompt(hf, "hf", num_heads=2)
+    e_oc = encode_empty_prompt(oc, "open_clip", num_heads=2)
+    assert e_hf.shape == (1, 77, 32)
+    assert torch.allclose(e_hf, e_oc, atol=1e-6)
+
+
+def test_empty_prompt_matches_transformers_clip_when_available():
+    transformers = pytest.importorskip("transformers")
+    from iconmatting_core.testing import TINY_TEXT
+
+    cfg = transformers.CLIPTextConfig(**{k: v for k, v in TINY_TEXT.items()}, pad_token_id=0)
+    model = transformers.CLIPTextModel(cfg).eval()
+    sd = tiny_text_state_dict(seed=2)
+    prefixed = "text_model.embeddings.token_embedding.weight" in model.state_dict()
+    model.load_state_dict(sd if prefixed else {k[len("text_model."):]: v for k, v in sd.items()}, strict=True)
+    assert torch.allclose(encode_empty_prompt(model.state_dict(), "hf", num_heads=2), encode_empty_prompt(sd, "hf", num_heads=2))
+    ids = torch.tensor([[49406, 49407] + [0] * 75])
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    assert torch.allclose(encode_empty_prompt(sd, "hf", num_heads=2), expected, atol=1e-5)
+
+
+def test_model_rejects_mismatched_parts(tiny_dir):
+    sd = load_sd_components(tiny_dir / "sd")
+    with pytest.raises(ValueError, match="different IconMattingConfig"):
+        from iconmatting_core.features import SDFeatureExtractor
+        from iconmatting_core.pipeline import IconMattingModel
+
+        IconMattingModel(SDFeatureExtractor(sd.unet, sd.vae, sd.empty_prompt_embedding, tiny_config(timestep=100)), tiny_head())
+    assert build_model(sd, tiny_head()).config == tiny_config()
+
+
+# --- pre/post-processing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw", [(100, 150), (150, 100), (128, 128), (30, 300)])
+@pytest.mark.parametrize("mode", ["pad", "stretch"])
+def test_letterbox_round_trip(hw, mode):
+    h, w = hw
+    mask = torch.zeros(h, w)
+    mask[h // 4 : h * 3 // 4, w // 4 : w * 3 // 4] = 1
+    image, placement = prepare_image(to_rgb(torch.rand(h, w, 3)), 128, mode)
+    assert image.shape == (3, 128, 128) and image.min() >= -1 and image.max() <= 1
+    assert placement == placement_for(h, w, 128, mode)
+    m = prepare_mask(mask, placement, 128)
+    back = restore_alpha(m, placement)
+    assert back.shape == (h, w)
+    assert ((back > 0.5) != (mask > 0.5)).float().mean() < 0.05
+    if mode == "pad":
+        assert m[:, placement.content_height :, :].sum() == 0 and m[:, :, placement.content_width :].sum() == 0
+
+
+def test_box_blur_matches_direct_mean():
+    x = torch.rand(1, 2, 9, 11, dtype=torch.float64)
+    r = 2
+    out = box_blur(x, r)
+    for y in (0, 4, 8):
+        for xx in (0, 5, 10):
+            win = x[..., max(0, y - r) : y + r + 1, max(0, xx - r) : xx + r + 1]
+            assert torch.allclose(out[..., y, xx], win.mean(dim=(-1, -2)))
+
+
+def test_foreground_estimation_removes_background_bleed():
+    h, w = 40, 40
+    fg_color, bg_color = torch.tensor([1.0, 0.2, 0.2]), torch.tensor([0.0, 0.0, 1.0])
+    alpha = torch.zeros(h, w)
+    alpha[:, :20] = 1
+    alpha[:, 20:24] = torch.linspace(0.8, 0.2, 4)
+    image = alpha[..., None] * fg_color + (1 - alpha[..., None]) * bg_color
+    fg = estimate_foreground(image[None], alpha[None])[0]
+    edge = alpha > 0.1
+    edge &= alpha < 0.9
+    naive_err = (image[edge] - fg_color).abs().mean()
+    est_err = (fg[edge] - fg_color).abs().mean()
+    assert est_err < naive_err / 3
+    rgba = rgba_cutout(image[None], alpha[None])
+    assert rgba.shape == (1, h, w, 4) and torch.equal(rgba[0, ..., 3], alpha)
+
+
+def test_pickle_placeholder_never_resolves_outside_allow_list():
+    data = pickle.dumps(_Evil())
+    import io
+
+    obj = ckpt._InertUnpickler(io.BytesIO(data)).load()
+    assert isinstance(obj, ckpt._Placeholder)
