@@ -53,6 +53,10 @@ class IconMattingModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @device.setter
+    def device(self, _value) -> None:
+        """Hosts (ComfyUI's ModelPatcher) assign ``.device``; the parameters stay the source of truth."""
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -1,0 +1,91 @@
+"""The command-line main job on tiny model files."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from iconmatting_core.__main__ import main, output_paths
+from iconmatting_core.testing import tiny_config
+
+
+def _write_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((96, 120, 3)) * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    mask = np.zeros((96, 120), np.uint8)
+    mask[20:80, 20:100] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (80, 50), (40, 90)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(targets / f"t{i}.jpg")
+    return targets
+
+
+def _args(tmp_path, tiny_dir, targets, *extra):
+    return ["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+            "--targets", str(targets), "--out", str(tmp_path / "out"),
+            "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(tiny_dir / "sd"), "--device", "cpu", *extra]
+
+
+def test_matte_writes_alpha_and_rgba_and_resumes(tmp_path, tiny_dir, capsys):
+    targets = _write_inputs(tmp_path)
+    assert main(_args(tmp_path, tiny_dir, targets)) == 0
+    out = tmp_path / "out"
+    for i, (h, w) in enumerate([(64, 64), (80, 50), (40, 90)]):
+        a, rgba = output_paths(out, targets / f"t{i}.jpg")
+        with Image.open(a) as im:
+            assert im.mode == "L" and im.size == (w, h)
+        with Image.open(rgba) as im:
+            assert im.mode == "RGBA" and im.size == (w, h)
+    err = capsys.readouterr().err
+    assert "3/3 t2.jpg: ok" in err and "3 matted, 0 failed" in err
+
+    stamp = output_paths(out, targets / "t0.jpg")[0].stat().st_mtime_ns
+    output_paths(out, targets / "t1.jpg")[1].unlink()  # resume: only t1 is redone
+    assert main(_args(tmp_path, tiny_dir, targets)) == 0
+    assert "skipping 2 target(s)" in capsys.readouterr().err
+    assert output_paths(out, targets / "t0.jpg")[0].stat().st_mtime_ns == stamp
+    assert output_paths(out, targets / "t1.jpg")[1].exists()
+
+
+def test_one_failing_image_is_reported_and_skipped(tmp_path, tiny_dir, capsys):
+    targets = _write_inputs(tmp_path)
+    (targets / "broken.png").write_bytes(b"not a png")
+    assert main(_args(tmp_path, tiny_dir, targets)) == 1
+    err = capsys.readouterr().err
+    assert "broken.png: FAILED" in err and "3 matted, 1 failed" in err
+    assert output_paths(tmp_path / "out", targets / "t2.jpg")[0].exists()
+
+
+def test_missing_model_files_say_what_to_download(tmp_path, capsys):
+    targets = _write_inputs(tmp_path)
+    code = main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--targets", str(targets), "--out", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "icm.ckpt" in err and "v2-1_768-ema-pruned.safetensors" in err and str(tmp_path / "models") in err
+
+
+def test_bad_reference_mask_is_a_clear_error(tmp_path, tiny_dir, capsys):
+    targets = _write_inputs(tmp_path)
+    Image.fromarray(np.zeros((96, 120), np.uint8)).save(tmp_path / "mask.png")
+    assert main(_args(tmp_path, tiny_dir, targets)) == 2
+    assert "reference mask 0 is empty" in capsys.readouterr().err
+
+
+def test_no_targets(tmp_path, tiny_dir, capsys):
+    _write_inputs(tmp_path)
+    assert main(_args(tmp_path, tiny_dir, tmp_path / "nothing_*.png")) == 2
+    assert "no target images" in capsys.readouterr().err
+
+
+def test_convert_command(tmp_path, capsys):
+    from iconmatting_core.checkpoint import load_head
+    from iconmatting_core.testing import save_tiny_head
+
+    src = save_tiny_head(tmp_path / "icm.ckpt", layout="reference")
+    # the tiny config is not the released one: convert reports the mismatch clearly
+    assert main(["convert", str(src), str(tmp_path / "icm.safetensors")]) == 2
+    assert "wrong shapes" in capsys.readouterr().err
+    src = save_tiny_head(tmp_path / "ours.safetensors")
+    assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
+    assert load_head(tmp_path / "copy.safetensors")[0].config == tiny_config()
