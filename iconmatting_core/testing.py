@@ -102,6 +102,7 @@ def save_tiny_head(path, config: Optional[IconMattingConfig] = None, seed: int =
 
     head = tiny_head(config, seed)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "ours":
         save_head(head, path)
     elif layout == "reference":
