@@ -22,7 +22,7 @@ NODES = {
 
 
 def load_api(name):
-    prompt = json.loads((WORKFLOWS / name).read_text())
+    prompt = json.loads((WORKFLOWS / "api" / name).read_text())
     for node in prompt.values():
         if node["class_type"] == "IconMattingModelLoader":
             node["inputs"]["sd_model"] = TINY_SD  # the tiny test model instead of the real SD 2.1 file
@@ -52,8 +52,8 @@ def comfy_run(tmp_path_factory):
     work = base / "work"
     _write_inputs(work / "input")
 
-    batch = load_api("iconmatting_batch_api.json")
-    composite = load_api("iconmatting_composite_api.json")
+    batch = load_api("iconmatting_batch.json")
+    composite = load_api("iconmatting_composite.json")
     bad_mask = copy.deepcopy(batch)
     bad_mask["6"]["inputs"]["image"] = ["3", 0]  # target 1 (100x72) with the reference's mask (128x96)
     missing = copy.deepcopy(batch)
@@ -131,3 +131,42 @@ def test_missing_model_file_names_what_to_download(comfy_run):
     assert not run["validation"]["ok"]
     text = json.dumps(run["validation"]["node_errors"])
     assert "not_downloaded.safetensors" in text and "models/iconmatting" in text and "v2-1_768-ema-pruned" in text
+
+
+CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "ImageBatch": [], "PreviewImage": [], "MaskToImage": []}
+
+
+def _widget_names(info):
+    """Widget inputs of a node, in the order the UI stores their values (seed adds its control)."""
+    names = []
+    for name in info["input_order"]["required"]:
+        spec = info["input"]["required"][name]
+        if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+            names.append(name)
+            if name == "seed":
+                names.append("control_after_generate")
+    return names
+
+
+@pytest.mark.parametrize("name", ["iconmatting_batch.json", "iconmatting_composite.json"])
+def test_ui_workflow_is_the_twin_of_the_api_workflow(comfy_run, name):
+    """The drag-and-drop file describes exactly the graph that was executed above."""
+    result, _ = comfy_run
+    info = result["pack"]["object_info"]
+    api = json.loads((WORKFLOWS / "api" / name).read_text())
+    ui = json.loads((WORKFLOWS / name).read_text())
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    assert set(nodes) == set(api)
+    links = {link[0]: link for link in ui["links"]}
+    for nid, node in api.items():
+        u = nodes[nid]
+        assert u["type"] == node["class_type"]
+        widgets = _widget_names(info[u["type"]]) if u["type"] in info else CORE_WIDGETS[u["type"]]
+        values = dict(zip(widgets, u["widgets_values"]))
+        assert len(widgets) == len(u["widgets_values"])
+        for key, value in node["inputs"].items():
+            if isinstance(value, list):
+                link = links[next(i["link"] for i in u["inputs"] if i["name"] == key)]
+                assert [str(link[1]), link[2], str(link[3])] == [value[0], value[1], nid]
+            else:
+                assert values[key] == value, (nid, key)
