@@ -24,27 +24,30 @@ import torch
 from .config import IconMattingConfig
 from .matting_head import IconMattingHead
 
-# reference-key prefix -> our prefix (first match wins; regex groups carry indices)
-_REFERENCE_TO_OURS: List[Tuple[str, str]] = [
-    (r"in_context_decoder\.in_context_fusion\.attn_module\.norm\.", "similarity.token_norm."),
-    (r"in_context_decoder\.in_context_fusion\.attn_module_list\.(\d+)\.", r"similarity.propagation.\1."),
-    (r"in_context_decoder\.in_context_fusion\.ft_module_list\.(\d+)\.", r"fusion.feature_convs.\1."),
-    (r"in_context_decoder\.in_context_fusion\.ft_attn_module_list\.(\d+)\.", r"fusion.guided_convs.\1."),
-    (r"in_context_decoder\.in_context_fusion\.fusion\.module_list\.0\.conv\.", "fusion.scale_fusion.conv."),
-    (r"in_context_decoder\.detail_decoder\.convstream\.convs\.(\d+)\.", r"detail.image_convs.\1."),
-    (r"in_context_decoder\.detail_decoder\.fusion_blks\.(\d+)\.", r"detail.fuse_blocks.\1."),
-    (r"in_context_decoder\.detail_decoder\.matting_head\.matting_convs\.", "detail.alpha_head."),
+# (reference-key prefix, our prefix); "{i}" stands for a layer index kept as is
+_PREFIX_PAIRS: List[Tuple[str, str]] = [
+    ("in_context_decoder.in_context_fusion.attn_module.norm.", "similarity.token_norm."),
+    ("in_context_decoder.in_context_fusion.attn_module_list.{i}.", "similarity.propagation.{i}."),
+    ("in_context_decoder.in_context_fusion.ft_module_list.{i}.", "fusion.feature_convs.{i}."),
+    ("in_context_decoder.in_context_fusion.ft_attn_module_list.{i}.", "fusion.guided_convs.{i}."),
+    ("in_context_decoder.in_context_fusion.fusion.module_list.0.conv.", "fusion.scale_fusion.conv."),
+    ("in_context_decoder.detail_decoder.convstream.convs.{i}.", "detail.image_convs.{i}."),
+    ("in_context_decoder.detail_decoder.fusion_blks.{i}.", "detail.fuse_blocks.{i}."),
+    ("in_context_decoder.detail_decoder.matting_head.matting_convs.", "detail.alpha_head."),
 ]
-_OURS_TO_REFERENCE: List[Tuple[str, str]] = [
-    ("similarity.token_norm.", "in_context_decoder.in_context_fusion.attn_module.norm."),
-    (r"similarity\.propagation\.(\d+)\.", r"in_context_decoder.in_context_fusion.attn_module_list.\1."),
-    (r"fusion\.feature_convs\.(\d+)\.", r"in_context_decoder.in_context_fusion.ft_module_list.\1."),
-    (r"fusion\.guided_convs\.(\d+)\.", r"in_context_decoder.in_context_fusion.ft_attn_module_list.\1."),
-    (r"fusion\.scale_fusion\.conv\.", "in_context_decoder.in_context_fusion.fusion.module_list.0.conv."),
-    (r"detail\.image_convs\.(\d+)\.", r"in_context_decoder.detail_decoder.convstream.convs.\1."),
-    (r"detail\.fuse_blocks\.(\d+)\.", r"in_context_decoder.detail_decoder.fusion_blks.\1."),
-    (r"detail\.alpha_head\.", "in_context_decoder.detail_decoder.matting_head.matting_convs."),
-]
+
+
+def _rules(pairs, forward: bool):
+    """(regex, replacement) rules for one direction of the prefix table."""
+    rules = []
+    for ref, ours in pairs:
+        src, dst = (ref, ours) if forward else (ours, ref)
+        rules.append((re.escape(src).replace(re.escape("{i}"), r"(\d+)"), dst.replace("{i}", r"\1")))
+    return rules
+
+
+_REFERENCE_TO_OURS = _rules(_PREFIX_PAIRS, forward=True)
+_OURS_TO_REFERENCE = _rules(_PREFIX_PAIRS, forward=False)
 # keys of the reference model that carry no IconMattingHead weight
 IGNORED_REFERENCE_PREFIXES = ("feature_extractor.", "loss_function.")
 EMPTY_PROMPT_KEY = "feature_extractor.prompt_embeds"
