@@ -179,6 +179,12 @@ class IconMattingEncodeReference:
     def encode(self, iconmatting_model, image, mask, guidance, resize_mode, seed):
         if mask.ndim == 2:
             mask = mask[None]
+        if tuple(mask.shape[-2:]) == (64, 64) and tuple(image.shape[1:3]) != (64, 64) and not mask.any():
+            raise ValueError(
+                "The reference has no mask: Load Image gives an empty 64x64 mask when nothing is painted. "
+                "Right-click the reference's Load Image node, choose 'Open in MaskEditor' and paint the foreground "
+                "(or connect a mask from any mask node)."
+            )
         pipe = _pipeline(iconmatting_model)
         ctx = pipe.encode_reference(_images_list(image), list(mask.unbind(0)), pooling=guidance, resize_mode=resize_mode, seed=seed)
         return (ctx,)

@@ -58,7 +58,10 @@ def comfy_run(tmp_path_factory):
     bad_mask["6"]["inputs"]["image"] = ["3", 0]  # target 1 (100x72) with the reference's mask (128x96)
     missing = copy.deepcopy(batch)
     missing["1"]["inputs"]["matting_model"] = "not_downloaded.safetensors"
-    result = run_comfy(ROOT, [batch, composite, bad_mask, missing], models_dir=models, work_dir=work,
+    unpainted = copy.deepcopy(batch)
+    unpainted["6"]["inputs"]["image"] = ["3", 0]
+    unpainted["6"]["inputs"]["mask"] = ["3", 1]  # a PNG without painted mask: LoadImage's empty 64x64 mask
+    result = run_comfy(ROOT, [batch, composite, bad_mask, missing, unpainted], models_dir=models, work_dir=work,
                        pack_name="comfyui-iconmatting", timeout=900)
     return result, work
 
@@ -123,6 +126,12 @@ def test_mismatched_mask_is_a_node_error_not_a_crash(comfy_run):
     assert "reference mask 0 is 128x96 (WxH) but its image is 100x72" in err["exception_message"]
     # the server went on: the next prompt was still validated
     assert result["prompts"][3]["validation"] is not None
+
+
+def test_unpainted_reference_says_how_to_paint_the_mask(comfy_run):
+    result, _ = comfy_run
+    err = result["prompts"][4]["execution"]["error"]
+    assert err["node_id"] == "6" and "Open in MaskEditor" in err["exception_message"]
 
 
 def test_missing_model_file_names_what_to_download(comfy_run):
