@@ -10,8 +10,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,16 @@ class MatchResult:
     """Matched targets, ready for alpha decoding.
 
     fused: [B, C, S/16, S/16] decoder input. similarity: [B, 1, S/16, S/16] inter-image similarity
-    (preview). images: [B, 3, S, S] prepared targets in [-1, 1]. placements: one per target.
+    (preview). sources: the target images as given (kept by reference, not copied; decoding
+    prepares them again, so a long batch holds only the small fused maps). placements: where
+    each target sits in the model input; resize_mode: how it was brought there.
     """
 
     fused: torch.Tensor
     similarity: torch.Tensor
-    images: torch.Tensor
+    sources: List[Any]
     placements: List[Placement]
+    resize_mode: str = "pad"
 
     def __len__(self) -> int:
         return self.fused.shape[0]
@@ -41,23 +44,27 @@ class MatchResult:
     def concat(parts: List["MatchResult"]) -> "MatchResult":
         if not parts:
             raise ValueError("no match results to concatenate")
+        if len({p.resize_mode for p in parts}) > 1:
+            raise ValueError("cannot concatenate match results made with different resize modes")
         return MatchResult(
             fused=torch.cat([p.fused for p in parts]),
             similarity=torch.cat([p.similarity for p in parts]),
-            images=torch.cat([p.images for p in parts]),
+            sources=[s for p in parts for s in p.sources],
             placements=[pl for p in parts for pl in p.placements],
+            resize_mode=parts[0].resize_mode,
         )
 
     def to(self, device, dtype=None) -> "MatchResult":
-        return MatchResult(
-            fused=self.fused.to(device, dtype),
-            similarity=self.similarity.to(device),
-            images=self.images.to(device, dtype),
-            placements=list(self.placements),
-        )
+        return replace(self, fused=self.fused.to(device, dtype), similarity=self.similarity.to(device))
 
     def slice(self, start: int, stop: int) -> "MatchResult":
-        return MatchResult(self.fused[start:stop], self.similarity[start:stop], self.images[start:stop], self.placements[start:stop])
+        return replace(
+            self,
+            fused=self.fused[start:stop],
+            similarity=self.similarity[start:stop],
+            sources=self.sources[start:stop],
+            placements=self.placements[start:stop],
+        )
 
 
 def inter_image_similarity(

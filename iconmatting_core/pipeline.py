@@ -78,14 +78,14 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return DTYPES[dtype]
 
 
-def _prepare_targets(images, size: int, resize_mode: str):
-    items = pre.split_batch(images, "target images")
+def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
+    """Target images -> ([B, 3, S, S] in [-1, 1], placements)."""
     prepared, placements = [], []
-    for i, img in enumerate(items):
-        x, p = pre.prepare_image(pre.to_rgb(img, f"target image {i}"), size, resize_mode)
+    for i, img in enumerate(sources):
+        x, p = pre.prepare_image(pre.to_rgb(img, f"target image {offset + i}"), size, resize_mode)
         prepared.append(x)
         placements.append(p)
-    return prepared, placements
+    return torch.stack(prepared), placements
 
 
 def _chunks(n: int, size: int):
@@ -170,20 +170,21 @@ class IconMattingPipeline:
             raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
         if context.config != self.config:
             raise ValueError("the reference context was encoded with a different model configuration")
-        prepared, placements = _prepare_targets(images, self.config.image_size, resize_mode)
+        sources = pre.split_batch(images, "target images")
+        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
+        for i, img in enumerate(sources):  # fail before any work on a bad image
+            pre.to_rgb(img, f"target image {i}")
         device, dtype = self.model.device, self.model.dtype
         tokens = context.tokens.to(device)
         parts = []
-        for start, stop in _chunks(len(prepared), chunk_size):
-            batch = torch.stack(prepared[start:stop]).to(device, dtype)
-            feats = self.model.extractor(batch, seed=context.seed, with_attention=True)
+        for start, stop in _chunks(len(sources), chunk_size):
+            batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
+            feats = self.model.extractor(batch.to(device, dtype), seed=context.seed, with_attention=True)
             fused, similarity = match_features(self.model.head, tokens, feats)
-            parts.append(
-                MatchResult(fused, similarity, batch, placements[start:stop]).to(output_device)
-            )
+            parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
             del feats, fused, similarity, batch
             if progress is not None:
-                progress(stop, len(prepared))
+                progress(stop, len(sources))
         return MatchResult.concat(parts)
 
     @torch.no_grad()
@@ -199,7 +200,8 @@ class IconMattingPipeline:
         alphas: List[torch.Tensor] = []
         for start, stop in _chunks(len(match), chunk_size):
             part = match.slice(start, stop).to(device, dtype)
-            alpha = self.model.head.detail(part.fused, part.images).float()
+            images, _ = _prepare(part.sources, self.config.image_size, match.resize_mode, start)
+            alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
             for a, placement in zip(alpha, part.placements):
                 alphas.append(pre.restore_alpha(a, placement).to(output_device))
             if progress is not None:

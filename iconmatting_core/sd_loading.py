@@ -34,6 +34,14 @@ class SDComponents:
 
 
 def _strict_load(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str, what: str):
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    wrong = [k for k, v in state.items() if k in shapes and v.shape != shapes[k]]
+    if wrong:  # load_state_dict would raise a bare RuntimeError listing every one
+        raise CheckpointError(
+            f"{source}: the {what} weights do not fit Stable Diffusion 2.1 "
+            f"({len(wrong)} tensors of the wrong shape, e.g. {wrong[:3]}). "
+            "IconMatting needs an SD 2.1 checkpoint such as v2-1_768-ema-pruned.safetensors."
+        )
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -44,7 +52,9 @@ def _strict_load(module: torch.nn.Module, state: Dict[str, torch.Tensor], source
         )
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, unet_config=None, vae_config=None) -> SDComponents:
+def _from_single_file(
+    path: Path, dtype: torch.dtype, unet_config=None, vae_config=None, text_encoder_config=None
+) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -61,11 +71,15 @@ def _from_single_file(path: Path, dtype: torch.dtype, unet_config=None, vae_conf
         )
     unet_config = unet_config or load_sd_config("unet")
     vae_config = vae_config or load_sd_config("vae")
+    text_encoder_config = text_encoder_config or load_sd_config("text_encoder")
     unet = UNet2DConditionModel.from_config(unet_config)
     _strict_load(unet, convert_ldm_unet_checkpoint(state, unet_config), str(path), "UNet")
     vae = AutoencoderKL.from_config(vae_config)
     _strict_load(vae, convert_ldm_vae_checkpoint(state, vae_config), str(path), "VAE")
-    prompt = encode_empty_prompt(state, "open_clip")
+    prompt = encode_empty_prompt(
+        state, "open_clip", num_heads=text_encoder_config["num_attention_heads"],
+        eps=text_encoder_config.get("layer_norm_eps", 1e-5),
+    )
     del state
     return SDComponents(unet.to(dtype), vae.to(dtype), prompt)
 
@@ -122,13 +136,24 @@ def _from_diffusers(root: Union[Path, str], dtype: torch.dtype, local: bool) -> 
     return SDComponents(unet, vae, _text_encoder_prompt(root, local))
 
 
-def load_sd_components(source: Union[str, Path], dtype: torch.dtype = torch.float32) -> SDComponents:
-    """SD 2.1 UNet + VAE (in ``dtype``, on CPU) and the empty-prompt embedding from any source."""
+def load_sd_components(
+    source: Union[str, Path],
+    dtype: torch.dtype = torch.float32,
+    *,
+    unet_config: Optional[dict] = None,
+    vae_config: Optional[dict] = None,
+    text_encoder_config: Optional[dict] = None,
+) -> SDComponents:
+    """SD 2.1 UNet + VAE (in ``dtype``, on CPU) and the empty-prompt embedding from any source.
+
+    The ``*_config`` dicts replace the shipped SD 2.1 configs when ``source`` is a single file
+    (tests load tiny checkpoints this way); diffusers folders carry their own configs.
+    """
     path = Path(source)
     if path.is_dir():
         return _from_diffusers(path, dtype, local=True)
     if path.is_file():
-        return _from_single_file(path, dtype)
+        return _from_single_file(path, dtype, unet_config, vae_config, text_encoder_config)
     if isinstance(source, str) and _REPO_ID.match(source) and not path.suffix:
         return _from_diffusers(source, dtype, local=False)
     raise CheckpointError(

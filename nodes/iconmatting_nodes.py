@@ -3,13 +3,12 @@
 Types passed between the nodes:
 * ICONMATTING_MODEL: a ComfyUI ``ModelPatcher`` around ``IconMattingModel`` (memory-managed);
 * ICONMATTING_CONTEXT: ``ReferenceContext`` (region tokens of the reference(s), on the CPU);
-* ICONMATTING_MATCH: ``TargetMatch`` (the core ``MatchResult`` + the original target images).
+* ICONMATTING_MATCH: ``MatchResult`` (fused features per target, on ComfyUI's intermediate device).
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -106,12 +105,6 @@ def _images_list(images: torch.Tensor):
     if images.ndim == 3:
         images = images[None]
     return list(images.unbind(0))
-
-
-@dataclass
-class TargetMatch:
-    match: MatchResult
-    images: torch.Tensor  # [B, H, W, C] original targets, as given
 
 
 class IconMattingModelLoader:
@@ -220,7 +213,7 @@ class IconMattingMatchTargets:
         sims = torch.cat([pre.restore_map(s, p, size) for s, p in zip(result.similarity, result.placements)])
         rgb = images[..., :3].to(sims.device)
         preview = 0.4 * rgb + 0.6 * heatmap(normalise_map(sims)).to(rgb.dtype)
-        return (TargetMatch(result, images), preview)
+        return (result, preview)
 
 
 class IconMattingDecodeAlpha:
@@ -242,15 +235,15 @@ class IconMattingDecodeAlpha:
     DESCRIPTION = "Predicts the alpha matte of every matched target at its original resolution, and the RGBA cut-out."
 
     def decode(self, iconmatting_model, match, estimate_foreground, chunk_size):
-        if not isinstance(match, TargetMatch):
+        if not isinstance(match, MatchResult):
             raise TypeError("match must come from 'IconMatting Match Targets'")
         pipe = _pipeline(iconmatting_model)
-        n = len(match.match)
-        alphas = torch.stack(pipe.decode(match.match, chunk_size=chunk_size, progress=_progress(n),
+        n = len(match)
+        alphas = torch.stack(pipe.decode(match, chunk_size=chunk_size, progress=_progress(n),
                                          output_device=mm.intermediate_device()))
-        images = match.images[..., :3].to(alphas.device, torch.float32)
         rgba = torch.cat(
-            [rgba_cutout(images[i : i + 1], alphas[i : i + 1], estimate_foreground) for i in range(n)]
+            [rgba_cutout(src[None, ..., :3].to(alphas.device, torch.float32), alphas[i : i + 1], estimate_foreground)
+             for i, src in enumerate(match.sources)]
         )
         return (alphas, rgba)
 
