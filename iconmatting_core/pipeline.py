@@ -170,10 +170,7 @@ class IconMattingPipeline:
             raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
         if context.config != self.config:
             raise ValueError("the reference context was encoded with a different model configuration")
-        sources = pre.split_batch(images, "target images")
-        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
-        for i, img in enumerate(sources):  # fail before any work on a bad image
-            pre.to_rgb(img, f"target image {i}")
+        sources = self._checked_targets(images, resize_mode)
         device, dtype = self.model.device, self.model.dtype
         tokens = context.tokens.to(device)
         parts = []
@@ -208,10 +205,34 @@ class IconMattingPipeline:
                 progress(stop, len(match))
         return alphas
 
-    def matte(self, context: ReferenceContext, images, **kwargs) -> List[torch.Tensor]:
-        """encode targets + decode: one alpha [H, W] per target image."""
-        match_kw = {k: kwargs.pop(k) for k in ("resize_mode", "chunk_size") if k in kwargs}
-        return self.decode(self.match(context, images, **match_kw), **kwargs)
+    def _checked_targets(self, images, resize_mode: str) -> list:
+        sources = pre.split_batch(images, "target images")
+        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
+        for i, img in enumerate(sources):  # fail before any work on a bad image
+            pre.to_rgb(img, f"target image {i}")
+        return sources
+
+    def matte(
+        self,
+        context: ReferenceContext,
+        images,
+        resize_mode: str = "pad",
+        chunk_size: int = 1,
+        progress: Progress = None,
+        output_device: Union[str, torch.device] = "cpu",
+    ) -> List[torch.Tensor]:
+        """match + decode, chunk by chunk: one alpha [H, W] per target image.
+
+        Only the alphas accumulate, so host memory too stays bounded for any number of targets.
+        """
+        sources = self._checked_targets(images, resize_mode)
+        alphas: List[torch.Tensor] = []
+        for start, stop in _chunks(len(sources), chunk_size):
+            match = self.match(context, sources[start:stop], resize_mode=resize_mode, chunk_size=chunk_size)
+            alphas += self.decode(match, chunk_size=chunk_size, output_device=output_device)
+            if progress is not None:
+                progress(stop, len(sources))
+        return alphas
 
     def cutout(self, image, alpha: torch.Tensor, estimate_colors: bool = True) -> torch.Tensor:
         """One target image [H, W, C] + its alpha [H, W] -> RGBA [H, W, 4] with estimated foreground colours."""

@@ -181,3 +181,18 @@ def test_half_precision_paths_run(tiny_dir, dtype):
     for a, r in zip(alphas, ref):
         assert a.dtype == torch.float32 and torch.isfinite(a).all()
         assert (a - r).abs().mean() < 0.05
+
+
+def test_matte_chunk_by_chunk_equals_match_then_decode(pipe):
+    image, mask = make_reference()
+    ctx = pipe.encode_reference(image, mask)
+    targets = make_targets(3)
+    calls = []
+    chunked = pipe.matte(ctx, targets, chunk_size=2, progress=lambda d, t: calls.append((d, t)))
+    whole = pipe.decode(pipe.match(ctx, targets, chunk_size=3), chunk_size=3)
+    assert calls == [(2, 3), (3, 3)]
+    for a, b in zip(chunked, whole):
+        assert (a - b).abs().max() <= 1e-5
+    bad = [targets[0], targets[1], torch.full((20, 20, 3), float("nan"))]
+    with pytest.raises(ValueError, match="target image 2 contains NaN"):
+        pipe.matte(ctx, bad, chunk_size=1, progress=lambda d, t: pytest.fail("work started before validation"))
