@@ -1,0 +1,284 @@
+"""Stable Diffusion from one original-layout (LDM/CompVis) checkpoint file, as v2-1_768-ema-pruned.safetensors.
+
+Tiny random diffusers models are written back into the LDM key layout by a small converter below (the
+inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
+``load_sd_components``: every weight, the UNet output and the empty-prompt embedding must come back exactly.
+"""
+import re
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+from conftest import make_reference, make_targets
+from iconmatting_core.checkpoint import CheckpointError
+from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
+from iconmatting_core.pipeline import IconMattingPipeline, build_model
+from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
+from iconmatting_core.testing import TINY_TEXT, tiny_head, tiny_text_state_dict, tiny_unet_config, tiny_vae_config
+
+TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)
+
+# --- diffusers -> LDM key conversion ---------------------------------------------------------
+# Each rule: (diffusers prefix, LDM prefix, renames of the first name(s) after the prefix).
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+Rule = Tuple[str, str, Dict[str, str]]
+
+
+def unet_rules(config: dict) -> List[Rule]:
+    n = config["layers_per_block"]
+    rules = [("time_embedding.linear_1.", "time_embed.0.", {}), ("time_embedding.linear_2.", "time_embed.2.", {}),
+             ("conv_in.", "input_blocks.0.0.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+             ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
+             ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]
+    for b in range(len(config["block_out_channels"])):
+        for j in range(n):  # input block 0 is conv_in; then n (resnet, attention) pairs and a downsampler per level
+            i = 1 + b * (n + 1) + j
+            rules += [(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{i}.0.", UNET_RESNET),
+                      (f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{i}.1.", {})]
+        rules.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{1 + b * (n + 1) + n}.0.op.", {}))
+        for j in range(n + 1):  # n + 1 resnets per up level; the upsampler follows the last one's attention, if any
+            i = b * (n + 1) + j
+            rules += [(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{i}.0.", UNET_RESNET),
+                      (f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{i}.1.", {})]
+        after = 2 if config["up_block_types"][b].startswith("CrossAttn") else 1
+        rules.append((f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{b * (n + 1) + n}.{after}.conv.", {}))
+    return rules
+
+
+def vae_rules(config: dict) -> List[Rule]:
+    n, levels = config["layers_per_block"], len(config["block_out_channels"])
+    rules = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
+    for part in ("encoder", "decoder"):
+        rules += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_out.", f"{part}.conv_out.", {}),
+                  (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
+                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
+                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
+                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)]
+    for b in range(levels):
+        up = levels - 1 - b  # the LDM decoder numbers its levels from full resolution down: reversed
+        rules += [(f"encoder.down_blocks.{b}.resnets.{j}.", f"encoder.down.{b}.block.{j}.", VAE_RESNET) for j in range(n)]
+        rules += [(f"decoder.up_blocks.{b}.resnets.{j}.", f"decoder.up.{up}.block.{j}.", VAE_RESNET) for j in range(n + 1)]
+        rules += [(f"encoder.down_blocks.{b}.downsamplers.0.conv.", f"encoder.down.{b}.downsample.conv.", {}),
+                  (f"decoder.up_blocks.{b}.upsamplers.0.conv.", f"decoder.up.{up}.upsample.conv.", {})]
+    return rules
+
+
+def to_ldm(state: Dict[str, torch.Tensor], rules: List[Rule], prefix: str) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        matches = [rule for rule in rules if key.startswith(rule[0])]
+        assert len(matches) == 1, f"{key}: {len(matches)} rules"
+        old_prefix, new_prefix, renames = matches[0]
+        rest = key[len(old_prefix):]
+        for old, new in renames.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+        if renames is VAE_ATTENTION and value.ndim == 2:
+            value = value[:, :, None, None]  # q/k/v/proj_out: diffusers' linear [C, C] is an LDM 1x1 conv [C, C, 1, 1]
+        out[prefix + new_prefix + rest] = value.clone().contiguous()
+    return out
+
+
+def open_clip_text(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """HF CLIP text weights -> SD 2.x single-file keys, plus one last block that SD 2.x never uses."""
+    oc = {OPEN_CLIP_PREFIX + "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+          OPEN_CLIP_PREFIX + "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+          OPEN_CLIP_PREFIX + "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+          OPEN_CLIP_PREFIX + "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+          OPEN_CLIP_PREFIX + "text_projection": torch.zeros(32, 32), OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(4.6)}
+    unused = tiny_text_state_dict(seed=99)  # different weights: using this block would change the embedding
+    layers = TINY_TEXT["num_hidden_layers"]
+    for i in range(layers + 1):
+        src, j = (hf, i) if i < layers else (unused, 0)
+        p, q = f"text_model.encoder.layers.{j}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        oc[q + "attn.in_proj_weight"] = torch.cat([src[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        oc[q + "attn.in_proj_bias"] = torch.cat([src[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            oc[q + b + ".weight"], oc[q + b + ".bias"] = src[p + a + ".weight"], src[p + a + ".bias"]
+    return {k: v.clone().contiguous() for k, v in oc.items()}
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Distinct random values everywhere (default init leaves norms at 1/0, which would hide swapped keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_((1.0 if norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def originals():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = _randomise(UNet2DConditionModel.from_config(tiny_unet_config()), 1)
+    vae = _randomise(AutoencoderKL.from_config(tiny_vae_config()), 2)
+    return unet, vae
+
+
+@pytest.fixture(scope="module")
+def ldm_state(originals) -> Dict[str, torch.Tensor]:
+    unet, vae = originals
+    state = to_ldm(unet.state_dict(), unet_rules(tiny_unet_config()), UNET_PREFIX)
+    state.update(to_ldm(vae.state_dict(), vae_rules(tiny_vae_config()), VAE_PREFIX))
+    state.update(open_clip_text(tiny_text_state_dict()))
+    state.update(betas=torch.linspace(1e-4, 2e-2, 1000), alphas_cumprod=torch.linspace(1, 0, 1000))  # ignored extras
+    return state
+
+
+def save(state: Dict[str, torch.Tensor], path):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 110000}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_file(ldm_state, tmp_path_factory):
+    return save(ldm_state, tmp_path_factory.mktemp("sd_single") / "v2-1_tiny.safetensors")
+
+
+# --- the converter itself ----------------------------------------------------------------------
+
+def test_converter_writes_the_sd21_file_layout(ldm_state):
+    unet_keys = ("time_embed.2.weight", "input_blocks.3.0.op.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                 "middle_block.2.emb_layers.1.bias", "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                 "output_blocks.3.0.skip_connection.weight", "out.2.bias")
+    vae_keys = ("encoder.down.1.downsample.conv.weight", "decoder.up.3.upsample.conv.bias", "encoder.norm_out.weight",
+                "decoder.up.1.block.0.nin_shortcut.weight", "decoder.mid.attn_1.norm.bias")
+    for key in [UNET_PREFIX + k for k in unet_keys] + [VAE_PREFIX + k for k in vae_keys]:
+        assert key in ldm_state, key
+    assert OPEN_CLIP_PREFIX + "transformer.resblocks.2.attn.in_proj_weight" in ldm_state  # the unused last block
+    assert ldm_state["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
+    assert ldm_state["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (16, 16, 1, 1)
+    # decoder levels reversed: the LDM's up.0 is the full-resolution level (fewest channels)
+    assert ldm_state["first_stage_model.decoder.up.0.block.0.conv1.weight"].shape[0] == 8
+    assert ldm_state["first_stage_model.decoder.up.3.block.0.conv1.weight"].shape[0] == 16
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module, what: str):
+    got, want = loaded.state_dict(), original.state_dict()
+    assert got.keys() == want.keys(), what
+    wrong = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not wrong, f"{what}: {len(wrong)} tensors differ, e.g. {wrong[:3]}"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_loads_every_weight_exactly(originals, ldm_state, single_file, tmp_path, suffix):
+    path = single_file if suffix == ".safetensors" else save(ldm_state, tmp_path / "v2-1_tiny.ckpt")
+    sd = load_sd_components(path, torch.float32, **TINY_CONFIGS)
+    unet, vae = originals
+    _assert_same_weights(sd.unet, unet, "UNet")
+    _assert_same_weights(sd.vae, vae, "VAE")
+
+    gen = torch.Generator().manual_seed(0)
+    latents, cond = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(sd.unet(latents, 500, encoder_hidden_states=cond).sample,
+                           unet(latents, 500, encoder_hidden_states=cond).sample)
+        image = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+        assert torch.equal(sd.vae.encode(image).latent_dist.mean, vae.encode(image).latent_dist.mean)
+
+    expected = encode_empty_prompt(tiny_text_state_dict(), "hf", num_heads=2)
+    assert sd.empty_prompt_embedding.shape == (1, 77, 32)
+    assert torch.allclose(sd.empty_prompt_embedding, expected, atol=1e-6)
+
+
+def test_single_file_in_half_precision(single_file):
+    sd = load_sd_components(single_file, torch.float16, **TINY_CONFIGS)
+    assert next(sd.unet.parameters()).dtype == torch.float16 and next(sd.vae.parameters()).dtype == torch.float16
+    assert sd.empty_prompt_embedding.dtype == torch.float32
+
+
+def test_weight_check_catches_a_wrong_vae_attention_layout(originals, ldm_state, tmp_path):
+    """The checks above can fail: a transposed VAE attention 1x1 conv still loads, but the weights differ."""
+    state = dict(ldm_state)
+    key = "first_stage_model.encoder.mid.attn_1.q.weight"
+    state[key] = state[key].transpose(0, 1).contiguous()
+    sd = load_sd_components(save(state, tmp_path / "swapped.safetensors"), **TINY_CONFIGS)
+    with pytest.raises(AssertionError, match=r"VAE: 1 tensors differ, e\.g\. \['encoder\.mid_block\.attentions\.0\.to_q\.weight'\]"):
+        _assert_same_weights(sd.vae, originals[1], "VAE")
+
+
+# --- files that are not SD 2.x ---------------------------------------------------------------
+
+def test_file_without_unet_is_rejected(ldm_state, tmp_path):
+    path = save({k: v for k, v in ldm_state.items() if not k.startswith(UNET_PREFIX)}, tmp_path / "vae_only.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" is not a Stable Diffusion checkpoint"):
+        load_sd_components(path, **TINY_CONFIGS)
+
+
+def test_sd1_file_without_open_clip_is_rejected(ldm_state, tmp_path):
+    state = {k: v for k, v in ldm_state.items() if not k.startswith(OPEN_CLIP_PREFIX)}
+    hf = tiny_text_state_dict()
+    state.update({"cond_stage_model.transformer." + k: v for k, v in hf.items()})  # SD 1.x: HF CLIP layout
+    path = save(state, tmp_path / "v1-5-tiny.ckpt")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r" has no OpenCLIP text encoder.*not an SD 2\.x checkpoint"):
+        load_sd_components(path, **TINY_CONFIGS)
+
+
+def test_missing_unet_and_vae_keys_are_reported(ldm_state, tmp_path):
+    state = dict(ldm_state)
+    del state["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"]
+    path = save(state, tmp_path / "no_key.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r": the UNet weights do not fit .*"
+                       r"missing 1 keys, e\.g\. \['down_blocks\.0\.resnets\.0\.norm1\.weight'\]"):
+        load_sd_components(path, **TINY_CONFIGS)
+
+    state = dict(ldm_state)
+    del state["first_stage_model.decoder.up.1.block.0.nin_shortcut.bias"]  # LDM up.1 = diffusers up_blocks.2
+    path = save(state, tmp_path / "no_vae_key.safetensors")
+    with pytest.raises(CheckpointError, match=r"the VAE weights do not fit .*"
+                       r"missing 1 keys, e\.g\. \['decoder\.up_blocks\.2\.resnets\.0\.conv_shortcut\.bias'\]"):
+        load_sd_components(path, **TINY_CONFIGS)
+
+
+def test_wrong_shapes_are_a_checkpoint_error(ldm_state, tmp_path):
+    """E.g. an SD 2 inpainting UNet (9 input channels): a CheckpointError naming the file, not torch's RuntimeError."""
+    state = dict(ldm_state)
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    path = save(state, tmp_path / "inpainting.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + r": the UNet weights do not fit .*"
+                       r"1 tensors of the wrong shape, e\.g\. \['conv_in\.weight'\]"):
+        load_sd_components(path, **TINY_CONFIGS)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def test_pipeline_from_single_file_equals_diffusers_folder(originals, single_file, tmp_path):
+    """Single file and a diffusers folder holding the same weights give the same alphas."""
+    import json
+
+    from safetensors.torch import save_file
+
+    unet, vae = originals
+    folder = tmp_path / "sd"
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    (folder / "text_encoder").mkdir()
+    save_file(tiny_text_state_dict(), str(folder / "text_encoder" / "model.safetensors"))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(TINY_TEXT))
+
+    image, mask = make_reference()
+    targets = make_targets(2)
+    alphas = []
+    for source, kw in ((single_file, TINY_CONFIGS), (folder, {})):
+        pipe = IconMattingPipeline(build_model(load_sd_components(source, **kw), tiny_head()))
+        alphas.append(pipe.matte(pipe.encode_reference(image, mask), targets))
+    for a, b in zip(*alphas):
+        assert a.shape == (90, 60) and torch.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
+        assert torch.equal(a, b)
