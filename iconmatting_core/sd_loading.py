@@ -42,7 +42,7 @@ def _strict_load(module: torch.nn.Module, state: Dict[str, torch.Tensor], source
             f"({len(wrong)} tensors of the wrong shape, e.g. {wrong[:3]}). "
             "IconMatting needs an SD 2.1 checkpoint such as v2-1_768-ema-pruned.safetensors."
         )
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{source}: the {what} weights do not fit Stable Diffusion 2.1 "
@@ -50,6 +50,9 @@ def _strict_load(module: torch.nn.Module, state: Dict[str, torch.Tensor], source
             f"unexpected {len(result.unexpected_keys)}, e.g. {result.unexpected_keys[:3]}). "
             "IconMatting needs an SD 2.1 checkpoint such as v2-1_768-ema-pruned.safetensors."
         )
+    left = [k for k, v in list(module.named_parameters()) + list(module.named_buffers()) if v.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: the {what} weights leave {len(left)} tensors unset, e.g. {left[:3]}")
 
 
 def _from_single_file(
@@ -72,9 +75,10 @@ def _from_single_file(
     unet_config = unet_config or load_sd_config("unet")
     vae_config = vae_config or load_sd_config("vae")
     text_encoder_config = text_encoder_config or load_sd_config("text_encoder")
-    unet = UNet2DConditionModel.from_config(unet_config)
+    with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned as they are
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
     _strict_load(unet, convert_ldm_unet_checkpoint(state, unet_config), str(path), "UNet")
-    vae = AutoencoderKL.from_config(vae_config)
     _strict_load(vae, convert_ldm_vae_checkpoint(state, vae_config), str(path), "VAE")
     prompt = encode_empty_prompt(
         state, "open_clip", num_heads=text_encoder_config["num_attention_heads"],
