@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -91,10 +92,15 @@ def ours_to_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
     return out
 
 
-class _Placeholder:
-    """Stands in for any object whose class is not allow-listed; keeps nothing executable."""
+class _Placeholder(dict):
+    """Stands in for any object whose class is not allow-listed; keeps nothing executable.
+
+    A dict so that pickled dict/list subclasses (e.g. Lightning's AttributeDict, defaultdict)
+    can be filled in; list-style appends are kept aside.
+    """
 
     def __init__(self, *args, **kwargs):
+        super().__init__()
         self.args = args
 
     def __setstate__(self, state):
@@ -102,6 +108,13 @@ class _Placeholder:
 
     def __call__(self, *args, **kwargs):
         return _Placeholder()
+
+    def append(self, item):
+        self.setdefault("__items__", []).append(item)
+
+    def extend(self, items):
+        for item in items:
+            self.append(item)
 
 
 class _InertUnpickler(pickle.Unpickler):
@@ -126,19 +139,26 @@ class _InertUnpickler(pickle.Unpickler):
         return _Placeholder
 
 
+def _inert_load(file, **kwargs):
+    return _InertUnpickler(file, **kwargs).load()
+
+
 class _InertPickleModule:
+    """What torch.load may use as ``pickle_module``: every unpickling goes through _InertUnpickler."""
+
     Unpickler = _InertUnpickler
-    load = staticmethod(pickle.load)
+    load = staticmethod(_inert_load)
     __name__ = "iconmatting_inert_pickle"
 
 
 def _torch_load(path: Path) -> dict:
+    zipped = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError:
         pass
     # weights_only refused a non-tensor object; read again with nothing executable resolved
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickleModule)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertPickleModule, mmap=zipped)
 
 
 def read_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -12,8 +12,8 @@ through the UNet conditioned on the empty prompt. Outputs, averaged over the cop
 The attention maps are recorded by wrapping each self-attention processor; the wrapped processor
 still computes the layer's output, so the UNet's outputs are unchanged. The UNet stops right
 after the last block it is needed for (up block 2 for the maps, up block 1 for a reference).
-Noise comes from a CPU generator seeded per image, so a batch gives the same result as its
-images one at a time, on any device.
+Noise comes from a CPU generator seeded per image (one stream for references, another for
+targets), so a batch gives the same result as its images one at a time, on any device.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class ImageFeatures:
     def correspondence(self) -> torch.Tensor:
         """Feature used for inter-image similarity (up block 1): [B, C1, S/16, S/16]."""
         return self.up_features[1]
+
+
+TARGET_NOISE, REFERENCE_NOISE = 0, 1
 
 
 class _StopUNet(Exception):
@@ -158,15 +161,15 @@ class SDFeatureExtractor(nn.Module):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def _noise(self, count: int, latent_shape, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    def _noise(self, count: int, latent_shape, seed: int, stream: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device="cpu").manual_seed(2 * int(seed) + stream)
         shape = (count, *latent_shape)
         posterior_eps = torch.randn(shape, generator=gen, dtype=torch.float32)
         diffusion_eps = torch.randn(shape, generator=gen, dtype=torch.float32)
         return posterior_eps, diffusion_eps
 
     @torch.no_grad()
-    def noisy_latents(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def noisy_latents(self, images: torch.Tensor, seed: int, stream: int = TARGET_NOISE) -> torch.Tensor:
         """[B, 3, S, S] in [-1, 1] -> [B*E, 4, S/8, S/8] noised latents (copies of one image adjacent)."""
         e = self.config.ensemble_size
         x = images.to(self.device, self.dtype)
@@ -174,19 +177,26 @@ class SDFeatureExtractor(nn.Module):
         mean, std = posterior.mean.float(), posterior.std.float()
         out = []
         for b in range(x.shape[0]):
-            post_eps, diff_eps = self._noise(e, mean.shape[1:], seed)
+            post_eps, diff_eps = self._noise(e, mean.shape[1:], seed, stream)
             z = (mean[b] + std[b] * post_eps.to(mean.device)) * self.vae.config.scaling_factor
             out.append(self.signal_scale * z + self.noise_scale * diff_eps.to(mean.device))
         return torch.cat(out).to(self.dtype)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int = 0, with_attention: bool = True) -> ImageFeatures:
-        """Features of images [B, 3, S, S] (SD-normalised, [-1, 1]); S must be config.image_size."""
+    def forward(
+        self, images: torch.Tensor, seed: int = 0, with_attention: bool = True, noise_stream: int = TARGET_NOISE
+    ) -> ImageFeatures:
+        """Features of images [B, 3, S, S] (SD-normalised, [-1, 1]); S must be config.image_size.
+
+        ``noise_stream`` separates the noise of references (REFERENCE_NOISE) from that of targets
+        (TARGET_NOISE): the reference implementation draws them independently, and shared noise
+        would bias the similarity towards where the reference's mask lies.
+        """
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"expected images [B, 3, {size}, {size}], got {tuple(images.shape)}")
         batch, e = images.shape[0], self.config.ensemble_size
-        latents = self.noisy_latents(images, seed)
+        latents = self.noisy_latents(images, seed, noise_stream)
         cond = self.empty_prompt_embedding.to(self.device, self.dtype).expand(latents.shape[0], -1, -1)
         t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
         self._captured = {}
@@ -194,17 +204,23 @@ class SDFeatureExtractor(nn.Module):
         self.recorder.reset(batch, e)
         self.recorder.active = with_attention
         try:
-            self.unet(latents, t, encoder_hidden_states=cond)
-        except _StopUNet:
-            pass
-        finally:
+            try:
+                self.unet(latents, t, encoder_hidden_states=cond)
+            except _StopUNet:
+                pass
+            if 1 not in self._captured:
+                raise RuntimeError("UNet did not run its up blocks 0 and 1")
+            ups = tuple(
+                self._captured[i].float().view(batch, e, *self._captured[i].shape[1:]).mean(dim=1) for i in (0, 1)
+            )
+            attention = self.recorder.maps() if with_attention else None
+        finally:  # never keep device tensors alive past the call, also after an error
             self.recorder.active = False
-        if 1 not in self._captured:
-            raise RuntimeError("UNet did not run its up blocks 0 and 1")
-        ups = tuple(
-            self._captured[i].float().view(batch, e, *self._captured[i].shape[1:]).mean(dim=1) for i in (0, 1)
-        )
-        self._captured = {}
-        attention = self.recorder.maps() if with_attention else None
-        self.recorder.reset(0, 1)
+            self._captured = {}
+            self.recorder.reset(0, 1)
+        maps = list(ups) + (list(attention.values()) if attention else [])
+        if not all(torch.isfinite(m).all() for m in maps):
+            raise FloatingPointError(
+                f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf). Run IconMatting in fp32 or bf16."
+            )
         return ImageFeatures(up_features=ups, attention=attention)

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from . import preprocess as pre
-from .checkpoint import load_head
+from .checkpoint import CheckpointError, load_head
 from .config import IconMattingConfig
 from .context import ReferenceContext, build_context
-from .features import SDFeatureExtractor
+from .features import REFERENCE_NOISE, SDFeatureExtractor
 from .matching import MatchResult, match_features
 from .matting_head import IconMattingHead
 from .postprocess import rgba_cutout
@@ -150,7 +150,7 @@ class IconMattingPipeline:
                 )
             x, placement = pre.prepare_image(rgb, cfg.image_size, resize_mode)
             prepared_masks.append(pre.prepare_mask(mask, placement, cfg.image_size))
-            feats = self.model.extractor(x[None], seed=seed, with_attention=False)
+            feats = self.model.extractor(x[None], seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
             correspondences.append(feats.correspondence[0].float().cpu())
             sizes.append((placement.height, placement.width))
         return build_context(correspondences, prepared_masks, cfg, pooling, seed, sizes)
@@ -254,9 +254,15 @@ def load_model(
 ) -> IconMattingModel:
     """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to its device)."""
     dtype = resolve_dtype(dtype, torch.device("cpu"))
-    head, _ = load_head(matting_weights, config)
+    head, empty_prompt = load_head(matting_weights, config)
     sd = load_sd_components(sd_path, dtype)
-    return build_model(sd, head).to(dtype=dtype)
+    # a checkpoint that kept the reference's prompt buffer conditions exactly as in training
+    if empty_prompt is not None and empty_prompt.shape != sd.empty_prompt_embedding.shape:
+        raise CheckpointError(
+            f"{matting_weights}: its empty-prompt embedding {tuple(empty_prompt.shape)} does not fit the Stable "
+            f"Diffusion text encoder of {sd_path} {tuple(sd.empty_prompt_embedding.shape)}; use SD 2.1"
+        )
+    return build_model(sd, head, empty_prompt).to(dtype=dtype)
 
 
 def load_pipeline(matting_weights, sd_path, device="auto", dtype="auto", config=None) -> IconMattingPipeline:

@@ -108,15 +108,57 @@ class _Evil:
         return (os.system, ("touch PWNED_BY_PICKLE",))
 
 
-def test_pickled_code_is_never_executed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_pickled_code_is_never_executed(tmp_path, monkeypatch, legacy):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config()
     state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": _Evil()}, path)
+    torch.save({"state_dict": state, "hyper_parameters": _Evil()}, path, _use_new_zipfile_serialization=not legacy)
     head, _ = ckpt.load_head(path, cfg)  # the tensors still load
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     assert isinstance(head, torch.nn.Module)
+
+
+def test_a_bare_pickle_runs_nothing_either(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_head(path)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+class _AttributeDict(dict):  # like Lightning's hyper-parameter container
+    pass
+
+
+def test_checkpoint_extras_of_dict_and_list_subclasses_load(tmp_path):
+    import collections
+
+    cfg = tiny_config()
+    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    extras = {"hyper_parameters": _AttributeDict(lr=4e-4, cfg=_AttributeDict(a=1)),
+              "loops": collections.defaultdict(list, {"x": [1, 2]}), "callbacks": {"ModelCheckpoint{}": {"best": 0.1}}}
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": state, **extras}, path)
+    head, _ = ckpt.load_head(path, cfg)
+    assert head.config == cfg
+
+
+def test_reference_key_layout_is_the_released_one():
+    """Our full-size head, renamed to reference keys, has exactly the reference decoder's keys and shapes
+    (tests/data/reference_head_keys.json was dumped from the reference modules built with config/eval.yaml)."""
+    import json
+    from pathlib import Path
+
+    from iconmatting_core.matting_head import IconMattingHead
+
+    expected = json.loads((Path(__file__).parent / "data" / "reference_head_keys.json").read_text())["keys"]
+    ours = {k: list(v.shape) for k, v in ckpt.ours_to_reference(IconMattingHead(IconMattingConfig()).state_dict()).items()}
+    assert ours == expected
+    mapped, unmapped = ckpt.reference_to_ours({k: torch.zeros(0) for k in expected})
+    assert not unmapped and set(mapped) == set(IconMattingHead(IconMattingConfig()).state_dict())
 
 
 # --- feature extraction ----------------------------------------------------------------------
@@ -271,3 +313,59 @@ def test_pickle_placeholder_never_resolves_outside_allow_list():
 
     obj = ckpt._InertUnpickler(io.BytesIO(data)).load()
     assert isinstance(obj, ckpt._Placeholder)
+
+
+def test_attention_maps_equal_a_naive_per_layer_average(pipe):
+    """Oracle in the reference's order: full per-layer probabilities, mean over copies and heads
+    per image, then the mean over every self-attention layer (down, mid, up) at that resolution."""
+    ext, cfg = pipe.model.extractor, pipe.config
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
+             for n, m in ext.unet.named_modules() if n.endswith("attn1")]
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    try:
+        feats = ext(x, seed=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    e = cfg.ensemble_size
+    for res in cfg.attention_resolutions:
+        layers = []
+        for mod, hs in inputs:
+            if hs.shape[1] != res * res:
+                continue
+            q = mod.to_q(hs).view(hs.shape[0], res * res, mod.heads, -1).permute(0, 2, 1, 3)
+            k = mod.to_k(hs).view(hs.shape[0], res * res, mod.heads, -1).permute(0, 2, 1, 3)
+            probs = (q @ k.transpose(-1, -2) * mod.scale).softmax(-1)  # [B*E, heads, N, N]
+            layers.append(probs.view(2, e, mod.heads, res * res, res * res).mean(dim=(1, 2)))
+        assert len(layers) == 5  # SD's 2 down + 3 up transformer blocks at each of these resolutions
+        expected = torch.stack(layers).mean(0)
+        assert torch.allclose(feats.attention[res], expected, atol=1e-6)
+
+
+def test_reference_and_targets_draw_independent_noise(pipe, monkeypatch):
+    from iconmatting_core.features import REFERENCE_NOISE, TARGET_NOISE
+
+    ext = pipe.model.extractor
+    x = torch.zeros(1, 3, pipe.config.image_size, pipe.config.image_size)
+    assert not torch.allclose(ext.noisy_latents(x, 0, TARGET_NOISE), ext.noisy_latents(x, 0, REFERENCE_NOISE))
+    streams = []
+    original = type(ext).forward
+
+    def spy(self, images, seed=0, with_attention=True, noise_stream=TARGET_NOISE):
+        streams.append(noise_stream)
+        return original(self, images, seed, with_attention, noise_stream)
+
+    monkeypatch.setattr(type(ext), "forward", spy)
+    image, mask = make_reference()
+    pipe.matte(pipe.encode_reference(image, mask), make_targets(1))
+    assert streams == [REFERENCE_NOISE, TARGET_NOISE]
+
+
+def test_overflowing_features_are_an_error_not_a_nan_matte(pipe, monkeypatch):
+    ext = pipe.model.extractor
+    monkeypatch.setattr(ext, "noisy_latents", lambda images, seed, stream=0: torch.full(
+        (images.shape[0] * pipe.config.ensemble_size, 4, pipe.config.image_size // 8, pipe.config.image_size // 8), float("inf")))
+    with pytest.raises(FloatingPointError, match="fp32 or bf16"):
+        ext(torch.zeros(1, 3, pipe.config.image_size, pipe.config.image_size))
+    assert ext._captured == {} and ext.recorder.sums == {}
