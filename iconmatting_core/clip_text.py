@@ -74,9 +74,11 @@ def encode_empty_prompt(
     ``num_layers`` defaults to all HF layers, or all but the last open_clip block. ``num_heads``
     defaults to D / 64 (true for every SD text encoder).
     """
-    sd = {k: v.float() for k, v in state_dict.items()}
-    if layout == "hf" and "embeddings.token_embedding.weight" in sd:  # saved without the text_model. prefix
-        sd = {"text_model." + k: v for k, v in sd.items()}
+    if layout == "hf" and "embeddings.token_embedding.weight" in state_dict:  # saved without the text_model. prefix
+        state_dict = {"text_model." + k: v for k, v in state_dict.items()}
+    prefix = "text_model." if layout == "hf" else OPEN_CLIP_PREFIX
+    # only the text encoder is converted: state_dict may be a whole SD checkpoint
+    sd = {k: v.float() for k, v in state_dict.items() if k.startswith(prefix)}
     if layout == "hf":
         tok = sd["text_model.embeddings.token_embedding.weight"]
         pos = sd["text_model.embeddings.position_embedding.weight"]

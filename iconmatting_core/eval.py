@@ -490,7 +490,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--matting-weights", default=None, help="IconMatting head weights")
     p.add_argument("--sd", default=None, help="Stable Diffusion 2.1 checkpoint or diffusers folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="fp32 by default, as the reference evaluated")
     p.add_argument("--out", default=None, help="write predictions (<name>.png) and metrics.csv here")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N groups")
     p.add_argument("--region", default="all", choices=["all", "unknown"],

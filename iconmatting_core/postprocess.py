@@ -1,7 +1,8 @@
 """Stage 6: alpha back at the original pixels, foreground colours for compositing, previews.
 
 Foreground colours are estimated with blur-fusion (Forte & Pitie, "Approximate Fast Foreground
-Colour Estimation", ICIP 2021: two passes, radii 90 then 6): background colour that bleeds into
+Colour Estimation", ICIP 2021: two passes, box filters of 90 then 6 pixels, i.e. radii 45 and 3
+here, as their ``cv2.blur(x, (r, r))``): background colour that bleeds into
 semi-transparent edge pixels is removed, so a cut-out composited on a new background shows no
 halo of the old one.
 """
@@ -35,13 +36,13 @@ def _blur_fusion_pass(image, fg, bg, alpha, radius):
 
 
 @torch.no_grad()
-def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor, radii=(90, 6)) -> torch.Tensor:
+def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor, kernel_sizes=(90, 6)) -> torch.Tensor:
     """image [B, H, W, 3] in [0, 1], alpha [B, H, W] -> foreground colours [B, H, W, 3] in [0, 1]."""
     img = image.permute(0, 3, 1, 2).double()
     a = alpha[:, None].double()
     fg, bg = img, img
-    for r in radii:
-        fg, bg = _blur_fusion_pass(img, fg, bg, a, r)
+    for k in kernel_sizes:
+        fg, bg = _blur_fusion_pass(img, fg, bg, a, k // 2)
     return fg.permute(0, 2, 3, 1).to(image.dtype)
 
 

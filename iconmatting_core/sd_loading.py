@@ -108,6 +108,11 @@ def _text_encoder_prompt(root: Union[Path, str], local: bool) -> torch.Tensor:
             "a diffusers Stable Diffusion 2.1 folder has unet/, vae/ and text_encoder/."
         )
     cfg = json.loads(config_path.read_text())
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(
+            f"{root}: its text encoder uses {cfg.get('hidden_act')!r} (an SD 1.x model?); IconMatting needs "
+            "Stable Diffusion 2.1, e.g. stabilityai/stable-diffusion-2-1."
+        )
     pad = 0
     special = get("tokenizer/special_tokens_map.json")
     if special is not None:
@@ -137,7 +142,13 @@ def _from_diffusers(root: Union[Path, str], dtype: torch.dtype, local: bool) -> 
         vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", **kw)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load Stable Diffusion from {root}: {exc}") from exc
-    return SDComponents(unet, vae, _text_encoder_prompt(root, local))
+    prompt = _text_encoder_prompt(root, local)
+    if unet.config.cross_attention_dim != prompt.shape[-1]:
+        raise CheckpointError(
+            f"{root}: the UNet expects {unet.config.cross_attention_dim}-d text features but its text encoder "
+            f"gives {prompt.shape[-1]}-d ones; IconMatting needs Stable Diffusion 2.1."
+        )
+    return SDComponents(unet, vae, prompt)
 
 
 def load_sd_components(

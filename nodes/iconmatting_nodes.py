@@ -21,7 +21,7 @@ from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.checkpoint import CheckpointError
 from ..iconmatting_core.context import POOLING_MODES, ReferenceContext
 from ..iconmatting_core.matching import MatchResult
-from ..iconmatting_core.pipeline import IconMattingPipeline, load_model
+from ..iconmatting_core.pipeline import IconMattingPipeline, estimate_inference_bytes, load_model
 from ..iconmatting_core.postprocess import heatmap, normalise_map, rgba_cutout
 
 log = logging.getLogger("IconMatting")
@@ -85,9 +85,17 @@ def _resolve_matting(name: str) -> str:
     return path
 
 
-def _pipeline(model: ModelPatcher) -> IconMattingPipeline:
-    """Ask ComfyUI's memory manager to put the model on its device, then wrap it."""
-    mm.load_models_gpu([model], force_full_load=True)
+def _pipeline(model: ModelPatcher, images_per_chunk: int = 1) -> IconMattingPipeline:
+    """Ask ComfyUI's memory manager to put the model on its device (making room for one chunk's
+    activations), then wrap it."""
+    need = estimate_inference_bytes(model.model.config, model.model.dtype, images_per_chunk)
+    mm.load_models_gpu([model], memory_required=need, force_full_load=True)
+    devices = {p.device for p in model.model.parameters()}
+    if len(devices) > 1:
+        raise RuntimeError(
+            "IconMatting's model was only partly loaded to the GPU (ComfyUI's --novram/--lowvram mode); it needs all "
+            "its weights on one device. Start ComfyUI without --novram, or with --cpu."
+        )
     return IconMattingPipeline(model.model)
 
 
@@ -126,6 +134,8 @@ class IconMattingModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, matting_model, sd_model):
+        if matting_model is None or sd_model is None:  # linked from another node: checked when loading
+            return True
         if not folder_paths.get_full_path(MODEL_FOLDER, matting_model):
             return f"IconMatting weights '{matting_model}' not found. {DOWNLOAD_HINT}"
         if sd_model not in _sd_choices():
@@ -134,10 +144,10 @@ class IconMattingModelLoader:
 
     def load(self, matting_model, sd_model, dtype):
         device = mm.get_torch_device()
-        if dtype == "auto":
-            if mm.should_use_fp16(device):
+        if dtype == "auto":  # half precision only where its attention kernels are known to be safe
+            if device.type == "cuda" and mm.should_use_fp16(device):
                 dtype = "fp16"
-            elif mm.should_use_bf16(device):
+            elif device.type == "cuda" and mm.should_use_bf16(device):
                 dtype = "bf16"
             else:
                 dtype = "fp32"
@@ -192,7 +202,7 @@ class IconMattingMatchTargets:
                 "context": ("ICONMATTING_CONTEXT",),
                 "images": ("IMAGE", {"tooltip": "Target images: any batch length."}),
                 "resize_mode": (list(pre.RESIZE_MODES), {"default": "pad"}),
-                "chunk_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Targets per UNet pass (each pass runs 4 noised copies)."}),
+                "chunk_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Targets per UNet pass (each pass runs 4 noised copies)."}),
             }
         }
 
@@ -205,7 +215,7 @@ class IconMattingMatchTargets:
     def match(self, iconmatting_model, context, images, resize_mode, chunk_size):
         if not isinstance(context, ReferenceContext):
             raise TypeError("context must come from 'IconMatting Encode Reference'")
-        pipe = _pipeline(iconmatting_model)
+        pipe = _pipeline(iconmatting_model, chunk_size)
         targets = _images_list(images)
         result = pipe.match(context, targets, resize_mode=resize_mode, chunk_size=chunk_size,
                             progress=_progress(len(targets)), output_device=mm.intermediate_device())
@@ -241,10 +251,11 @@ class IconMattingDecodeAlpha:
         n = len(match)
         alphas = torch.stack(pipe.decode(match, chunk_size=chunk_size, progress=_progress(n),
                                          output_device=mm.intermediate_device()))
-        rgba = torch.cat(
-            [rgba_cutout(src[None, ..., :3].to(alphas.device, torch.float32), alphas[i : i + 1], estimate_foreground)
-             for i, src in enumerate(match.sources)]
-        )
+        cutouts = []
+        for i, src in enumerate(match.sources):
+            mm.throw_exception_if_processing_interrupted()
+            cutouts.append(rgba_cutout(src[None, ..., :3].to(alphas.device, torch.float32), alphas[i : i + 1], estimate_foreground))
+        rgba = torch.cat(cutouts)
         return (alphas, rgba)
 
 

@@ -369,3 +369,17 @@ def test_overflowing_features_are_an_error_not_a_nan_matte(pipe, monkeypatch):
     with pytest.raises(FloatingPointError, match="fp32 or bf16"):
         ext(torch.zeros(1, 3, pipe.config.image_size, pipe.config.image_size))
     assert ext._captured == {} and ext.recorder.sums == {}
+
+
+def test_sd1_diffusers_folder_is_refused(tmp_path):
+    import json
+
+    from iconmatting_core.testing import save_tiny_sd_folder
+
+    root = save_tiny_sd_folder(tmp_path / "sd1")
+    cfg_path = root / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["hidden_act"] = "quick_gelu"  # SD 1.x's CLIP ViT-L
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="quick_gelu.*Stable Diffusion 2.1"):
+        load_sd_components(root)
