@@ -141,7 +141,7 @@ class IconMattingPipeline:
             msks = msks * len(imgs)
         if len(msks) != len(imgs):
             raise ValueError(f"got {len(imgs)} reference images but {len(msks)} masks; give one mask per image")
-        correspondences, prepared_masks, sizes = [], [], []
+        prepared = []  # check every reference before any model work
         for i, (img, m) in enumerate(zip(imgs, msks)):
             rgb = pre.to_rgb(img, f"reference image {i}")
             mask = pre.to_mask(m, f"reference mask {i}")
@@ -158,11 +158,15 @@ class IconMattingPipeline:
                     f"reference mask {i} covers the whole image: mark only the foreground, so the model can tell it from the background"
                 )
             x, placement = pre.prepare_image(rgb, cfg.image_size, resize_mode)
-            prepared_masks.append(pre.prepare_mask(mask, placement, cfg.image_size))
-            feats = self.model.extractor(x[None], seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
+            prepared.append((x, pre.prepare_mask(mask, placement, cfg.image_size), placement))
+        device, dtype = self.model.device, self.model.dtype
+        correspondences = []
+        for x, _, _ in prepared:
+            feats = self.model.extractor(x[None].to(device, dtype), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
             correspondences.append(feats.correspondence[0].float().cpu())
-            sizes.append((placement.height, placement.width))
-        return build_context(correspondences, prepared_masks, cfg, pooling, seed, sizes)
+        return build_context(
+            correspondences, [m for _, m, _ in prepared], cfg, pooling, seed, [(p.height, p.width) for _, _, p in prepared]
+        )
 
     @torch.no_grad()
     def match(
