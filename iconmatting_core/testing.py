@@ -43,7 +43,8 @@ def tiny_config(**overrides) -> IconMattingConfig:
     return IconMattingConfig(**cfg)
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Distinct random values in every tensor (default init leaves norms at 1/0, hiding swapped keys)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():
@@ -58,7 +59,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def tiny_head(config: Optional[IconMattingConfig] = None, seed: int = 0) -> IconMattingHead:
-    return _randomise(IconMattingHead(config or tiny_config()), seed).eval()
+    return randomise(IconMattingHead(config or tiny_config()), seed).eval()
 
 
 def tiny_text_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -77,6 +78,31 @@ def tiny_text_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
         sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = r(f, d), r(f)
         sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = r(d, f), r(d)
     return sd
+
+
+def tiny_open_clip_text_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
+    """The tiny text encoder in the single-file SD 2.x (open_clip) key layout, plus one last block
+    with other weights that SD 2.x never uses (it takes the penultimate layer)."""
+    from .clip_text import OPEN_CLIP_PREFIX as P
+
+    hf = tiny_text_state_dict(seed)
+    d = TINY_TEXT["hidden_size"]
+    oc = {P + "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+          P + "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+          P + "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+          P + "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+          P + "text_projection": torch.zeros(d, d), P + "logit_scale": torch.tensor(4.6)}
+    unused = tiny_text_state_dict(seed + 99)
+    layers = TINY_TEXT["num_hidden_layers"]
+    for i in range(layers + 1):
+        src, j = (hf, i) if i < layers else (unused, 0)
+        p, q = f"text_model.encoder.layers.{j}.", f"{P}transformer.resblocks.{i}."
+        oc[q + "attn.in_proj_weight"] = torch.cat([src[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        oc[q + "attn.in_proj_bias"] = torch.cat([src[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            oc[q + b + ".weight"], oc[q + b + ".bias"] = src[p + a + ".weight"], src[p + a + ".bias"]
+    return {k: v.clone().contiguous() for k, v in oc.items()}
 
 
 def save_tiny_sd_folder(root, seed: int = 0) -> Path:

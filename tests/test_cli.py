@@ -1,6 +1,5 @@
 """The command-line main job on tiny model files."""
 import numpy as np
-import pytest
 from PIL import Image
 
 from iconmatting_core.__main__ import main, output_paths

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_reference, make_targets
 from iconmatting_core import checkpoint as ckpt
-from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
+from iconmatting_core.clip_text import encode_empty_prompt
 from iconmatting_core.config import IconMattingConfig
 from iconmatting_core.features import noise_schedule
 from iconmatting_core.pipeline import IconMattingPipeline, build_model, load_model
@@ -214,25 +214,15 @@ def test_noise_schedule_matches_diffusers_ddim():
 
 
 def test_empty_prompt_same_in_hf_and_open_clip_layouts():
-    hf = tiny_text_state_dict(seed=1)
-    oc = {
-        OPEN_CLIP_PREFIX + "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-        OPEN_CLIP_PREFIX + "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-        OPEN_CLIP_PREFIX + "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-        OPEN_CLIP_PREFIX + "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-    }
-    for i in range(3):  # one more block than used: SD 2.x takes the penultimate layer
-        src = min(i, 1)
-        p, q = f"text_model.encoder.layers.{src}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
-        oc[q + "attn.in_proj_weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        oc[q + "attn.in_proj_bias"] = torch.cat([hf[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-        for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-            oc[q + b + ".weight"], oc[q + b + ".bias"] = hf[p + a + ".weight"], hf[p + a + ".bias"]
-    e_hf = encode_empty_prompt(hf, "hf", num_heads=2)
-    e_oc = encode_empty_prompt(oc, "open_clip", num_heads=2)
+    from iconmatting_core.testing import tiny_open_clip_text_state_dict
+
+    e_hf = encode_empty_prompt(tiny_text_state_dict(seed=1), "hf", num_heads=2)
+    e_oc = encode_empty_prompt(tiny_open_clip_text_state_dict(seed=1), "open_clip", num_heads=2)
     assert e_hf.shape == (1, 77, 32)
     assert torch.allclose(e_hf, e_oc, atol=1e-6)
+    # the open_clip file's last block is never used (SD 2.x takes the penultimate layer)
+    all_blocks = encode_empty_prompt(tiny_open_clip_text_state_dict(seed=1), "open_clip", num_heads=2, num_layers=3)
+    assert not torch.allclose(all_blocks, e_oc, atol=1e-3)
 
 
 def test_empty_prompt_matches_transformers_clip_when_available():

@@ -15,7 +15,9 @@ from iconmatting_core.checkpoint import CheckpointError
 from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
-from iconmatting_core.testing import TINY_TEXT, tiny_head, tiny_text_state_dict, tiny_unet_config, tiny_vae_config
+from iconmatting_core.testing import (
+    TINY_TEXT, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
+)
 
 TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)
 
@@ -84,44 +86,14 @@ def to_ldm(state: Dict[str, torch.Tensor], rules: List[Rule], prefix: str) -> Di
     return out
 
 
-def open_clip_text(hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """HF CLIP text weights -> SD 2.x single-file keys, plus one last block that SD 2.x never uses."""
-    oc = {OPEN_CLIP_PREFIX + "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-          OPEN_CLIP_PREFIX + "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-          OPEN_CLIP_PREFIX + "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-          OPEN_CLIP_PREFIX + "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-          OPEN_CLIP_PREFIX + "text_projection": torch.zeros(32, 32), OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(4.6)}
-    unused = tiny_text_state_dict(seed=99)  # different weights: using this block would change the embedding
-    layers = TINY_TEXT["num_hidden_layers"]
-    for i in range(layers + 1):
-        src, j = (hf, i) if i < layers else (unused, 0)
-        p, q = f"text_model.encoder.layers.{j}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
-        oc[q + "attn.in_proj_weight"] = torch.cat([src[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        oc[q + "attn.in_proj_bias"] = torch.cat([src[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-        for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-            oc[q + b + ".weight"], oc[q + b + ".bias"] = src[p + a + ".weight"], src[p + a + ".bias"]
-    return {k: v.clone().contiguous() for k, v in oc.items()}
-
-
 # --- fixtures --------------------------------------------------------------------------------
-
-def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Distinct random values everywhere (default init leaves norms at 1/0, which would hide swapped keys)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_((1.0 if norm_scale else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def originals():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet = _randomise(UNet2DConditionModel.from_config(tiny_unet_config()), 1)
-    vae = _randomise(AutoencoderKL.from_config(tiny_vae_config()), 2)
+    unet = randomise(UNet2DConditionModel.from_config(tiny_unet_config()), 1)
+    vae = randomise(AutoencoderKL.from_config(tiny_vae_config()), 2)
     return unet, vae
 
 
@@ -130,7 +102,7 @@ def ldm_state(originals) -> Dict[str, torch.Tensor]:
     unet, vae = originals
     state = to_ldm(unet.state_dict(), unet_rules(tiny_unet_config()), UNET_PREFIX)
     state.update(to_ldm(vae.state_dict(), vae_rules(tiny_vae_config()), VAE_PREFIX))
-    state.update(open_clip_text(tiny_text_state_dict()))
+    state.update(tiny_open_clip_text_state_dict())
     state.update(betas=torch.linspace(1e-4, 2e-2, 1000), alphas_cumprod=torch.linspace(1, 0, 1000))  # ignored extras
     return state
 
