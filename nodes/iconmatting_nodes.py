@@ -22,7 +22,7 @@ from ..iconmatting_core.checkpoint import CheckpointError
 from ..iconmatting_core.context import POOLING_MODES, ReferenceContext
 from ..iconmatting_core.matching import MatchResult
 from ..iconmatting_core.pipeline import IconMattingPipeline, estimate_inference_bytes, load_model
-from ..iconmatting_core.postprocess import heatmap, normalise_map, rgba_cutout
+from ..iconmatting_core.postprocess import heatmap, normalise_map
 
 log = logging.getLogger("IconMatting")
 
@@ -254,8 +254,8 @@ class IconMattingDecodeAlpha:
         cutouts = []
         for i, src in enumerate(match.sources):
             mm.throw_exception_if_processing_interrupted()
-            cutouts.append(rgba_cutout(src[None, ..., :3].to(alphas.device, torch.float32), alphas[i : i + 1], estimate_foreground))
-        rgba = torch.cat(cutouts)
+            cutouts.append(pipe.cutout(src.to(alphas.device), alphas[i], estimate_foreground))
+        rgba = torch.stack(cutouts)
         return (alphas, rgba)
 
 
