@@ -69,7 +69,7 @@ class SelfAttentionRecorder:
 
     @torch.no_grad()
     def add(self, attn, hidden_states: torch.Tensor) -> None:
-        """Record softmax(q k^T * scale) of one layer, summed over heads and copies per image."""
+        """Record softmax(q k^T * scale) of one layer: its mean over heads, summed over copies per image."""
         res = self.token_counts[hidden_states.shape[1]]
         q = attn.to_q(hidden_states)
         k = attn.to_k(hidden_states)
@@ -82,14 +82,9 @@ class SelfAttentionRecorder:
             self.sums[res] = acc
         for i in range(batch):  # one sample at a time bounds memory to heads x tokens^2
             scores = torch.matmul(q[i].float(), k[i].float().transpose(-1, -2)) * attn.scale
-            acc[i // self.copies] += scores.softmax(dim=-1).sum(dim=0)
+            acc[i // self.copies] += scores.softmax(dim=-1).mean(dim=0)
             del scores
-        heads = attn.heads
-        prev = self.layers.get(res)
-        if prev is not None and prev[1] != heads:
-            # layers at one resolution share a head count in every SD UNet; means stay exact
-            raise RuntimeError("self-attention layers at one resolution have different head counts")
-        self.layers[res] = ((prev[0] if prev else 0) + 1, heads)
+        self.layers[res] = self.layers.get(res, 0) + 1
 
     def maps(self) -> Dict[int, torch.Tensor]:
         """Mean attention per resolution: {r: [B, r*r, r*r]} float32."""
@@ -97,8 +92,7 @@ class SelfAttentionRecorder:
         for res in self.token_counts.values():
             if res not in self.sums:
                 raise RuntimeError(f"no self-attention layer ran at {res}x{res} tokens")
-            count, heads = self.layers[res]
-            out[res] = self.sums[res] / (count * heads * self.copies)
+            out[res] = self.sums[res] / (self.layers[res] * self.copies)
         return out
 
 
