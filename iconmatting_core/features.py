@@ -9,8 +9,11 @@ through the UNet conditioned on the empty prompt. Outputs, averaged over the cop
 * ``attention[r]``: self-attention probabilities at r x r tokens, averaged over heads, copies and
   all self-attention layers at that resolution (down, mid and up), [B, r*r (query), r*r (key)]
 
-The attention maps are recorded by wrapping each self-attention processor; the wrapped processor
-still computes the layer's output, so the UNet's outputs are unchanged. The UNet stops right
+:class:`FeatureExtractor` holds these shared steps; a subclass supplies SD's VAE encoder and UNet:
+:class:`SDFeatureExtractor` runs diffusers modules (library, command line), and the ComfyUI node
+pack runs the host's own model objects through the same steps. Each recorded self-attention
+layer computes its probabilities once, in float32, and derives both the recorded map and the
+layer's output from them (as the reference's attention processor does). The UNet stops right
 after the last block it is needed for (up block 2 for the maps, up block 1 for a reference).
 Noise comes from a CPU generator seeded per image (one stream for references, another for
 targets), so a batch gives the same result as its images one at a time, on any device.
@@ -42,12 +45,13 @@ class ImageFeatures:
 TARGET_NOISE, REFERENCE_NOISE = 0, 1
 
 
-class _StopUNet(Exception):
-    pass
+class StopUNet(Exception):
+    """Raised from inside the UNet once the last block whose output is used has run."""
 
 
 class SelfAttentionRecorder:
-    """Accumulates head-averaged self-attention probabilities of the layers it is attached to."""
+    """Self-attention at the recorded resolutions: computes each layer's probabilities once,
+    accumulates their mean over heads per image, and returns the layer's output from them."""
 
     def __init__(self, resolutions, images: int = 1, copies: int = 1):
         self.token_counts = {r * r: r for r in resolutions}
@@ -59,32 +63,31 @@ class SelfAttentionRecorder:
         self.sums: Dict[int, torch.Tensor] = {}
         self.layers: Dict[int, int] = {}
 
-    def wants(self, hidden_states: torch.Tensor, encoder_hidden_states) -> bool:
-        return (
-            self.active
-            and encoder_hidden_states is None
-            and hidden_states.ndim == 3
-            and hidden_states.shape[1] in self.token_counts
-        )
+    def records(self, tokens: int) -> bool:
+        return self.active and tokens in self.token_counts
 
     @torch.no_grad()
-    def add(self, attn, hidden_states: torch.Tensor) -> None:
-        """Record softmax(q k^T * scale) of one layer: its mean over heads, summed over copies per image."""
-        res = self.token_counts[hidden_states.shape[1]]
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(hidden_states)
-        batch, tokens, _ = q.shape
-        q = q.view(batch, tokens, attn.heads, -1).transpose(1, 2)
-        k = k.view(batch, tokens, attn.heads, -1).transpose(1, 2)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        """q, k, v [B, T, heads*D] (projected) -> attention output [B, T, heads*D] in q's dtype.
+
+        softmax(q k^T * scale) is computed in float32, one sample at a time (memory heads x T^2);
+        its mean over heads is added to the image's sum (copies of an image are adjacent in B).
+        """
+        res = self.token_counts[q.shape[1]]
+        batch, tokens, inner = q.shape
         acc = self.sums.get(res)
         if acc is None:
             acc = torch.zeros(self.images, tokens, tokens, device=q.device, dtype=torch.float32)
             self.sums[res] = acc
-        for i in range(batch):  # one sample at a time bounds memory to heads x tokens^2
-            scores = torch.matmul(q[i].float(), k[i].float().transpose(-1, -2)) * attn.scale
-            acc[i // self.copies] += scores.softmax(dim=-1).mean(dim=0)
-            del scores
+        out = torch.empty_like(q)
+        for i in range(batch):
+            qh, kh, vh = (t[i].float().view(tokens, heads, -1).transpose(0, 1) for t in (q, k, v))
+            probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
+            acc[i // self.copies] += probs.mean(dim=0)
+            out[i] = torch.matmul(probs, vh).transpose(0, 1).reshape(tokens, inner).to(q.dtype)
+            del probs
         self.layers[res] = self.layers.get(res, 0) + 1
+        return out
 
     def maps(self) -> Dict[int, torch.Tensor]:
         """Mean attention per resolution: {r: [B, r*r, r*r]} float32."""
@@ -96,19 +99,6 @@ class SelfAttentionRecorder:
         return out
 
 
-class _RecordingAttnProcessor:
-    """Wraps a diffusers attention processor: records the map, then runs the original unchanged."""
-
-    def __init__(self, inner, recorder: SelfAttentionRecorder):
-        self.inner = inner
-        self.recorder = recorder
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if self.recorder.wants(hidden_states, encoder_hidden_states):
-            self.recorder.add(attn, hidden_states)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-
-
 def noise_schedule(config: IconMattingConfig) -> Tuple[float, float]:
     """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) of SD's scaled-linear schedule at config.timestep."""
     betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps, dtype=torch.float32) ** 2
@@ -116,45 +106,48 @@ def noise_schedule(config: IconMattingConfig) -> Tuple[float, float]:
     return float(alpha_bar.sqrt()), float((1.0 - alpha_bar).sqrt())
 
 
-class SDFeatureExtractor(nn.Module):
-    """Frozen SD UNet + VAE encoder + the empty-prompt embedding buffer."""
+class FeatureExtractor(nn.Module):
+    """The IconMatting feature steps over an SD 2.1 VAE encoder and UNet that a subclass supplies.
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
+    Subclasses implement :meth:`posterior`, :meth:`unet_up_features`, :meth:`fingerprint_tensors`
+    and the ``device``/``dtype`` properties (where and in what precision the UNet takes its input).
+    """
+
+    def __init__(self, config: IconMattingConfig, empty_prompt_embedding: torch.Tensor, latent_scaling_factor: float):
         super().__init__()
         self.config = config
-        self.unet = unet
-        if getattr(vae, "decoder", None) is not None:
-            vae.decoder = None  # only the encoder is used
-        self.vae = vae
-        self.register_buffer("empty_prompt_embedding", empty_prompt_embedding.detach().clone(), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
+        self.latent_scaling_factor = float(latent_scaling_factor)
+        self.register_buffer("empty_prompt_embedding", empty_prompt_embedding.detach().float().clone(), persistent=False)
         self.recorder = SelfAttentionRecorder(config.attention_resolutions)
-        for name, module in self.unet.named_modules():
-            if name.endswith("attn1") and hasattr(module, "processor"):
-                module.set_processor(_RecordingAttnProcessor(module.processor, self.recorder))
-        self._captured: Dict[int, torch.Tensor] = {}
-        self._stop_after = 2
-        for i, block in enumerate(self.unet.up_blocks[:3]):
-            block.register_forward_hook(self._make_hook(i))
         self.signal_scale, self.noise_scale = noise_schedule(config)
 
-    def _make_hook(self, index: int):
-        def hook(_module, _inputs, output):
-            if index < 2:
-                self._captured[index] = output
-            if index >= self._stop_after:
-                raise _StopUNet()
-        return hook
+    # --- supplied by a subclass ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        raise NotImplementedError
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+    def posterior(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, S, S] in [-1, 1] -> VAE posterior (mean, std), each [B, 4, S/8, S/8] float32."""
+        raise NotImplementedError
 
+    def unet_up_features(
+        self, latents: torch.Tensor, cond: torch.Tensor, with_attention: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Noised latents [N, 4, S/8, S/8] and the prompt embedding [N, 77, D] at config.timestep ->
+        outputs of UNet up blocks 0 and 1; with_attention: self-attention goes through self.recorder
+        (and the UNet runs up to up block 2), else the UNet may stop after up block 1."""
+        raise NotImplementedError
+
+    def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
+        """Tensors identifying the SD weights in use, the same whichever host loaded them:
+        the UNet's and the VAE encoder's input convolutions and the empty-prompt embedding."""
+        raise NotImplementedError
+
+    # --- shared steps ----------------------------------------------------------------------------
     def _noise(self, count: int, latent_shape, seed: int, stream: int) -> Tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device="cpu").manual_seed(2 * int(seed) + stream)
         shape = (count, *latent_shape)
@@ -166,15 +159,13 @@ class SDFeatureExtractor(nn.Module):
     def noisy_latents(self, images: torch.Tensor, seed: int, stream: int = TARGET_NOISE) -> torch.Tensor:
         """[B, 3, S, S] in [-1, 1] -> [B*E, 4, S/8, S/8] noised latents (copies of one image adjacent)."""
         e = self.config.ensemble_size
-        x = images.to(self.device, self.dtype)
-        posterior = self.vae.encode(x).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
+        mean, std = self.posterior(images)
         out = []
-        for b in range(x.shape[0]):
+        for b in range(images.shape[0]):
             post_eps, diff_eps = self._noise(e, mean.shape[1:], seed, stream)
-            z = (mean[b] + std[b] * post_eps.to(mean.device)) * self.vae.config.scaling_factor
+            z = (mean[b] + std[b] * post_eps.to(mean.device)) * self.latent_scaling_factor
             out.append(self.signal_scale * z + self.noise_scale * diff_eps.to(mean.device))
-        return torch.cat(out).to(self.dtype)
+        return torch.cat(out)
 
     @torch.no_grad()
     def forward(
@@ -191,26 +182,15 @@ class SDFeatureExtractor(nn.Module):
             raise ValueError(f"expected images [B, 3, {size}, {size}], got {tuple(images.shape)}")
         batch, e = images.shape[0], self.config.ensemble_size
         latents = self.noisy_latents(images, seed, noise_stream)
-        cond = self.empty_prompt_embedding.to(self.device, self.dtype).expand(latents.shape[0], -1, -1)
-        t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
-        self._captured = {}
-        self._stop_after = 2 if with_attention else 1
+        cond = self.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
         self.recorder.reset(batch, e)
         self.recorder.active = with_attention
         try:
-            try:
-                self.unet(latents, t, encoder_hidden_states=cond)
-            except _StopUNet:
-                pass
-            if 1 not in self._captured:
-                raise RuntimeError("UNet did not run its up blocks 0 and 1")
-            ups = tuple(
-                self._captured[i].float().view(batch, e, *self._captured[i].shape[1:]).mean(dim=1) for i in (0, 1)
-            )
+            captured = self.unet_up_features(latents, cond, with_attention)
+            ups = tuple(c.float().view(batch, e, *c.shape[1:]).mean(dim=1) for c in captured)
             attention = self.recorder.maps() if with_attention else None
         finally:  # never keep device tensors alive past the call, also after an error
             self.recorder.active = False
-            self._captured = {}
             self.recorder.reset(0, 1)
         maps = list(ups) + (list(attention.values()) if attention else [])
         if not all(torch.isfinite(m).all() for m in maps):
@@ -218,3 +198,98 @@ class SDFeatureExtractor(nn.Module):
                 f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf). Run IconMatting in fp32 or bf16."
             )
         return ImageFeatures(up_features=ups, attention=attention)
+
+
+class _RecordingAttnProcessor:
+    """Wraps a diffusers attention processor: self-attention at a recorded resolution is computed
+    by the recorder (once, probabilities recorded); everything else runs the original processor."""
+
+    def __init__(self, inner, recorder: SelfAttentionRecorder):
+        self.inner = inner
+        self.recorder = recorder
+
+    @staticmethod
+    def _plain(attn) -> bool:
+        """True for SD's transformer self-attention (no norms, residual or rescaling inside)."""
+        return (
+            getattr(attn, "group_norm", None) is None
+            and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "norm_q", None) is None
+            and not getattr(attn, "residual_connection", False)
+            and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+        )
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and hidden_states.ndim == 3
+            and self.recorder.records(hidden_states.shape[1])
+            and self._plain(attn)
+        ):
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            out = self.recorder.attend(q, k, v, attn.heads, attn.scale)
+            return attn.to_out[1](attn.to_out[0](out))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+class SDFeatureExtractor(FeatureExtractor):
+    """Frozen diffusers SD UNet + VAE encoder + the empty-prompt embedding buffer."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
+        super().__init__(config, empty_prompt_embedding, vae.config.scaling_factor)
+        self.unet = unet
+        if getattr(vae, "decoder", None) is not None:
+            vae.decoder = None  # only the encoder is used
+        self.vae = vae
+        self.requires_grad_(False)
+        self.eval()
+        for name, module in self.unet.named_modules():
+            if name.endswith("attn1") and hasattr(module, "processor"):
+                module.set_processor(_RecordingAttnProcessor(module.processor, self.recorder))
+        self._captured: Dict[int, torch.Tensor] = {}
+        self._stop_after = 2
+        for i, block in enumerate(self.unet.up_blocks[:3]):
+            block.register_forward_hook(self._make_hook(i))
+
+    def _make_hook(self, index: int):
+        def hook(_module, _inputs, output):
+            if index < 2:
+                self._captured[index] = output
+            if index >= self._stop_after:
+                raise StopUNet()
+        return hook
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def posterior(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def unet_up_features(self, latents, cond, with_attention):
+        t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
+        self._captured = {}
+        self._stop_after = 2 if with_attention else 1
+        try:
+            try:
+                self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype))
+            except StopUNet:
+                pass
+            if 1 not in self._captured:
+                raise RuntimeError("UNet did not run its up blocks 0 and 1")
+            return self._captured[0], self._captured[1]
+        finally:
+            self._captured = {}
+
+    def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
+        return {
+            "unet.conv_in.weight": self.unet.conv_in.weight,
+            "vae.encoder.conv_in.weight": self.vae.encoder.conv_in.weight,
+            "empty_prompt": self.empty_prompt_embedding,
+        }

@@ -164,6 +164,8 @@ def test_reference_key_layout_is_the_released_one():
 # --- feature extraction ----------------------------------------------------------------------
 
 def test_recording_attention_leaves_unet_output_unchanged(pipe):
+    """Recorded layers compute their output from the recorded float32 probabilities (one attention
+    computation per layer): the UNet's output equals diffusers' own attention to float rounding."""
     ext = pipe.model.extractor
     unet = ext.unet
     torch.manual_seed(0)
@@ -177,13 +179,29 @@ def test_recording_attention_leaves_unet_output_unchanged(pipe):
         ext.recorder.active = True
         recorded = unet(latents, 200, encoder_hidden_states=cond).sample
         maps = ext.recorder.maps()
+        layers = dict(ext.recorder.layers)
     finally:
         ext.recorder.active = False
         ext._stop_after = 2
-    assert torch.equal(plain, recorded)
+    assert (plain - recorded).abs().max() <= 1e-5 * max(1.0, plain.abs().max().item())
+    assert layers == {r: 5 for r in pipe.config.attention_resolutions}  # SD's 2 down + 3 up blocks each
     for r, m in maps.items():
         assert m.shape == (2, r * r, r * r)
         assert torch.allclose(m.sum(-1), torch.ones(2, r * r), atol=1e-5)  # rows are probabilities
+
+
+def test_recorded_layers_compute_attention_once(pipe, monkeypatch):
+    """At a recorded resolution only the recorder attends (diffusers' processor is not run as well)."""
+    ext = pipe.model.extractor
+    calls = []
+    for name, module in ext.unet.named_modules():
+        if name.endswith("attn1"):
+            inner = module.processor.inner
+            monkeypatch.setattr(module.processor, "inner", lambda attn, h, *a, _inner=inner, **k: calls.append(h.shape[1]) or _inner(attn, h, *a, **k))
+    size = pipe.config.image_size
+    ext(torch.zeros(1, 3, size, size), with_attention=True)
+    recorded = {r * r for r in pipe.config.attention_resolutions}
+    assert calls and not recorded & set(calls)
 
 
 def test_feature_shapes_and_determinism(pipe):
