@@ -178,14 +178,20 @@ def read_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         raise
     except Exception as exc:  # corrupt / truncated / not a checkpoint
         raise CheckpointError(
-            f"cannot read weights file {path}: {type(exc).__name__}: {exc}. "
-            "The file is probably corrupt or incomplete; download it again."
+            f"Cannot read the weights file {path} ({_reason(exc)}). "
+            "It is probably incomplete or not a weights file: download it again."
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} holds no weights (no state dict of tensors). Check that it is the file you meant.")
     return dict(obj), {}
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as a short clause: 'EOFError', 'UnpicklingError: invalid load key'."""
+    text = str(exc).strip().rstrip(".").strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def head_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Optional[IconMattingConfig], Optional[torch.Tensor]]:
@@ -197,43 +203,49 @@ def head_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Optional[IconMatting
     if any(k.startswith("in_context_decoder.") for k in state):
         state, unmapped = reference_to_ours(state)
         if unmapped:
-            raise CheckpointError(f"{path}: unexpected keys in the IconMatting checkpoint: {_short(unmapped)}")
+            raise CheckpointError(
+                f"{path} has {len(unmapped)} keys the IconMatting model does not know (e.g. {_short(unmapped, 3)}). "
+                "Use the IconMatting release icm.ckpt or its .safetensors conversion."
+            )
     elif not state:
-        raise CheckpointError(f"{path} holds no weights")
+        raise CheckpointError(f"{path} holds no weights. Use the IconMatting release icm.ckpt or its .safetensors conversion.")
     return state, config, prompt
 
 
-def _short(keys: Iterable[str], n: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+def _short(keys: Iterable[str], n: int = 3) -> str:
+    """The first n of keys, comma-separated (the count is given by the caller)."""
+    return ", ".join(sorted(keys)[:n])
 
 
-def load_head(path, config: Optional[IconMattingConfig] = None) -> Tuple[IconMattingHead, Optional[torch.Tensor]]:
-    """Build an IconMattingHead and load a weights file strictly.
-
-    Returns (head, empty-prompt embedding or None). Missing or unexpected keys, or tensors of
-    the wrong shape, raise CheckpointError naming the file.
-    """
+def read_head_weights(path, config: Optional[IconMattingConfig] = None):
+    """The head weights of a file, checked against the model: (state dict, config, empty-prompt
+    embedding or None). Missing or unexpected keys, or tensors of the wrong shape, raise
+    CheckpointError naming the file."""
     state, file_config, prompt = head_state_dict(path)
     config = config or file_config or IconMattingConfig()
-    head = IconMattingHead(config)
-    expected = head.state_dict()
+    with torch.device("meta"):
+        expected = IconMattingHead(config).state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
-    ]
+    wrong = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        parts = [f"{path} does not match the IconMatting model ({config.image_size}px config):"]
-        if missing:
-            parts.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes: {_short(wrong)}")
-        parts.append("Is this the IconMatting checkpoint (e.g. icm.ckpt)?")
-        raise CheckpointError(" ".join(parts))
+        problems = [
+            f"{len(keys)} {what} (e.g. {_short(keys)})"
+            for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys"), (wrong, "tensors of the wrong shape"))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{path} does not fit the IconMatting model ({config.image_size}px): {'; '.join(problems)}. "
+            "Use the IconMatting release icm.ckpt or its .safetensors conversion."
+        )
+    return state, config, prompt
+
+
+def load_head(path, config: Optional[IconMattingConfig] = None, operations=None) -> Tuple[IconMattingHead, Optional[torch.Tensor]]:
+    """Build an IconMattingHead (from ``operations``, default torch layers) and load a weights file
+    strictly. Returns (head, empty-prompt embedding or None); see :func:`read_head_weights`."""
+    state, config, prompt = read_head_weights(path, config)
+    head = IconMattingHead(config) if operations is None else IconMattingHead(config, operations)
     head.load_state_dict(state, strict=True)
     return head.eval(), prompt
 
@@ -249,7 +261,14 @@ def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torc
 
 
 def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:
-    """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst."""
+    """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst.
+
+    dst gets a normal file's mode (0666 less the umask; safetensors alone creates it 0600)."""
+    import os
+
     head, prompt = load_head(src, config)
     save_head(head, dst, prompt)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dst, 0o666 & ~umask)
     return Path(dst)

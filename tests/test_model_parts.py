@@ -61,13 +61,13 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     state.pop("in_context_decoder.detail_decoder.matting_head.matting_convs.3.weight")
     path = tmp_path / "broken.ckpt"
     torch.save({"state_dict": state}, path)
-    with pytest.raises(ckpt.CheckpointError, match=r"broken\.ckpt.*missing keys: detail\.alpha_head\.3\.weight"):
+    with pytest.raises(ckpt.CheckpointError, match=r"broken\.ckpt does not fit the IconMatting model \(128px\): 1 keys missing \(e\.g\. detail\.alpha_head\.3\.weight\)\. Use the IconMatting release icm\.ckpt"):
         ckpt.load_head(path, cfg)
 
     state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
     state["in_context_decoder.extra_layer.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, path)
-    with pytest.raises(ckpt.CheckpointError, match="unexpected keys in the IconMatting checkpoint: in_context_decoder.extra_layer.weight"):
+    with pytest.raises(ckpt.CheckpointError, match=r"has 1 keys the IconMatting model does not know \(e\.g\. in_context_decoder\.extra_layer\.weight\)\. Use"):
         ckpt.load_head(path, cfg)
 
     ours = tiny_head(cfg).state_dict()
@@ -75,13 +75,13 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     from safetensors.torch import save_file
 
     save_file(ours, str(tmp_path / "ours.safetensors"))
-    with pytest.raises(ckpt.CheckpointError, match="unexpected keys: bogus.weight"):
+    with pytest.raises(ckpt.CheckpointError, match=r"1 unexpected keys \(e\.g\. bogus\.weight\)\. Use"):
         ckpt.load_head(tmp_path / "ours.safetensors", cfg)
 
 
 def test_wrong_config_reports_shapes(tmp_path):
     path = save_tiny_head(tmp_path / "h.ckpt", tiny_config(), layout="reference")
-    with pytest.raises(ckpt.CheckpointError, match="wrong shapes"):
+    with pytest.raises(ckpt.CheckpointError, match=r"tensors of the wrong shape \(e\.g\. .*\)\. Use the IconMatting release"):
         ckpt.load_head(path, IconMattingConfig())
 
 
@@ -90,8 +90,12 @@ def test_missing_and_corrupt_files(tmp_path):
         ckpt.load_head(tmp_path / "nope.ckpt")
     bad = tmp_path / "corrupt.ckpt"
     bad.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(ckpt.CheckpointError, match="corrupt.ckpt.*download it again"):
+    with pytest.raises(ckpt.CheckpointError, match=r"Cannot read the weights file .*corrupt\.ckpt \(\w+(: [^)]*[^.])?\)\. It is probably incomplete or not a weights file: download it again\.$"):
         ckpt.load_head(bad)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"empty\.ckpt \(\w+(: [^)]*[^.])?\)\. It is"):
+        ckpt.load_head(empty)
     truncated = tmp_path / "trunc.safetensors"
     save_tiny_head(truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
