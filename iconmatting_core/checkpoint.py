@@ -14,6 +14,7 @@ outside a short allow-list: anything else becomes an inert placeholder, so no co
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
