@@ -1,13 +1,16 @@
 """ComfyUI In-Context Matting (IconMatting): mark the foreground once, matte a whole batch.
 
-Outside ComfyUI (e.g. when a test runner imports this folder as a package) there is no
-``comfy`` module and no node to register; the model library is ``iconmatting_core``.
+A V3 node pack: ComfyUI finds ``comfy_entrypoint`` (and the node help pages under
+``WEB_DIRECTORY``). Outside ComfyUI (e.g. when a test runner imports this folder as a package)
+there is no ``comfy`` module and nothing to register; the model library is ``iconmatting_core``.
 """
 import importlib.util
 
-if importlib.util.find_spec("comfy") is not None:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-else:
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+if importlib.util.find_spec("comfy") is not None:
+    from .nodes import comfy_entrypoint
+
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+else:
+    __all__ = ["WEB_DIRECTORY"]

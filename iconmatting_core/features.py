@@ -143,8 +143,9 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
-        """Tensors identifying the SD weights in use, the same whichever host loaded them:
-        the UNet's and the VAE encoder's input convolutions and the empty-prompt embedding."""
+        """Tensors identifying the SD weights in use, the same whichever host loaded them: the UNet's
+        and the VAE encoder's input convolutions. (Not the empty-prompt embedding: hosts compute it
+        with their own text encoder code, equal only to float rounding.)"""
         raise NotImplementedError
 
     # --- shared steps ----------------------------------------------------------------------------
@@ -291,5 +292,4 @@ class SDFeatureExtractor(FeatureExtractor):
         return {
             "unet.conv_in.weight": self.unet.conv_in.weight,
             "vae.encoder.conv_in.weight": self.vae.encoder.conv_in.weight,
-            "empty_prompt": self.empty_prompt_embedding,
         }

@@ -1,5 +1,5 @@
-from .iconmatting_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folder
+from .iconmatting_nodes import NODES, comfy_entrypoint, register_model_folders
 
-register_model_folder()
+register_model_folders()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES", "comfy_entrypoint"]

@@ -1,102 +1,85 @@
-"""ComfyUI nodes (V1 API): thin adapters between ComfyUI types and ``iconmatting_core``.
+"""ComfyUI nodes (V3 schema): thin adapters between ComfyUI types and ``iconmatting_core``.
 
 Types passed between the nodes:
-* ICONMATTING_MODEL: a ComfyUI ``ModelPatcher`` around ``IconMattingModel`` (memory-managed);
+* ICONMATTING_MODEL: ``IconMattingOnHost`` (the head with its own patcher, over the host's SD 2.1
+  MODEL/VAE from Load Checkpoint);
 * ICONMATTING_CONTEXT: ``ReferenceContext`` (region tokens of the reference(s), on the CPU);
 * ICONMATTING_MATCH: ``MatchResult`` (fused features per target, on ComfyUI's intermediate device).
+
+Nodes sort in pipeline order in the node library (display names numbered 1 to 6).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
+from pathlib import Path
+from typing import List
 
+import numpy as np
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
-from comfy.model_patcher import ModelPatcher
+from comfy_api.latest import ComfyExtension, io
 
 from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.checkpoint import CheckpointError
 from ..iconmatting_core.context import POOLING_MODES, ReferenceContext
 from ..iconmatting_core.matching import MatchResult
-from ..iconmatting_core.pipeline import IconMattingPipeline, estimate_inference_bytes, load_model
 from ..iconmatting_core.postprocess import heatmap, normalise_map
+from .host_model import IconMattingOnHost
+from .native_features import NotStableDiffusion2
 
 log = logging.getLogger("IconMatting")
 
 MODEL_FOLDER = "iconmatting"
+CONTEXT_FOLDER = "iconmatting_contexts"
 WEIGHT_EXTENSIONS = {".ckpt", ".safetensors", ".pth", ".pt"}
-DIFFUSERS_PREFIX = "[diffusers] "
-DOWNLOAD_HINT = (
-    "IconMatting needs two model files: the IconMatting weights (icm.ckpt from the authors' release, "
-    "linked from github.com/tiny-smart/in-context-matting, or its .safetensors conversion) in "
-    "ComfyUI/models/iconmatting/, and Stable Diffusion 2.1 (v2-1_768-ema-pruned.safetensors from "
-    "stabilityai/stable-diffusion-2-1) in ComfyUI/models/checkpoints/ (or a diffusers folder in models/diffusers/)."
-)
+RELEASED_WEIGHTS = "icm.ckpt"
 CATEGORY = "IconMatting"
+WEIGHTS_HINT = (
+    "Download icm.ckpt (the IconMatting release, linked from github.com/tiny-smart/in-context-matting) "
+    "into ComfyUI/models/iconmatting/."
+)
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+ALIASES = ["matting", "alpha", "alpha matte", "cutout", "remove background", "background removal", "in-context matting"]
+
+ModelType = io.Custom("ICONMATTING_MODEL")
+ContextType = io.Custom("ICONMATTING_CONTEXT")
+MatchType = io.Custom("ICONMATTING_MATCH")
 
 
-def register_model_folder() -> None:
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], set(WEIGHT_EXTENSIONS))
+def register_model_folders() -> None:
+    for name, exts in ((MODEL_FOLDER, WEIGHT_EXTENSIONS), (CONTEXT_FOLDER, {".safetensors"})):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([default], set(exts))
+        else:
+            paths, known = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            known.update(exts)
+
+
+# --- compatibility: use newer schema features where the host has them ------------------------------
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(**kwargs) -> io.Schema:
+    """io.Schema without the fields this ComfyUI does not know (search_aliases: newer releases)."""
+    return io.Schema(**{k: v for k, v in kwargs.items() if k in _SCHEMA_FIELDS})
+
+
+def advanced(inp):
+    """Mark an input as advanced (folded away by default) where the frontend supports it."""
+    if "advanced" in inspect.signature(type(inp).__init__).parameters or hasattr(inp, "advanced"):
+        inp.advanced = True
     else:
-        paths, exts = folder_paths.folder_names_and_paths[MODEL_FOLDER]
-        if default not in paths:
-            paths.append(default)
-        exts.update(WEIGHT_EXTENSIONS)
-
-
-def _diffusers_folders():
-    out = []
-    for base in folder_paths.get_folder_paths("diffusers"):
-        if os.path.isdir(base):
-            for name in sorted(os.listdir(base)):
-                if os.path.isfile(os.path.join(base, name, "unet", "config.json")):
-                    out.append(DIFFUSERS_PREFIX + name)
-    return out
-
-
-def _sd_choices():
-    return folder_paths.get_filename_list("checkpoints") + _diffusers_folders()
-
-
-def _resolve_sd(name: str) -> str:
-    if name.startswith(DIFFUSERS_PREFIX):
-        sub = name[len(DIFFUSERS_PREFIX):]
-        for base in folder_paths.get_folder_paths("diffusers"):
-            path = os.path.join(base, sub)
-            if os.path.isdir(path):
-                return path
-    else:
-        path = folder_paths.get_full_path("checkpoints", name)
-        if path:
-            return path
-    raise FileNotFoundError(f"Stable Diffusion model '{name}' not found. {DOWNLOAD_HINT}")
-
-
-def _resolve_matting(name: str) -> str:
-    path = folder_paths.get_full_path(MODEL_FOLDER, name)
-    if not path:
-        where = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
-        raise FileNotFoundError(f"IconMatting weights '{name}' not found in {where}. {DOWNLOAD_HINT}")
-    return path
-
-
-def _pipeline(model: ModelPatcher, images_per_chunk: int = 1) -> IconMattingPipeline:
-    """Ask ComfyUI's memory manager to put the model on its device (making room for one chunk's
-    activations), then wrap it."""
-    need = estimate_inference_bytes(model.model.config, model.model.dtype, images_per_chunk)
-    mm.load_models_gpu([model], memory_required=need, force_full_load=True)
-    devices = {p.device for p in model.model.parameters()}
-    if len(devices) > 1:
-        raise RuntimeError(
-            "IconMatting's model was only partly loaded to the GPU (ComfyUI's --novram/--lowvram mode); it needs all "
-            "its weights on one device. Start ComfyUI without --novram, or with --cpu."
-        )
-    return IconMattingPipeline(model.model)
+        inp.extra_dict["advanced"] = True
+    return inp
 
 
 def _progress(total: int):
@@ -109,177 +92,358 @@ def _progress(total: int):
     return update
 
 
-def _images_list(images: torch.Tensor):
-    if images.ndim == 3:
-        images = images[None]
-    return list(images.unbind(0))
+def _split(images) -> List[torch.Tensor]:
+    """IMAGE batches (or a list of them, from a list input) -> one [H, W, C] tensor per image."""
+    batches = images if isinstance(images, (list, tuple)) else [images]
+    out = []
+    for b in batches:
+        out += list(b.unbind(0)) if b.ndim == 4 else [b]
+    return out
 
 
-class IconMattingModelLoader:
+def _one(value):
+    """A list input's single value (list inputs arrive as lists, one item per upstream output)."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+# --- 1. model -----------------------------------------------------------------------------------------
+class IconMattingLoad(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "matting_model": (folder_paths.get_filename_list(MODEL_FOLDER), {"tooltip": "IconMatting weights in models/iconmatting (icm.ckpt or .safetensors)."}),
-                "sd_model": (_sd_choices(), {"tooltip": "Stable Diffusion 2.1 (768) checkpoint or diffusers folder: the frozen feature extractor."}),
-                "dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto"}),
-            }
-        }
-
-    RETURN_TYPES = ("ICONMATTING_MODEL",)
-    RETURN_NAMES = ("iconmatting_model",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads the IconMatting head and the frozen Stable Diffusion 2.1 feature extractor."
+    def define_schema(cls):
+        weights = folder_paths.get_filename_list(MODEL_FOLDER) or [RELEASED_WEIGHTS]
+        return schema(
+            node_id="IconMattingLoad",
+            display_name="IconMatting 1 · Load",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="IconMatting on the SD 2.1 model of a Load Checkpoint node (v2-1_768-ema-pruned.safetensors): "
+            "ComfyUI loads, offloads and optimises it as any model.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL output of Load Checkpoint with Stable Diffusion 2.1 (768-v): the frozen feature extractor."),
+                io.Clip.Input("clip", tooltip="CLIP output of the same Load Checkpoint: gives SD 2.1's empty-prompt conditioning."),
+                io.Vae.Input("vae", tooltip="VAE output of the same Load Checkpoint."),
+                io.Combo.Input("matting_model", options=weights, default=weights[0],
+                               tooltip="IconMatting weights in ComfyUI/models/iconmatting: icm.ckpt as released, or a .safetensors conversion."),
+                advanced(io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                                        tooltip="Precision of the matting head. auto: fp32 on the CPU; on a GPU the half precision "
+                                        "ComfyUI picks for it (fp16 or bf16). The SD model keeps the precision ComfyUI loaded it in.")),
+            ],
+            outputs=[ModelType.Output("iconmatting_model", tooltip="IconMatting over the host's SD 2.1, for the nodes below.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, matting_model, sd_model):
-        if matting_model is None or sd_model is None:  # linked from another node: checked when loading
+    def validate_inputs(cls, matting_model):
+        if matting_model is None:
             return True
         if not folder_paths.get_full_path(MODEL_FOLDER, matting_model):
-            return f"IconMatting weights '{matting_model}' not found. {DOWNLOAD_HINT}"
-        if sd_model not in _sd_choices():
-            return f"Stable Diffusion model '{sd_model}' not found. {DOWNLOAD_HINT}"
+            where = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
+            return f"IconMatting weights '{matting_model}' are not in {where}. {WEIGHTS_HINT}"
         return True
 
-    def load(self, matting_model, sd_model, dtype):
-        device = mm.get_torch_device()
-        if dtype == "auto":  # half precision only where its attention kernels are known to be safe
-            if device.type == "cuda" and mm.should_use_fp16(device):
-                dtype = "fp16"
-            elif device.type == "cuda" and mm.should_use_bf16(device):
-                dtype = "bf16"
-            else:
-                dtype = "fp32"
-        try:
-            model = load_model(_resolve_matting(matting_model), _resolve_sd(sd_model), dtype)
-        except CheckpointError as exc:
-            raise RuntimeError(f"{exc} {DOWNLOAD_HINT}") from exc
-        patcher = ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device(), size=mm.module_size(model))
-        return (patcher,)
-
-
-class IconMattingEncodeReference:
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "iconmatting_model": ("ICONMATTING_MODEL",),
-                "image": ("IMAGE", {"tooltip": "Reference image(s); several images build one context."}),
-                "mask": ("MASK", {"tooltip": "Foreground on each reference (one mask per image, or one for all)."}),
-                "guidance": (list(POOLING_MODES), {"default": "mask", "tooltip": "mask: filled masks (faithful to the paper). scribble: strokes or points."}),
-                "resize_mode": (list(pre.RESIZE_MODES), {"default": "pad"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the diffusion noise used for features."}),
-            }
-        }
+    def execute(cls, model, clip, vae, matting_model, dtype="auto"):
+        path = folder_paths.get_full_path(MODEL_FOLDER, matting_model)
+        if not path:
+            raise FileNotFoundError(f"IconMatting weights '{matting_model}' not found. {WEIGHTS_HINT}")
+        try:
+            loaded = IconMattingOnHost(model, clip, vae, path, dtype)
+        except (CheckpointError, NotStableDiffusion2) as exc:
+            raise ValueError(str(exc)) from exc
+        return io.NodeOutput(loaded)
 
-    RETURN_TYPES = ("ICONMATTING_CONTEXT",)
-    RETURN_NAMES = ("context",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes the marked foreground of the reference image(s) once, for matching any number of targets."
 
-    def encode(self, iconmatting_model, image, mask, guidance, resize_mode, seed):
+# --- 2. reference context ----------------------------------------------------------------------------
+class IconMattingEncodeReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingEncodeReference",
+            display_name="IconMatting 2 · Encode Reference",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Encodes the foreground marked on the reference image(s) once, for matching any number of targets.",
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="From IconMatting 1 · Load."),
+                io.Image.Input("image", tooltip="Reference image(s); several images build one context."),
+                io.Mask.Input("mask", tooltip="Foreground on each reference (one mask per image, or one for all): paint it in "
+                              "Load Image's mask editor, or connect any mask."),
+                io.Combo.Input("guidance", options=list(POOLING_MODES), default="mask",
+                               tooltip="mask: a filled mask of the foreground (the paper's setting). scribble: strokes or "
+                               "clicks on the foreground; every cell they touch counts."),
+                advanced(io.Combo.Input("resize_mode", options=list(pre.RESIZE_MODES), default="pad",
+                                        tooltip="How the image is brought to the model's square input. pad: letterbox, no distortion "
+                                        "(padding takes no part in matching). stretch: squash to the square. Use the same mode for "
+                                        "the reference and the targets.")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                      tooltip="Seed of the diffusion noise added before feature extraction.")),
+            ],
+            outputs=[ContextType.Output("context", tooltip="The reference's region tokens; reuse it for any number of targets.")],
+        )
+
+    @classmethod
+    def execute(cls, iconmatting_model, image, mask, guidance, resize_mode="pad", seed=0):
         if mask.ndim == 2:
             mask = mask[None]
         if tuple(mask.shape[-2:]) == (64, 64) and tuple(image.shape[1:3]) != (64, 64) and not mask.any():
             raise ValueError(
-                "The reference has no mask: Load Image gives an empty 64x64 mask when nothing is painted. "
-                "Right-click the reference's Load Image node, choose 'Open in MaskEditor' and paint the foreground "
-                "(or connect a mask from any mask node)."
+                "The reference has no mask painted (Load Image gives an empty 64x64 mask). "
+                "Right-click the reference's Load Image node, choose 'Open in MaskEditor' and paint the foreground."
             )
-        pipe = _pipeline(iconmatting_model)
-        ctx = pipe.encode_reference(_images_list(image), list(mask.unbind(0)), pooling=guidance, resize_mode=resize_mode, seed=seed)
-        return (ctx,)
+        pipe = iconmatting_model.pipeline()
+        ctx = pipe.encode_reference(list(image.unbind(0)), list(mask.unbind(0)), pooling=guidance,
+                                    resize_mode=resize_mode, seed=seed)
+        return io.NodeOutput(ctx)
 
 
-class IconMattingMatchTargets:
+def _context_choices() -> List[str]:
+    return folder_paths.get_filename_list(CONTEXT_FOLDER)
+
+
+class IconMattingSaveContext(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "iconmatting_model": ("ICONMATTING_MODEL",),
-                "context": ("ICONMATTING_CONTEXT",),
-                "images": ("IMAGE", {"tooltip": "Target images: any batch length."}),
-                "resize_mode": (list(pre.RESIZE_MODES), {"default": "pad"}),
-                "chunk_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Targets per UNet pass (each pass runs 4 noised copies)."}),
-            }
-        }
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingSaveContext",
+            display_name="IconMatting 2 · Save Context",
+            category=CATEGORY,
+            search_aliases=ALIASES + ["save reference"],
+            description="Saves an encoded reference to ComfyUI/models/iconmatting_contexts, for Load Context and the command line.",
+            is_output_node=True,
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="The model the context was encoded with (its weights are fingerprinted)."),
+                ContextType.Input("context", tooltip="From IconMatting 2 · Encode Reference."),
+                io.String.Input("filename", default="reference_context",
+                                tooltip="File name in ComfyUI/models/iconmatting_contexts (.safetensors is added)."),
+            ],
+            outputs=[],
+        )
 
-    RETURN_TYPES = ("ICONMATTING_MATCH", "IMAGE")
-    RETURN_NAMES = ("match", "guidance_preview")
-    FUNCTION = "match"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Finds the reference's kind of foreground in every target; the preview shows the inter-image similarity."
+    @classmethod
+    def execute(cls, iconmatting_model, context, filename):
+        from ..iconmatting_core.context_file import model_fingerprint, save_context
 
-    def match(self, iconmatting_model, context, images, resize_mode, chunk_size):
+        name = Path(filename.strip() or "reference_context").name
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        folder = folder_paths.get_folder_paths(CONTEXT_FOLDER)[0]
+        os.makedirs(folder, exist_ok=True)
+        path = save_context(os.path.join(folder, name), context,
+                            model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor))
+        log.info("IconMatting context saved to %s", path)
+        return io.NodeOutput(ui={"text": [str(path)]})
+
+
+class IconMattingLoadContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        choices = _context_choices()
+        return schema(
+            node_id="IconMattingLoadContext",
+            display_name="IconMatting 2 · Load Context",
+            category=CATEGORY,
+            search_aliases=ALIASES + ["load reference"],
+            description="Loads a reference context saved by Save Context or `python -m iconmatting_core encode`, "
+            "instead of encoding the reference again.",
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="Must hold the same weights the context was made with."),
+                io.Combo.Input("context_file", options=choices or ["reference_context.safetensors"],
+                               tooltip="A context in ComfyUI/models/iconmatting_contexts."),
+            ],
+            outputs=[ContextType.Output("context", tooltip="The saved reference context.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, context_file):
+        if context_file is not None and not folder_paths.get_full_path(CONTEXT_FOLDER, context_file):
+            return (f"Context file '{context_file}' is not in ComfyUI/models/iconmatting_contexts. "
+                    "Save one with IconMatting 2 · Save Context first.")
+        return True
+
+    @classmethod
+    def execute(cls, iconmatting_model, context_file):
+        from ..iconmatting_core.context_file import load_context, model_fingerprint
+
+        path = folder_paths.get_full_path(CONTEXT_FOLDER, context_file)
+        expected = model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor)
+        return io.NodeOutput(load_context(path, expected_fingerprint=expected))
+
+
+# --- 3. targets ----------------------------------------------------------------------------------------
+class IconMattingLoadImageFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingLoadImageFolder",
+            display_name="IconMatting 3 · Load Image Folder",
+            category=CATEGORY,
+            search_aliases=ALIASES + ["load images", "folder", "batch"],
+            description="Loads every image of a folder as a list, each at its own size (a batch would stretch them to one size).",
+            inputs=[
+                io.String.Input("folder", default="iconmatting_targets",
+                                tooltip="Folder of images: relative to ComfyUI/input, or an absolute path."),
+            ],
+            outputs=[
+                io.Image.Output("images", is_output_list=True, tooltip="One image per file, in name order, each at its own size."),
+                io.String.Output("names", is_output_list=True, tooltip="File names without extension."),
+            ],
+        )
+
+    @classmethod
+    def _files(cls, folder: str) -> List[Path]:
+        base = Path(folder).expanduser()
+        if not base.is_absolute():
+            base = Path(folder_paths.get_input_directory()) / base
+        if not base.is_dir():
+            raise FileNotFoundError(f"Image folder '{folder}' not found (looked in {base}). Create it and put the target photos in it.")
+        files = sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"Image folder '{folder}' ({base}) holds no images. Put .png/.jpg/.webp target photos in it.")
+        return files
+
+    @classmethod
+    def validate_inputs(cls, folder):
+        if folder is None:
+            return True
+        try:
+            cls._files(folder)
+        except FileNotFoundError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder):
+        try:
+            return [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in cls._files(folder)]
+        except FileNotFoundError:
+            return float("nan")
+
+    @classmethod
+    def execute(cls, folder):
+        from PIL import Image, ImageOps
+
+        images, names = [], []
+        for path in cls._files(folder):
+            try:
+                with Image.open(path) as im:
+                    rgb = ImageOps.exif_transpose(im).convert("RGB")
+            except OSError as exc:
+                raise ValueError(f"Cannot read image {path} ({exc}). Remove or replace the file.") from exc
+            images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None])
+            names.append(path.stem)
+        return io.NodeOutput(images, names)
+
+
+class IconMattingMatchTargets(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingMatchTargets",
+            display_name="IconMatting 4 · Match Targets",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Finds the reference's kind of foreground in every target; the preview shows the inter-image similarity.",
+            is_input_list=True,
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="From IconMatting 1 · Load."),
+                ContextType.Input("context", tooltip="From Encode Reference or Load Context."),
+                io.Image.Input("images", tooltip="Targets: a batch, or a list of images of different sizes (e.g. from "
+                               "Load Image Folder); each keeps its own size."),
+                advanced(io.Combo.Input("resize_mode", options=list(pre.RESIZE_MODES), default="pad",
+                                        tooltip="pad: letterbox, no distortion (padding takes no part in matching). "
+                                        "stretch: squash to the square. Use the reference's mode.")),
+                advanced(io.Int.Input("chunk_size", default=1, min=1, max=16,
+                                      tooltip="Targets per UNet pass (each pass runs 4 noised copies). Larger is faster "
+                                      "on a big GPU and needs more memory.")),
+            ],
+            outputs=[
+                MatchType.Output("match", tooltip="Matched targets, for Decode Alpha."),
+                io.Image.Output("guidance_preview", is_output_list=True,
+                                tooltip="Each target with its inter-image similarity as a heat map."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, iconmatting_model, context, images, resize_mode=("pad",), chunk_size=(1,)):
+        model, context = _one(iconmatting_model), _one(context)
+        resize_mode, chunk_size = _one(resize_mode), int(_one(chunk_size))
         if not isinstance(context, ReferenceContext):
-            raise TypeError("context must come from 'IconMatting Encode Reference'")
-        pipe = _pipeline(iconmatting_model, chunk_size)
-        targets = _images_list(images)
+            raise TypeError("context must come from IconMatting Encode Reference or Load Context.")
+        targets = _split(images)
+        pipe = model.pipeline()
         result = pipe.match(context, targets, resize_mode=resize_mode, chunk_size=chunk_size,
                             progress=_progress(len(targets)), output_device=mm.intermediate_device())
         size = pipe.config.image_size
-        sims = torch.cat([pre.restore_map(s, p, size) for s, p in zip(result.similarity, result.placements)])
-        rgb = images[..., :3].to(sims.device)
-        preview = 0.4 * rgb + 0.6 * heatmap(normalise_map(sims)).to(rgb.dtype)
-        return (result, preview)
+        previews = []
+        for src, sim, placement in zip(targets, result.similarity, result.placements):
+            heat = heatmap(normalise_map(pre.restore_map(sim, placement, size)))
+            rgb = src[..., :3].to(heat.device, heat.dtype)
+            previews.append((0.4 * rgb + 0.6 * heat[0])[None])
+        return io.NodeOutput(result, previews)
 
 
-class IconMattingDecodeAlpha:
+# --- 5. alpha -------------------------------------------------------------------------------------------
+class IconMattingDecodeAlpha(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "iconmatting_model": ("ICONMATTING_MODEL",),
-                "match": ("ICONMATTING_MATCH",),
-                "estimate_foreground": ("BOOLEAN", {"default": True, "tooltip": "Clean edge colours of the cut-out (no halo when composited)."}),
-                "chunk_size": ("INT", {"default": 4, "min": 1, "max": 64}),
-            }
-        }
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingDecodeAlpha",
+            display_name="IconMatting 5 · Decode Alpha",
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Predicts each matched target's alpha matte at its own resolution, and its RGBA cut-out.",
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="From IconMatting 1 · Load."),
+                MatchType.Input("match", tooltip="From IconMatting 4 · Match Targets."),
+                io.Boolean.Input("estimate_foreground", default=True,
+                                 tooltip="Clean the colours of semi-transparent edges, so the cut-out shows no halo of the old "
+                                 "background when composited."),
+                advanced(io.Int.Input("chunk_size", default=4, min=1, max=64,
+                                      tooltip="Targets decoded at once. Larger is faster on a big GPU and needs more memory.")),
+            ],
+            outputs=[
+                io.Mask.Output("alpha", is_output_list=True, tooltip="One alpha matte per target, at its own size."),
+                io.Image.Output("rgba", is_output_list=True, tooltip="One RGBA cut-out per target (straight alpha)."),
+            ],
+        )
 
-    RETURN_TYPES = ("MASK", "IMAGE")
-    RETURN_NAMES = ("alpha", "rgba")
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Predicts the alpha matte of every matched target at its original resolution, and the RGBA cut-out."
-
-    def decode(self, iconmatting_model, match, estimate_foreground, chunk_size):
+    @classmethod
+    def execute(cls, iconmatting_model, match, estimate_foreground, chunk_size=4):
         if not isinstance(match, MatchResult):
-            raise TypeError("match must come from 'IconMatting Match Targets'")
-        pipe = _pipeline(iconmatting_model)
+            raise TypeError("match must come from IconMatting 4 · Match Targets.")
+        pipe = iconmatting_model.pipeline()
         n = len(match)
-        alphas = torch.stack(pipe.decode(match, chunk_size=chunk_size, progress=_progress(n),
-                                         output_device=mm.intermediate_device()))
+        alphas = pipe.decode(match, chunk_size=chunk_size, progress=_progress(n), output_device=mm.intermediate_device())
         cutouts = []
-        for i, src in enumerate(match.sources):
+        for src, alpha in zip(match.sources, alphas):
             mm.throw_exception_if_processing_interrupted()
-            cutouts.append(pipe.cutout(src.to(alphas.device), alphas[i], estimate_foreground))
-        rgba = torch.stack(cutouts)
-        return (alphas, rgba)
+            cutouts.append(pipe.cutout(src.to(alpha.device), alpha, estimate_foreground)[None])
+        return io.NodeOutput([a[None] for a in alphas], cutouts)
 
 
-class IconMattingComposite:
+# --- 6. composite ---------------------------------------------------------------------------------------
+class IconMattingComposite(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "rgba": ("IMAGE", {"tooltip": "Cut-outs from 'IconMatting Decode Alpha'."}),
-                "background": ("IMAGE", {"tooltip": "New background; resized to cover each cut-out (one for all, or one per cut-out)."}),
-            }
-        }
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingComposite",
+            display_name="IconMatting 6 · Composite",
+            category=CATEGORY,
+            search_aliases=ALIASES + ["composite", "replace background"],
+            description="Places RGBA cut-outs over a new background (resized to cover each cut-out).",
+            inputs=[
+                io.Image.Input("rgba", tooltip="RGBA cut-outs from IconMatting 5 · Decode Alpha."),
+                io.Image.Input("background", tooltip="New background: one for all cut-outs, or one per cut-out."),
+            ],
+            outputs=[io.Image.Output("image", tooltip="The cut-outs over the background.")],
+        )
 
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "composite"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Places RGBA cut-outs over a new background."
-
-    def composite(self, rgba, background):
+    @classmethod
+    def execute(cls, rgba, background):
         if rgba.shape[-1] != 4:
-            raise ValueError(f"rgba must have 4 channels (RGBA from Decode Alpha), got {rgba.shape[-1]}")
+            raise ValueError(f"rgba has {rgba.shape[-1]} channels. Connect the rgba output of IconMatting 5 · Decode Alpha.")
         n, h, w, _ = rgba.shape
         if background.shape[0] not in (1, n):
-            raise ValueError(f"background batch is {background.shape[0]}; give 1 background or one per cut-out ({n})")
+            raise ValueError(f"background is a batch of {background.shape[0]}. Give 1 background or one per cut-out ({n}).")
         bg = background[..., :3].permute(0, 3, 1, 2)
         scale = max(h / bg.shape[2], w / bg.shape[3])
         size = (max(h, round(bg.shape[2] * scale)), max(w, round(bg.shape[3] * scale)))
@@ -287,20 +451,26 @@ class IconMattingComposite:
         top, left = (size[0] - h) // 2, (size[1] - w) // 2
         bg = bg[:, :, top : top + h, left : left + w].permute(0, 2, 3, 1).to(rgba.device, rgba.dtype)
         alpha = rgba[..., 3:]
-        return ((rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1),)
+        return io.NodeOutput((rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1))
 
 
-NODE_CLASS_MAPPINGS = {
-    "IconMattingModelLoader": IconMattingModelLoader,
-    "IconMattingEncodeReference": IconMattingEncodeReference,
-    "IconMattingMatchTargets": IconMattingMatchTargets,
-    "IconMattingDecodeAlpha": IconMattingDecodeAlpha,
-    "IconMattingComposite": IconMattingComposite,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "IconMattingModelLoader": "Load IconMatting",
-    "IconMattingEncodeReference": "IconMatting Encode Reference",
-    "IconMattingMatchTargets": "IconMatting Match Targets",
-    "IconMattingDecodeAlpha": "IconMatting Decode Alpha",
-    "IconMattingComposite": "IconMatting Composite",
-}
+NODES = [
+    IconMattingLoad,
+    IconMattingEncodeReference,
+    IconMattingLoadContext,
+    IconMattingSaveContext,
+    IconMattingLoadImageFolder,
+    IconMattingMatchTargets,
+    IconMattingDecodeAlpha,
+    IconMattingComposite,
+]
+
+
+class IconMattingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> IconMattingExtension:
+    register_model_folders()
+    return IconMattingExtension()

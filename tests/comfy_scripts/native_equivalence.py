@@ -1,0 +1,103 @@
+"""Runs inside a booted ComfyUI (``run_comfy(..., scripts=[...])``): the IconMatting pack on the host's
+own SD 2.x objects (Load Checkpoint) against the core's diffusers path on the same single file.
+
+args: ``ckpt`` (file name in models/checkpoints), ``head`` (path of the head .safetensors).
+Returns max abs differences per quantity, and whether the user's MODEL was left untouched.
+"""
+import sys
+
+import torch
+
+
+def _pack_module(suffix):
+    """A module of the pack as ComfyUI imported it (its package is the pack's folder name)."""
+    import importlib
+
+    for name in list(sys.modules):
+        if name.endswith(".nodes.host_model"):
+            return importlib.import_module(name[: -len(".nodes.host_model")] + suffix)
+    raise RuntimeError("the IconMatting pack is not loaded")
+
+
+def _diff(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
+def run(ctx):
+    import comfy.model_management as mm
+    import folder_paths
+    import nodes
+
+    host = _pack_module(".nodes.host_model")
+    pipeline_mod = _pack_module(".iconmatting_core.pipeline")
+    sd_loading = _pack_module(".iconmatting_core.sd_loading")
+    testing = _pack_module(".iconmatting_core.testing")
+    checkpoint = _pack_module(".iconmatting_core.checkpoint")
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ctx.args["ckpt"])[:3]
+    torch.manual_seed(0)
+    size = 128
+    latent = torch.randn(2, 4, size // 8, size // 8)
+    sigma = torch.tensor([2.0, 2.0])
+    cond = torch.randn(2, 77, model.model.model_config.unet_config["context_dim"])
+
+    def user_forward():  # what a KSampler asks of the user's MODEL
+        mm.load_models_gpu([model])
+        return model.model.apply_model(latent, sigma, c_crossattn=cond,
+                                       transformer_options=dict(model.model_options["transformer_options"]))
+
+    options_before = repr(model.model_options)
+    before = user_forward()
+
+    native = host.IconMattingOnHost(model, clip, vae, ctx.args["head"], "fp32")
+    native_pipe = native.pipeline()
+    sd = sd_loading.load_sd_components(folder_paths.get_full_path("checkpoints", ctx.args["ckpt"]),
+                                       **testing.tiny_comfy_sd2_configs())
+    head, _ = checkpoint.load_head(ctx.args["head"])
+    reference_pipe = pipeline_mod.IconMattingPipeline(pipeline_mod.build_model(sd, head))
+
+    out = {"prompt": _diff(native.extractor.empty_prompt_embedding, reference_pipe.model.extractor.empty_prompt_embedding)}
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, size, size, generator=gen) * 2 - 1
+    f_native = native.extractor(images, seed=5)
+    f_ref = reference_pipe.model.extractor(images, seed=5)
+    out["up0"] = _diff(f_native.up_features[0], f_ref.up_features[0])
+    out["up1"] = _diff(f_native.up_features[1], f_ref.up_features[1])
+    out["attention"] = {str(r): _diff(f_native.attention[r], f_ref.attention[r]) for r in f_ref.attention}
+    out["feature_scale"] = float(max(f.abs().max() for f in f_ref.up_features))
+    # the UNet part alone (identical noised latents and prompt into both UNets): our patches vs diffusers' hooks
+    latents = reference_pipe.model.extractor.noisy_latents(images, 5)
+    prompt = reference_pipe.model.extractor.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
+    for name, ext in (("native", native.extractor), ("reference", reference_pipe.model.extractor)):
+        ext.recorder.reset(images.shape[0], ext.config.ensemble_size)
+        ext.recorder.active = True
+        try:
+            ups = ext.unet_up_features(latents, prompt, True)
+            maps = ext.recorder.maps()
+        finally:
+            ext.recorder.active = False
+        out.setdefault("unet_only", {})[name] = (ups, maps)
+    (nu, nm), (ru, rm) = out["unet_only"]["native"], out["unet_only"]["reference"]
+    out["unet_only"] = {"up0": _diff(nu[0], ru[0]), "up1": _diff(nu[1], ru[1]),
+                        "attention": max(_diff(nm[r], rm[r]) for r in rm)}
+
+    ref_image = torch.rand(96, 120, 3, generator=gen)
+    ref_mask = torch.zeros(96, 120)
+    ref_mask[20:80, 30:100] = 1
+    targets = [torch.rand(90, 60, 3, generator=gen), torch.rand(64, 100, 3, generator=gen)]
+    results = {}
+    for name, pipe in (("native", native_pipe), ("reference", reference_pipe)):
+        context = pipe.encode_reference(ref_image, ref_mask, seed=2)
+        match = pipe.match(context, targets)
+        results[name] = (context, match, pipe.decode(match))
+    out["tokens"] = _diff(results["native"][0].tokens, results["reference"][0].tokens)
+    out["similarity"] = max(_diff(a, b) for a, b in zip(results["native"][1].similarity, results["reference"][1].similarity))
+    out["alpha"] = max(_diff(a, b) for a, b in zip(results["native"][2], results["reference"][2]))
+    out["alpha_shapes"] = [list(a.shape) for a in results["native"][2]]
+
+    after = user_forward()
+    out["user_model_bit_equal"] = bool(torch.equal(before, after))
+    out["user_model_options_unchanged"] = repr(model.model_options) == options_before
+    out["clone_has_patches"] = "patches" in native.extractor.patcher.model_options["transformer_options"]
+    out["patcher_class"] = type(native.patcher).__name__
+    return out
