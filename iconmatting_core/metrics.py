@@ -368,11 +368,12 @@ def connectivity_error(
 # --------------------------------------------------------------------------- all four
 
 
-def compute_all(pred, gt, trimap=None, region: str = "all") -> Dict[str, float]:
+def compute_all(pred, gt, trimap=None, region: str = "all", mse_scale: float = 1e3) -> Dict[str, float]:
     """All four metrics -> ``{"sad", "mse", "grad", "conn"}`` (scales as in the module docstring).
 
     region: ``"all"`` (default) sums over the whole image; ``"unknown"`` over the trimap's unknown
     band (:func:`unknown_region`; requires ``trimap``, ``[H, W]`` uint8 0..255 or float [0, 1]).
+    mse_scale: factor on the MSE (1 gives the plain mean, the unit of the paper's tables).
     """
     if region not in ("all", "unknown"):
         raise ValueError(f"region must be 'all' or 'unknown', got {region!r}")
@@ -386,7 +387,7 @@ def compute_all(pred, gt, trimap=None, region: str = "all") -> Dict[str, float]:
             raise ValueError(f"trimap has shape {mask.shape} but the mattes have shape {p.shape}")
     return {
         "sad": sad(p, g, mask),
-        "mse": mse(p, g, mask),
+        "mse": mse(p, g, mask, scale=mse_scale),
         "grad": gradient_error(p, g, mask),
         "conn": connectivity_error(p, g, mask),
     }

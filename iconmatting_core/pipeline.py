@@ -118,6 +118,18 @@ class IconMattingPipeline:
         self.model.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the head and SD weights (``context_file.model_fingerprint``), computed once
+        per dtype; a saved context records it and only loads with the same weights."""
+        from .context_file import model_fingerprint
+
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None or cached[0] != self.model.dtype:
+            cached = (self.model.dtype, model_fingerprint(self.model.head, self.model.extractor))
+            self._fingerprint = cached
+        return cached[1]
+
     @torch.no_grad()
     def encode_reference(
         self,
@@ -158,14 +170,15 @@ class IconMattingPipeline:
                     f"reference mask {i} covers the whole image: mark only the foreground, so the model can tell it from the background"
                 )
             x, placement = pre.prepare_image(rgb, cfg.image_size, resize_mode)
-            prepared.append((x, pre.prepare_mask(mask, placement, cfg.image_size), placement))
+            prepared.append((x, mask, placement))  # cells are picked from the original-resolution mask
         device, dtype = self.model.device, self.model.dtype
         correspondences = []
         for x, _, _ in prepared:
-            feats = self.model.extractor(x[None].to(device, dtype), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
+            feats = self.model.extractor(x[None].to(device), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
             correspondences.append(feats.correspondence[0].float().cpu())
         return build_context(
-            correspondences, [m for _, m, _ in prepared], cfg, pooling, seed, [(p.height, p.width) for _, _, p in prepared]
+            correspondences, [m for _, m, _ in prepared], cfg, pooling, seed, [(p.height, p.width) for _, _, p in prepared],
+            placements=[p for _, _, p in prepared],
         )
 
     @torch.no_grad()
@@ -189,8 +202,8 @@ class IconMattingPipeline:
         parts = []
         for start, stop in _chunks(len(sources), chunk_size):
             batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
-            feats = self.model.extractor(batch.to(device, dtype), seed=context.seed, with_attention=True)
-            fused, similarity = match_features(self.model.head, tokens, feats)
+            feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
+            fused, similarity = match_features(self.model.head, tokens, feats, valid=placements)
             parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
             del feats, fused, similarity, batch
             if progress is not None:

@@ -5,51 +5,156 @@ Colour Estimation", ICIP 2021: two passes, box filters of 90 then 6 pixels, i.e.
 here, as their ``cv2.blur(x, (r, r))``): background colour that bleeds into
 semi-transparent edge pixels is removed, so a cut-out composited on a new background shows no
 halo of the old one.
+
+The cost follows the matte's edges, not the photo's size: only pixels with 0 < alpha < 1 need an
+estimate (alpha = 1 gives the image colour exactly; where alpha = 0 the colour is invisible and
+the image colour is kept). The image is walked in strips of rows; a strip without such pixels is
+skipped, otherwise the box filters run over the strip's edge columns plus the filters'
+reach, in tiles of at most ``STRIP_ROWS x TILE_COLUMNS`` (running sums in float64; a strip's edge
+columns are split into separate runs where they lie far apart, e.g. the two sides of an object),
+and only the edge pixels are written. Extra memory is a few tile buffers (about 12 MB each,
+whatever the photo's size) besides the output.
 """
 from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+STRIP_ROWS = 256
+TILE_COLUMNS = 512
+Box = Tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1)
+
 
 def box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window clipped to the image, via integral images. x: [B, C, H, W]."""
+    """Mean over a (2r+1)^2 window clipped to the image. x: [B, C, H, W] -> [B, C, H, W]."""
     b, c, h, w = x.shape
-    pad = F.pad(x, (1, 0, 1, 0))
-    integral = pad.cumsum(-1).cumsum(-2)
-    ys = torch.arange(h, device=x.device)
-    xs = torch.arange(w, device=x.device)
-    y0, y1 = (ys - radius).clamp(0, h), (ys + radius + 1).clamp(0, h)
-    x0, x1 = (xs - radius).clamp(0, w), (xs + radius + 1).clamp(0, w)
-    rows_hi, rows_lo = integral[:, :, y1], integral[:, :, y0]
-    s = rows_hi[..., x1] - rows_hi[..., x0] - rows_lo[..., x1] + rows_lo[..., x0]
-    area = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).to(x.dtype)
-    return s / area
+    out = _box_mean(x.reshape(b * c, h, w), (0, h, 0, w), (0, h, 0, w), radius, (h, w))
+    return out.reshape(b, c, h, w)
 
 
-def _blur_fusion_pass(image, fg, bg, alpha, radius):
-    blurred_alpha = box_blur(alpha, radius)
-    blurred_fg = box_blur(fg * alpha, radius) / (blurred_alpha + 1e-5)
-    blurred_bg = box_blur(bg * (1 - alpha), radius) / ((1 - blurred_alpha) + 1e-5)
-    fg = blurred_fg + alpha * (image - alpha * blurred_fg - (1 - alpha) * blurred_bg)
-    return fg.clamp(0, 1), blurred_bg
+def _window_sums(x: torch.Tensor, out_lo: int, out_hi: int, src_lo: int, src_hi: int, radius: int) -> torch.Tensor:
+    """Sums over [o - r, o + r] (clipped to the image) along the last axis of ``x``, which holds
+    image positions [src_lo, src_hi), for outputs o in [out_lo, out_hi). Zeros stand in for the
+    positions outside the image; a running sum makes every window two slices apart."""
+    left, right = src_lo - (out_lo - radius), (out_hi + radius) - src_hi
+    running = F.pad(x, (left + 1, right)).cumsum_(-1)
+    n = out_hi - out_lo
+    return running[..., 2 * radius + 1 : 2 * radius + 1 + n] - running[..., :n]
+
+
+def _box_mean(src: torch.Tensor, src_box: Box, out_box: Box, radius: int, hw: Tuple[int, int]) -> torch.Tensor:
+    """Box means (window clipped to the full image ``hw``) over ``out_box`` of an image, from
+    ``src`` [C, h, w] holding the image's ``src_box``, which must contain ``out_box`` grown by
+    ``radius`` (clipped to the image). Separable running sums along the contiguous axis: O(1)
+    per pixel for any radius."""
+    (sy0, sy1, sx0, sx1), (oy0, oy1, ox0, ox1) = src_box, out_box
+    rows = _window_sums(src, ox0, ox1, sx0, sx1, radius).transpose(1, 2)  # [C, w_out, h_src]
+    sums = _window_sums(rows, oy0, oy1, sy0, sy1, radius).transpose(1, 2)  # [C, h_out, w_out]
+    dev = src.device
+    ys, xs = torch.arange(oy0, oy1, device=dev), torch.arange(ox0, ox1, device=dev)
+    height = (ys + radius + 1).clamp(max=hw[0]) - (ys - radius).clamp(min=0)
+    width = (xs + radius + 1).clamp(max=hw[1]) - (xs - radius).clamp(min=0)
+    return sums / (height[:, None] * width[None, :]).to(src.dtype)
+
+
+def _grow(box: Box, radius: int, hw: Tuple[int, int]) -> Box:
+    y0, y1, x0, x1 = box
+    return max(0, y0 - radius), min(hw[0], y1 + radius), max(0, x0 - radius), min(hw[1], x1 + radius)
+
+
+def _crop(x: torch.Tensor, outer: Box, inner: Box) -> torch.Tensor:
+    """x [..., h, w] holding ``outer`` -> its part holding ``inner``."""
+    return x[..., inner[0] - outer[0] : inner[1] - outer[0], inner[2] - outer[2] : inner[3] - outer[2]]
+
+
+def _blur_fusion_region(image: torch.Tensor, alpha: torch.Tensor, box: Box, radii: Sequence[int]) -> torch.Tensor:
+    """Blur-fusion foreground [3, h, w] (float64) over ``box`` of one image.
+
+    image [H, W, 3], alpha [H, W] (full images, read only around ``box``). Pass p runs on the
+    region the later passes need, grown by its own radius for its inputs.
+    """
+    hw = tuple(alpha.shape)
+    regions: List[Box] = [box]
+    for r in reversed(radii):
+        regions.insert(0, _grow(regions[0], r, hw))
+
+    def load(region: Box):
+        y0, y1, x0, x1 = region
+        return image[y0:y1, x0:x1].permute(2, 0, 1).double(), alpha[y0:y1, x0:x1][None].double()
+
+    img, a = load(regions[0])
+    fg = bg = img
+    for p, r in enumerate(radii):
+        src, dst = regions[p], regions[p + 1]
+        blurred = _box_mean(torch.cat([a, fg * a, bg * (1 - a)]), src, dst, r, hw)
+        blurred_alpha, blurred_fg, blurred_bg = blurred[:1], blurred[1:4], blurred[4:]
+        blurred_fg /= blurred_alpha + 1e-5
+        blurred_bg /= (1 - blurred_alpha) + 1e-5
+        img, a = _crop(img, src, dst), _crop(a, src, dst)
+        fg = (blurred_fg + a * (img - a * blurred_fg - (1 - a) * blurred_bg)).clamp_(0, 1)
+        bg = blurred_bg
+    return fg
 
 
 @torch.no_grad()
-def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor, kernel_sizes=(90, 6)) -> torch.Tensor:
-    """image [B, H, W, 3] in [0, 1], alpha [B, H, W] -> foreground colours [B, H, W, 3] in [0, 1]."""
-    img = image.permute(0, 3, 1, 2).double()
-    a = alpha[:, None].double()
-    fg, bg = img, img
-    for k in kernel_sizes:
-        fg, bg = _blur_fusion_pass(img, fg, bg, a, k // 2)
-    return fg.permute(0, 2, 3, 1).to(image.dtype)
+def estimate_foreground(
+    image: torch.Tensor, alpha: torch.Tensor, kernel_sizes=(90, 6), out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """image [B, H, W, 3] in [0, 1], alpha [B, H, W] -> foreground colours [B, H, W, 3] in [0, 1].
+
+    Pixels with alpha 0 or 1 keep the image colour; the others get the blur-fusion estimate
+    (see the module docstring). ``out``: optional [B, H, W, 3] tensor (a view is fine, e.g. the
+    colour channels of an RGBA buffer) that receives the result instead of a new tensor.
+    """
+    radii = [k // 2 for k in kernel_sizes]
+    if out is None:
+        out = image.clone()
+    else:
+        out.copy_(image)
+    h, w = alpha.shape[-2:]
+    for b in range(image.shape[0]):
+        a = alpha[b]
+        for y0 in range(0, h, STRIP_ROWS):
+            y1 = min(h, y0 + STRIP_ROWS)
+            strip = a[y0:y1]
+            edge = (strip > 0) & (strip < 1)
+            for run0, run1 in _column_runs(edge.any(0), gap=2 * sum(radii) + 1):
+                for x0 in range(run0, run1, TILE_COLUMNS):
+                    x1 = min(run1, x0 + TILE_COLUMNS)
+                    fg = _blur_fusion_region(image[b], a, (y0, y1, x0, x1), radii)
+                    target = out[b, y0:y1, x0:x1]
+                    keep = edge[:, x0:x1]
+                    target[keep] = fg.permute(1, 2, 0)[keep].to(out.dtype)
+    return out
+
+
+def _column_runs(has_edge: torch.Tensor, gap: int) -> List[Tuple[int, int]]:
+    """Columns holding edge pixels [W] -> [x0, x1) spans, split where more than ``gap`` columns
+    without edge lie between (there the filters' reaches do not overlap, so nothing is shared)."""
+    columns = has_edge.nonzero().flatten().tolist()
+    runs: List[Tuple[int, int]] = []
+    for x in columns:
+        if runs and x - runs[-1][1] < gap:
+            runs[-1] = (runs[-1][0], x + 1)
+        else:
+            runs.append((x, x + 1))
+    return runs
 
 
 def rgba_cutout(image: torch.Tensor, alpha: torch.Tensor, estimate_colors: bool = True) -> torch.Tensor:
-    """[B, H, W, 3] + alpha [B, H, W] -> RGBA [B, H, W, 4] (straight, not premultiplied, alpha)."""
-    fg = estimate_foreground(image, alpha) if estimate_colors else image
-    return torch.cat([fg, alpha[..., None].to(fg.dtype)], dim=-1)
+    """[B, H, W, 3] + alpha [B, H, W] -> RGBA [B, H, W, 4] (straight, not premultiplied, alpha).
+
+    The RGBA tensor is the only full-size allocation: colours are estimated into it in place.
+    """
+    rgba = torch.empty(*image.shape[:-1], 4, dtype=image.dtype, device=image.device)
+    rgba[..., 3] = alpha
+    if estimate_colors:
+        estimate_foreground(image, alpha, out=rgba[..., :3])
+    else:
+        rgba[..., :3] = image
+    return rgba
 
 
 def normalise_map(x: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,11 @@ def to_rgb(image: ArrayLike, what: str = "image") -> torch.Tensor:
         t = t.float()
     else:
         t = t.float()
-        if not torch.isfinite(t).all():
+        lo, hi = t.amin(), t.amax()  # NaN propagates into both; no image-sized temporary
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise ValueError(f"{what} contains NaN or infinite values")
-        t = t.clamp(0.0, 1.0)
+        if lo < 0.0 or hi > 1.0:
+            t = t.clamp(0.0, 1.0)
     if t.shape[-1] == 1:
         t = t.expand(-1, -1, 3)
     return t[..., :3].contiguous()
@@ -106,6 +108,29 @@ def placement_for(height: int, width: int, size: int, mode: str) -> Placement:
     return Placement(height, width, max(1, round(height * scale)), max(1, round(width * scale)))
 
 
+def content_cells(placement: Placement, size: int, grid: int) -> torch.Tensor:
+    """Cells of a ``grid x grid`` map over the square input that hold image: bool [grid, grid].
+
+    A cell (``size // grid`` model pixels square) holds image when it overlaps the content
+    rectangle ``[0, content_height) x [0, content_width)`` by at least one model pixel; cells that
+    are entirely letterbox padding are False. A partially padded edge cell counts as image (it may
+    hold foreground). Stretched or square inputs: all True. Since the content is a top-left
+    rectangle, the cells of a coarser grid that hold image are exactly those with a finer-grid
+    child that does (max-pooling), at every resolution that divides the finer one.
+    """
+    stride = size // grid
+    rows = -(-placement.content_height // stride)
+    cols = -(-placement.content_width // stride)
+    valid = torch.zeros(grid, grid, dtype=torch.bool)
+    valid[:rows, :cols] = True
+    return valid
+
+
+def valid_cells(placements: Sequence[Placement], size: int, grid: int) -> torch.Tensor:
+    """:func:`content_cells` of each target: bool [B, grid, grid]."""
+    return torch.stack([content_cells(p, size, grid) for p in placements])
+
+
 def _resize(x: torch.Tensor, hw, mode: str) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
@@ -142,8 +167,10 @@ def prepare_mask(mask: torch.Tensor, placement: Placement, size: int) -> torch.T
 def restore_alpha(alpha: torch.Tensor, placement: Placement) -> torch.Tensor:
     """[1, size, size] model-space alpha -> [H, W] alpha at the original image's pixels."""
     a = alpha[None, :, : placement.content_height, : placement.content_width].float()
-    a = _resize(a, (placement.height, placement.width), "bilinear")
-    return a[0, 0].clamp(0.0, 1.0)
+    a = _resize(a, (placement.height, placement.width), "bilinear")[0, 0]
+    if a.untyped_storage().data_ptr() == alpha.untyped_storage().data_ptr():
+        return a.clamp(0.0, 1.0)  # no resize happened: never write into the caller's tensor
+    return a.clamp_(0.0, 1.0)  # in place: one full-size tensor, however large the photo
 
 
 def restore_map(x: torch.Tensor, placement: Placement, size: int) -> torch.Tensor:

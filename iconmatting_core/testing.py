@@ -147,3 +147,170 @@ def tiny_pipeline(tmp_dir, seed: int = 0, dtype=torch.float32):
     sd_dir = save_tiny_sd_folder(tmp_dir / "sd", seed)
     head_path = save_tiny_head(tmp_dir / "head.safetensors", seed=seed)
     return IconMattingPipeline(load_model(head_path, sd_dir, dtype))
+
+
+# --- a tiny SD 2.x single file that ComfyUI's stock checkpoint loader also loads ---------------
+#
+# ComfyUI recognises SD 2.x by key shapes and builds its modules with fixed assumptions: 32-group
+# norms and 64-channel attention heads in the UNet, one fixed VAE architecture, a fixed json config
+# for the text encoder. The tiny UNet keeps those (64/64/128/128 channels, 1/1/2/2 heads), the VAE is
+# SD's real one, and the text encoder is TINY_TEXT (its hidden size is the UNet's context_dim).
+# ComfyUI needs a model class with these sizes registered: tests/comfy_tiny_sd2.
+
+def tiny_comfy_unet_config() -> dict:
+    """Diffusers config of the UNet in :func:`save_tiny_comfy_sd2_checkpoint`: SD 2.1's with smaller sizes."""
+    cfg = load_sd_config("unet")
+    cfg.update(block_out_channels=[64, 64, 128, 128], attention_head_dim=[1, 1, 2, 2],
+               cross_attention_dim=TINY_TEXT["hidden_size"], sample_size=TINY_IMAGE_SIZE // 8)
+    return cfg
+
+
+def tiny_comfy_vae_config() -> dict:
+    """The VAE of :func:`save_tiny_comfy_sd2_checkpoint` is SD's real one (ComfyUI builds only that)."""
+    return load_sd_config("vae")
+
+
+def tiny_comfy_text_encoder_config() -> dict:
+    """Our core's text encoder config for it; like the shipped SD 2.1 one, ``num_hidden_layers`` counts
+    the layers used (the file holds one more, which SD 2.x skips)."""
+    cfg = load_sd_config("text_encoder")
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    cfg.update({k: TINY_TEXT[k] for k in sizes})
+    return cfg
+
+
+def tiny_comfy_clip_sizes() -> dict:
+    """The keys of ComfyUI's ``sd2_clip_config.json`` that differ for the tiny text encoder; like the
+    real one (24), ``num_hidden_layers`` counts every block in the file."""
+    return dict(hidden_size=TINY_TEXT["hidden_size"], intermediate_size=TINY_TEXT["intermediate_size"],
+                num_attention_heads=TINY_TEXT["num_attention_heads"],
+                num_hidden_layers=TINY_TEXT["num_hidden_layers"] + 1, projection_dim=TINY_TEXT["hidden_size"])
+
+
+def tiny_comfy_sd2_configs() -> dict:
+    """``load_sd_components`` keyword arguments for a file from :func:`save_tiny_comfy_sd2_checkpoint`."""
+    return dict(unet_config=tiny_comfy_unet_config(), vae_config=tiny_comfy_vae_config(),
+                text_encoder_config=tiny_comfy_text_encoder_config())
+
+
+# Diffusers -> original (LDM) key layout. Each rule: (diffusers prefix, LDM prefix, renames of the
+# first name(s) after the prefix).
+_LDM_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                    "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_LDM_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _ldm_unet_rules(config: dict) -> list:
+    n = config["layers_per_block"]
+    rules = [("time_embedding.linear_1.", "time_embed.0.", {}), ("time_embedding.linear_2.", "time_embed.2.", {}),
+             ("conv_in.", "input_blocks.0.0.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+             ("mid_block.resnets.0.", "middle_block.0.", _LDM_UNET_RESNET),
+             ("mid_block.attentions.0.", "middle_block.1.", {}),
+             ("mid_block.resnets.1.", "middle_block.2.", _LDM_UNET_RESNET)]
+    for b in range(len(config["block_out_channels"])):
+        for j in range(n):  # input block 0 is conv_in; then n (resnet, attention) pairs and a downsampler per level
+            i = 1 + b * (n + 1) + j
+            rules += [(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{i}.0.", _LDM_UNET_RESNET),
+                      (f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{i}.1.", {})]
+        rules.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{1 + b * (n + 1) + n}.0.op.", {}))
+        for j in range(n + 1):  # n + 1 resnets per up level; the upsampler follows the last one's attention, if any
+            i = b * (n + 1) + j
+            rules += [(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{i}.0.", _LDM_UNET_RESNET),
+                      (f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{i}.1.", {})]
+        after = 2 if config["up_block_types"][b].startswith("CrossAttn") else 1
+        rules.append((f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{b * (n + 1) + n}.{after}.conv.", {}))
+    return rules
+
+
+def _ldm_vae_rules(config: dict) -> list:
+    n, levels = config["layers_per_block"], len(config["block_out_channels"])
+    rules = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
+    for part in ("encoder", "decoder"):
+        rules += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_out.", f"{part}.conv_out.", {}),
+                  (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
+                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", _LDM_VAE_RESNET),
+                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", _LDM_VAE_RESNET),
+                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _LDM_VAE_ATTENTION)]
+    for b in range(levels):
+        up = levels - 1 - b  # the LDM decoder numbers its levels from full resolution down: reversed
+        rules += [(f"encoder.down_blocks.{b}.resnets.{j}.", f"encoder.down.{b}.block.{j}.", _LDM_VAE_RESNET)
+                  for j in range(n)]
+        rules += [(f"decoder.up_blocks.{b}.resnets.{j}.", f"decoder.up.{up}.block.{j}.", _LDM_VAE_RESNET)
+                  for j in range(n + 1)]
+        rules += [(f"encoder.down_blocks.{b}.downsamplers.0.conv.", f"encoder.down.{b}.downsample.conv.", {}),
+                  (f"decoder.up_blocks.{b}.upsamplers.0.conv.", f"decoder.up.{up}.upsample.conv.", {})]
+    return rules
+
+
+def _to_ldm(state: Dict[str, torch.Tensor], rules: list, prefix: str) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        matches = [rule for rule in rules if key.startswith(rule[0])]
+        if len(matches) != 1:
+            raise ValueError(f"{key}: {len(matches)} LDM conversion rules match (expected 1)")
+        old_prefix, new_prefix, renames = matches[0]
+        rest = key[len(old_prefix):]
+        for old, new in renames.items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+        if renames is _LDM_VAE_ATTENTION and value.ndim == 2:
+            value = value[:, :, None, None]  # q/k/v/proj_out: diffusers' linear [C, C] is an LDM 1x1 conv [C, C, 1, 1]
+        out[prefix + new_prefix + rest] = value.clone().contiguous()
+    return out
+
+
+def ldm_unet_state_dict(state: Dict[str, torch.Tensor], config: dict) -> Dict[str, torch.Tensor]:
+    """A diffusers UNet2DConditionModel state dict in the single-file layout (``model.diffusion_model.*``);
+    the inverse of diffusers' ``convert_ldm_unet_checkpoint`` for SD-style configs."""
+    from .sd_loading import UNET_PREFIX
+
+    return _to_ldm(state, _ldm_unet_rules(config), UNET_PREFIX)
+
+
+def ldm_vae_state_dict(state: Dict[str, torch.Tensor], config: dict) -> Dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict in the single-file layout (``first_stage_model.*``)."""
+    from .sd_loading import VAE_PREFIX
+
+    return _to_ldm(state, _ldm_vae_rules(config), VAE_PREFIX)
+
+
+def _fan_in_random(shapes: Dict[str, torch.Size], gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Random weights that keep activations of order 1 through a deep net: weights ~ N(0, 1/fan_in),
+    norm scales 1 + N(0, 0.1^2), biases N(0, 0.2^2)."""
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            out[name] = torch.randn(shape, generator=gen) / (shape.numel() // shape[0]) ** 0.5
+        elif name.endswith("weight"):  # every 1-d weight is a norm's scale
+            out[name] = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[name] = 0.2 * torch.randn(shape, generator=gen)
+    return out
+
+
+def save_tiny_comfy_sd2_checkpoint(path, seed: int = 0) -> Path:
+    """Write a random-weight SD 2.x single file (original key layout) loadable by both ComfyUI's
+    CheckpointLoaderSimple (with tests/comfy_tiny_sd2 registered) and ``load_sd_components(path,
+    **tiny_comfy_sd2_configs())``; return ``path``.
+
+    UNet (``model.diffusion_model.*``, float32): :func:`tiny_comfy_unet_config`; its transformer norm
+    biases have std 0.2, so ComfyUI's SD 2.x check calls it a v-prediction model like SD 2.1 768.
+    VAE (``first_stage_model.*``, float16 to halve the file, ~84M weights): SD's real architecture.
+    Text encoder (``cond_stage_model.model.*``, open_clip layout): :func:`tiny_open_clip_text_state_dict`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet_config, vae_config = tiny_comfy_unet_config(), tiny_comfy_vae_config()
+    with torch.device("meta"):  # shapes only; the weights are drawn below
+        unet_shapes = {k: v.shape for k, v in UNet2DConditionModel.from_config(unet_config).state_dict().items()}
+        vae_shapes = {k: v.shape for k, v in AutoencoderKL.from_config(vae_config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = ldm_unet_state_dict(_fan_in_random(unet_shapes, gen), unet_config)
+    state.update({k: v.half() for k, v in ldm_vae_state_dict(_fan_in_random(vae_shapes, gen), vae_config).items()})
+    state.update(tiny_open_clip_text_state_dict(seed))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

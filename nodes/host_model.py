@@ -118,7 +118,11 @@ class IconMattingOnHost:
     def extractor(self) -> ComfyFeatureExtractor:
         return self.model.extractor
 
-    def pipeline(self) -> IconMattingPipeline:
-        """Ask ComfyUI to place the head, UNet and VAE (partial loading allowed), then wrap them."""
-        self.extractor.load_all(0)
+    def pipeline(self, features: bool = True) -> IconMattingPipeline:
+        """Ask ComfyUI to place the head and, when features are to be computed, the UNet and VAE with
+        it (partial loading allowed); then wrap them. Decoding alone needs only the head."""
+        if features:
+            self.extractor.load_all(0)
+        else:
+            mm.load_models_gpu([self.patcher])
         return IconMattingPipeline(self.model)

@@ -410,7 +410,7 @@ class IconMattingDecodeAlpha(io.ComfyNode):
     def execute(cls, iconmatting_model, match, estimate_foreground, chunk_size=4):
         if not isinstance(match, MatchResult):
             raise TypeError("match must come from IconMatting 4 · Match Targets.")
-        pipe = iconmatting_model.pipeline()
+        pipe = iconmatting_model.pipeline(features=False)
         n = len(match)
         alphas = pipe.decode(match, chunk_size=chunk_size, progress=_progress(n), output_device=mm.intermediate_device())
         cutouts = []

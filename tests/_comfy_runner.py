@@ -2,7 +2,9 @@
 
 Usage: ``python _comfy_runner.py SPEC.json REPORT.json`` with the ComfyUI root as cwd and a
 ``torchvision`` stub on ``PYTHONPATH`` (``comfy_harness`` does both). SPEC holds ``comfy_root``,
-``pack_dir``, ``models_dir`` (or null), ``work_dir``, ``prompts`` and ``timeout``.
+``pack_dir``, ``models_dir`` (or null), ``work_dir``, ``prompts`` and ``timeout``, and optionally
+``extra_packs`` ([{``path``, ``name``}], symlinked into ``custom_nodes/`` beside the pack),
+``scripts`` ([{``path``, ``args``}]) and ``comfy_args`` (extra ComfyUI command-line flags).
 
 ComfyUI is started the way its ``main.py`` starts it: ``sys.argv`` gets CPU flags, then ``main`` is
 imported (argument parsing, path setup, prestartup scripts) and ``main.start_comfyui()`` builds
@@ -43,10 +45,21 @@ The report (JSON; anything not serialisable is ``repr``'d) has these keys:
     ``models`` (``patcher_class``, ``model_class``, ``device``, ``currently_used``),
     ``model_classes``;
   - ``log``: ComfyUI's log lines while the prompt ran (e.g. ``!!! Exception during processing``).
+* ``extra_packs``: per extra pack, ``name``, ``path``, ``import_failed``, ``import_log``.
+* ``scripts``: per script, in order: ``path``, ``ok``, ``result`` (what ``run(ctx)`` returned),
+  ``error`` (its traceback, else null), ``duration_s`` and ``log`` (log lines while it ran).
 * ``models_after_unload_all``: the same as ``models``, after ``unload_all_models()``.
+
+Scripts run in the main thread of the ComfyUI process after the prompts (the prompt worker is
+idle then), so they see ComfyUI exactly as its nodes do: ``import comfy.sd``, ``import nodes``,
+``folder_paths`` and the custom nodes' registrations (e.g. a model type an extra pack added). A
+script is a Python file with ``run(ctx) -> dict`` (JSON-able; tensors are summarised); ``ctx`` is a
+:class:`ScriptContext`. It may import anything on ``sys.path`` (ComfyUI's root first); a script
+that needs this repository's packages appends the repository root itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,14 +133,16 @@ def _jsonable(obj):
     return repr(obj)
 
 
-def _prepare_work_dir(work: Path, pack_dir: Path, pack_name: str, models_dir: str | None) -> None:
+def _prepare_work_dir(work: Path, pack_dir: Path, pack_name: str, models_dir: str | None,
+                      extra_packs: list | None = None) -> None:
     """Lay out ``work`` as ComfyUI's ``--base-directory``."""
     for sub in ("custom_nodes", "frontend", "output", "input", "temp", "user"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    link = work / "custom_nodes" / pack_name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(pack_dir, target_is_directory=pack_dir.is_dir())
+    for name, target in [(pack_name, pack_dir)] + [(e["name"], Path(e["path"])) for e in extra_packs or ()]:
+        link = work / "custom_nodes" / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=target.is_dir())
     models = work / "models"
     if models.is_symlink():
         models.unlink()
@@ -174,15 +189,17 @@ class _Comfy:
         self.events: list = []
         self.log = _LogCollector()
         self.pack_log: list[str] | None = None
+        self.import_logs: dict[str, list[str]] = {}
 
     # --- startup -------------------------------------------------------------------------
     def start(self) -> None:
         work = self.work
-        _prepare_work_dir(work, self.pack_dir, self.pack_name, self.spec.get("models_dir"))
+        _prepare_work_dir(work, self.pack_dir, self.pack_name, self.spec.get("models_dir"),
+                          self.spec.get("extra_packs"))
         sys.argv = ["main.py", "--cpu", "--base-directory", str(work),
                     "--front-end-root", str(work / "frontend"),
                     "--database-url", "sqlite:///:memory:",
-                    "--disable-api-nodes", "--dont-print-server"]
+                    "--disable-api-nodes", "--dont-print-server", *self.spec.get("comfy_args", [])]
         logging.getLogger().addHandler(self.log)
         t0 = time.perf_counter()
 
@@ -223,6 +240,7 @@ class _Comfy:
             start = len(harness.log.records)
             ok = await original_load(module_path, *args, **kwargs)
             harness.load_results[module_path] = ok
+            harness.import_logs[os.path.abspath(module_path)] = harness.log.records[start:]
             if is_pack:
                 harness.pack_log = harness.log.records[start:]
             return ok
@@ -403,6 +421,88 @@ class _Comfy:
         return out
 
 
+    def extra_packs_report(self) -> list:
+        out = []
+        for extra in self.spec.get("extra_packs") or ():
+            path = os.path.abspath(self.work / "custom_nodes" / extra["name"])
+            ok = self.load_results.get(str(self.work / "custom_nodes" / extra["name"]))
+            out.append({"name": extra["name"], "path": extra["path"],
+                        "import_failed": None if ok is None else not ok,
+                        "import_log": self.import_logs.get(path, [])})
+        return out
+
+    def run_script(self, item: dict, deadline: float) -> dict:
+        """Import ``item["path"]`` and call its ``run(ScriptContext)``; report result or traceback."""
+        import importlib.util
+
+        entry = {"path": item["path"], "ok": False, "result": None, "error": None}
+        log_start = len(self.log.records)
+        t0 = time.perf_counter()
+        try:
+            name = f"_comfy_harness_script_{len(self.report['scripts'])}"
+            module_spec = importlib.util.spec_from_file_location(name, item["path"])
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            entry["result"] = module.run(ScriptContext(self, item.get("args") or {}, deadline))
+            entry["ok"] = True
+        except BaseException:
+            entry["error"] = traceback.format_exc()
+        entry["duration_s"] = round(time.perf_counter() - t0, 3)
+        entry["log"] = self.log.records[log_start:]
+        return entry
+
+
+class ScriptContext:
+    """What a script's ``run(ctx)`` gets: the booted ComfyUI's folders and a few tools.
+
+    ``args``: the JSON-able dict given with the script. ``work_dir`` (ComfyUI's base directory),
+    ``models_dir`` (``folder_paths.models_dir``), ``comfy_root``: ``Path``. ``report``: the report
+    so far (read only).
+    """
+
+    def __init__(self, comfy: "_Comfy", args: dict, deadline: float):
+        import folder_paths
+
+        self._comfy, self._deadline = comfy, deadline
+        self.args = args
+        self.work_dir = comfy.work
+        self.models_dir = Path(folder_paths.models_dir)
+        self.comfy_root = Path(comfy.spec["comfy_root"])
+        self.report = comfy.report
+
+    def run_prompt(self, prompt: dict) -> dict:
+        """Queue ``prompt`` (API format or ``/prompt`` body) through ``POST /prompt`` and the prompt
+        worker, wait for it; return its entry, shaped as the report's ``prompts`` items."""
+        return self._comfy.run_prompt(-1, prompt, self._deadline)
+
+    def node_outputs(self, node_id: str):
+        """The raw values (tensors, models, ...) node ``node_id`` returned in the last prompt run, as
+        ComfyUI's output cache holds them: a list per output slot; None if it has none (also when no
+        prompt has executed yet)."""
+        if not self._comfy.executors:
+            return None
+        try:
+            entry = self._comfy.executors[-1].caches.outputs.get(str(node_id))
+        except (AssertionError, AttributeError):  # the cache is set up only once a prompt executes
+            return None
+        return None if entry is None else getattr(entry, "outputs", entry)
+
+    @contextlib.contextmanager
+    def capture_log(self, level: int = logging.DEBUG):
+        """Collect log lines (``"LEVEL: message"``) at ``level`` and above while the block runs,
+        e.g. ComfyUI's debug-level ``left over keys`` / ``clip unexpected`` when loading a checkpoint."""
+        collector, root = _LogCollector(), logging.getLogger()
+        collector.setLevel(level)
+        old_level = root.level
+        root.addHandler(collector)
+        root.setLevel(min(old_level, level))  # NOTSET (0) already lets everything through
+        try:
+            yield collector.records
+        finally:
+            root.removeHandler(collector)
+            root.setLevel(old_level)
+
+
 def _is_request_body(item: dict) -> bool:
     """A ``/prompt`` request body rather than a bare API-format prompt."""
     prompt = item.get("prompt")
@@ -418,13 +518,18 @@ def run(spec: dict, report: dict) -> None:
 
     report["comfyui_version"] = comfyui_version.__version__
     report["folders"] = session.folders()
+    extra_paths = {str(session.work / "custom_nodes" / e["name"]) for e in spec.get("extra_packs") or ()}
     report["builtin_import_failed"] = sorted(p for p, ok in session.load_results.items()
-                                             if not ok and p != session.pack_path)
+                                             if not ok and p != session.pack_path and p not in extra_paths)
     report["pack"] = session.pack_report()
+    report["extra_packs"] = session.extra_packs_report()
 
     deadline = time.monotonic() + float(spec.get("timeout") or 600)
     for index, item in enumerate(spec["prompts"]):
         report["prompts"].append(session.run_prompt(index, item, deadline))
+    report["scripts"] = []
+    for item in spec.get("scripts") or ():
+        report["scripts"].append(session.run_script(item, deadline))
 
     mm.unload_all_models()
     report["models_after_unload_all"] = session.loaded_models()

@@ -222,6 +222,14 @@ def _tail(text: str, limit: int = 20000) -> str:
     return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
+def _script_spec(item: Any) -> dict:
+    spec = dict(item) if isinstance(item, Mapping) else {"path": item}
+    path = Path(spec["path"]).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"run_comfy script not found: {path}")
+    return {"path": str(path), "args": spec.get("args") or {}}
+
+
 def run_comfy(
     pack_dir: Path,
     prompts: List[dict],
@@ -231,6 +239,9 @@ def run_comfy(
     *,
     work_dir: Optional[Path] = None,
     pack_name: Optional[str] = None,
+    extra_packs: Optional[List[Path]] = None,
+    scripts: Optional[List[Any]] = None,
+    comfy_args: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     """Load ``pack_dir`` as a custom node pack into a fresh ComfyUI process and run ``prompts``.
 
@@ -246,6 +257,16 @@ def run_comfy(
     becomes the node's ``python_module`` (``custom_nodes.<pack_name>``) in ``object_info``.
     ``extra_env``: added to the subprocess environment (``PYTHONPATH`` holds only the torchvision
     stub unless overridden here). ``timeout``: seconds for the whole subprocess.
+
+    ``extra_packs``: more custom node folders (or single ``.py`` files), symlinked into
+    ``custom_nodes/`` under their own names beside the pack, e.g. a test-only module that registers
+    a tiny model type (``tests/comfy_tiny_sd2``); reported under ``extra_packs``.
+    ``scripts``: Python files run inside the booted ComfyUI process after the prompts, in order;
+    each item is a path or ``{"path": ..., "args": {...}}`` (JSON-able args). Each file defines
+    ``run(ctx) -> dict``; ``ctx`` gives ComfyUI's folders, ``args``, ``run_prompt``,
+    ``node_outputs`` and ``capture_log`` (see ``ScriptContext`` in ``_comfy_runner.py``). Results
+    are reported under ``scripts``; a script that raises is reported there, not raised.
+    ``comfy_args``: extra ComfyUI command-line flags, e.g. ``["--fp32-text-enc"]``.
 
     Returns the runner's JSON report (see ``_comfy_runner.py``) plus ``returncode``,
     ``stdout_tail`` and ``stderr_tail``. Raises ``RuntimeError`` when the harness itself failed
@@ -270,6 +291,9 @@ def run_comfy(
             "work_dir": str(work.resolve()),
             "prompts": prompts,
             "timeout": timeout,
+            "extra_packs": [{"path": str(Path(p).resolve()), "name": Path(p).name} for p in extra_packs or ()],
+            "scripts": [_script_spec(s) for s in scripts or ()],
+            "comfy_args": list(comfy_args or ()),
         }
         spec_path = work / "harness-spec.json"
         report_path = work / "harness-report.json"

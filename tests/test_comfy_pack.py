@@ -35,6 +35,8 @@ NODES = {
 ADVANCED = {("IconMattingLoad", "dtype"), ("IconMattingEncodeReference", "resize_mode"), ("IconMattingEncodeReference", "seed"),
             ("IconMattingMatchTargets", "resize_mode"), ("IconMattingMatchTargets", "chunk_size"),
             ("IconMattingDecodeAlpha", "chunk_size")}
+BATCH = "Matte a folder of photos (IconMatting).json"
+COMPOSITE = "Cut out and composite (IconMatting).json"
 TARGET_SIZES = [(100, 72), (60, 50)]  # (W, H): a set of photos of different sizes
 
 
@@ -91,8 +93,8 @@ def comfy_run(tmp_path_factory):
     work = base / "work"
     write_inputs(work / "input")
 
-    batch = load_api("iconmatting_batch.json")
-    composite = load_api("iconmatting_composite.json")
+    batch = load_api(BATCH)
+    composite = load_api(COMPOSITE)
     bad_mask = copy.deepcopy(composite)
     bad_mask[node_id(composite, "IconMattingEncodeReference")]["inputs"]["image"] = ["5", 0]  # target (100x72), reference's mask (128x96)
     missing = copy.deepcopy(batch)
@@ -150,10 +152,10 @@ def test_batch_workflow_mattes_photos_of_different_sizes_on_the_host_sd2(comfy_r
     alphas = sorted(f["image_size"] for n, f in files.items() if n.startswith("alpha"))
     assert cutouts == sorted(([w, h], "RGBA") for w, h in TARGET_SIZES)  # each at its own photo's size
     assert alphas == sorted([w, h] for w, h in TARGET_SIZES)
-    match_node = node_id(load_api("iconmatting_batch.json"), "IconMattingMatchTargets")
+    match_node = node_id(load_api(BATCH), "IconMattingMatchTargets")
     progress = [d for e, d in run["execution"]["events"] if e == "progress" and d.get("node") == match_node]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == len(TARGET_SIZES)
-    assert "CheckpointLoaderSimple" in json.dumps(load_api("iconmatting_batch.json"))
+    assert "CheckpointLoaderSimple" in json.dumps(load_api(BATCH))
 
 
 def test_models_are_managed_by_comfyui(comfy_run):
@@ -192,6 +194,13 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
 
 
+def test_the_head_runs_with_weights_cast_per_layer_as_in_partial_loading(comfy_run):
+    """--lowvram/--novram leave weights offloaded and cast them per call (comfy.ops): every head layer can."""
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out["head_cast_layers"] == out["head_layers"] > 0
+    assert out["alpha_cast_mode"] == 0.0
+
+
 def test_missing_weights_say_what_to_download_once(comfy_run):
     result, _, _ = comfy_run
     run = result["prompts"][3]
@@ -210,6 +219,16 @@ def test_without_any_model_the_loader_offers_the_released_name_and_says_where_to
     out = script["result"]
     assert out["options"] == ["icm.ckpt"] and out["default"] == "icm.ckpt"
     assert out["validation"].startswith("IconMatting weights 'icm.ckpt' are not in") and "Download icm.ckpt" in out["validation"]
+
+
+def test_every_node_has_a_help_page_served_from_the_web_directory(comfy_run):
+    result, _, _ = comfy_run
+    web = result["scripts"][1]["result"]["web_dirs"]
+    assert len(web) == 1
+    docs = Path(next(iter(web.values()))) / "docs"
+    for name in NODES:
+        page = docs / f"{name}.md"
+        assert page.is_file() and page.read_text().startswith("# IconMatting"), name
 
 
 def test_mismatched_mask_is_a_node_error_not_a_crash(comfy_run):
@@ -263,7 +282,7 @@ def _widget_names(info):
     return names
 
 
-@pytest.mark.parametrize("name", ["iconmatting_batch.json", "iconmatting_composite.json"])
+@pytest.mark.parametrize("name", [BATCH, COMPOSITE])
 def test_ui_workflow_is_the_twin_of_the_api_workflow(comfy_run, name):
     """The drag-and-drop file describes exactly the graph that was executed above."""
     result, _, _ = comfy_run
@@ -287,7 +306,7 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow(comfy_run, name):
                 assert values[key] == value, (nid, key)
 
 
-@pytest.mark.parametrize("name", ["iconmatting_batch.json", "iconmatting_composite.json"])
+@pytest.mark.parametrize("name", [BATCH, COMPOSITE])
 def test_workflows_declare_sd21_with_its_download_url(name):
     ui = json.loads((WORKFLOWS / name).read_text())
     declared = ui.get("models", [])

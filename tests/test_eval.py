@@ -128,7 +128,7 @@ def test_evaluate_zero_predictor_sad_is_alpha_sum(tmp_path):
         gt = gt_of(data, r.name)
         assert gt.shape == SIZES[r.name]  # metrics at the original resolution
         assert r.sad == pytest.approx(gt.sum() / 1000)
-        assert r.mse == pytest.approx((gt ** 2).mean() * 1000)
+        assert r.mse == pytest.approx((gt ** 2).mean())  # the paper's unit: no scaling
         assert r.grad == pytest.approx(M.gradient_error(np.zeros_like(gt), gt))
         assert r.conn == pytest.approx(M.connectivity_error(np.zeros_like(gt), gt))
     assert res.mean()["sad"] == pytest.approx(np.mean([gt_of(data, n).sum() / 1000 for n in SIZES]))
@@ -191,22 +191,25 @@ def fake_factory(args):
     return lambda ref_image, ref_mask, targets: [np.zeros(t.shape[:2], np.float32) for t in targets]
 
 
+def table_row(lines, first):
+    return next(line for line in lines if line.split() and line.split()[0] == first).split()
+
+
 def test_main_prints_table(tmp_path, capsys):
     data = make_dataset(tmp_path)
     assert E.main(["--data", str(data), "--per-group", "--predictor", "test_eval:fake_factory"]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert lines[0] == "ICM-57: 3 groups, 6 target images, region: whole image"
-    header = next(line for line in lines if line.startswith("Group"))
-    assert header.split() == ["Group", "Images", "SAD", "MSE", "Grad", "Conn"]
-    dog = next(line for line in lines if line.startswith("dog-None-half")).split()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ICM-57: 3 groups, 6 target images"
+    header = next(line for line in lines if line.startswith("Protocol"))
+    assert header.split() == ["Protocol", "Refs", "Region", "Images", "MSE", "SAD", "Grad", "Conn"]  # the paper's order
+    overall = table_row(lines, "project")
+    assert overall[1:4] == ["1", "all", "6"]
+    mse = np.mean([(gt_of(data, n) ** 2).mean() for n in SIZES])
+    assert overall[4] == f"{mse:.4f}"
+    assert overall[5] == f"{np.mean([gt_of(data, n).sum() / 1000 for n in SIZES]):.2f}"
+    dog = table_row(lines, "dog-None-half")
     want = np.mean([gt_of(data, n).sum() / 1000 for n in ("dog_a", "dog_b", "dog_c")])
-    assert dog[1] == "3" and dog[2] == f"{want:.2f}"
-    overall = next(line for line in lines if line.startswith("Overall")).split()
-    assert overall[1] == "6"
-    assert overall[2] == f"{np.mean([gt_of(data, n).sum() / 1000 for n in SIZES]):.2f}"
-    mse = np.mean([(gt_of(data, n) ** 2).mean() * 1000 for n in SIZES])
-    assert overall[3] == f"{mse:.2f}"
+    assert dog[3] == "3" and dog[5] == f"{want:.2f}"
 
 
 def test_main_overall_only_with_predict_fn_hook(tmp_path, capsys):
@@ -215,7 +218,7 @@ def test_main_overall_only_with_predict_fn_hook(tmp_path, capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert not any(line.startswith("dog-") for line in lines)
-    assert next(line for line in lines if line.startswith("Overall")).split()[1:] == ["6", "0.00", "0.00", "0.00", "0.00"]
+    assert table_row(lines, "project")[1:] == ["1", "all", "6", "0.0000", "0.00", "0.00", "0.00"]
     assert "reference dog_a -> dog_b, dog_c" in captured.err  # progress goes to stderr
 
 
@@ -291,7 +294,184 @@ def test_main_with_the_tiny_model(tmp_path, tiny_dir, capsys):
     argv = ["--data", str(data), "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(tiny_dir / "sd"),
             "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--out", str(out)]
     assert E.main(argv) == 0
-    overall = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Overall")).split()
-    assert overall[1] == "2" and all(np.isfinite(float(v)) for v in overall[2:])
+    overall = table_row(capsys.readouterr().out.splitlines(), "project")
+    assert overall[1:4] == ["1", "all", "2"] and all(np.isfinite(float(v)) for v in overall[4:])
     for name in ("cup_1", "cup_2"):
         assert np.asarray(Image.open(out / f"{name}.png")).shape == SIZES[name]
+
+
+# ----------------------------------------------------------------- reference protocol
+
+
+def test_centre_crop_box():
+    assert E.centre_crop_box(100, 60) == (20, 80, 0, 60)  # tall: rows cut, margin (100 - 60) // 2
+    assert E.centre_crop_box(60, 100) == (0, 60, 20, 80)
+    assert E.centre_crop_box(61, 100) == (0, 61, 19, 80)  # odd difference: the extra pixel goes at the end
+    assert E.centre_crop_box(50, 50) == (0, 50, 0, 50)
+
+
+def test_crop_resize_takes_the_centre_square():
+    img = np.zeros((40, 64, 3), np.float32)
+    img[:, 12:52] = 1.0  # exactly the centre square
+    out = E.crop_resize(img, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32 and np.allclose(out, 1.0)
+    matte = np.zeros((64, 40), np.float32)
+    matte[12:52] = np.linspace(0, 1, 40, dtype=np.float32)[:, None]
+    m = E.crop_resize(matte, 40)
+    assert m.shape == (40, 40) and np.allclose(m, matte[12:52])  # same size: the crop, untouched
+
+
+def test_draw_references_rules_and_determinism():
+    group = ["d", "a", "c", "b", "e"]
+    for seed in range(20):
+        for target in group:
+            refs = E.draw_references(group, target, 1, seed)
+            assert len(refs) == 1 and refs[0] != target and refs[0] in group
+            assert E.draw_references(list(reversed(group)), target, 1, seed) == refs  # order-independent
+            three = E.draw_references(group, target, 3, seed)
+            assert len(set(three)) == 3 and target not in three
+    assert len(E.draw_references(group, "a", 9, 0)) == 4  # capped at the candidates
+    drawn = {E.draw_references(group, "a", 1, seed) for seed in range(20)}
+    assert len(drawn) > 1  # the seed matters
+    pair = {E.draw_references(["x", "y"], "x", 1, seed)[0] for seed in range(30)}
+    assert pair == {"x", "y"}  # groups of two: the target itself may be drawn, as in the reference
+    assert E.draw_references(["solo"], "solo") == ("solo",)
+    with pytest.raises(ValueError, match="not in its group"):
+        E.draw_references(["a", "b"], "z")
+
+
+def test_reference_jobs_cover_every_target_once():
+    groups = {"g1": ["a", "b", "c", "d"], "g2": ["x", "y"], "g3": ["s"]}
+    for k in (1, 2):
+        jobs = E.reference_jobs(groups, k, seed=3)
+        targets = [t for _, _, ts in jobs for t in ts]
+        assert sorted(targets) == sorted(n for names in groups.values() for n in names)
+        for group, refs, ts in jobs:
+            for t in ts:
+                assert refs == E.draw_references(groups[group], t, k, 3)
+    assert E.reference_jobs(groups, 1, 3) == E.reference_jobs(groups, 1, 3)
+
+
+class SquareRecorder:
+    """Fake predictor for the reference protocol: checks what the model gets, returns a square
+    left-to-right ramp (so the stretch back over the original frame is visible in the metrics)."""
+
+    image_size = 32
+
+    def __init__(self, data):
+        self.data, self.calls = data, []
+
+    def __call__(self, ref_images, ref_masks, targets):
+        if not isinstance(ref_images, list):
+            ref_images, ref_masks = [ref_images], [ref_masks]
+        refs = []
+        for img, mask in zip(ref_images, ref_masks):
+            assert img.shape == (32, 32, 3) and mask.shape == (32, 32)
+            name = self._identify(img)
+            np.testing.assert_allclose(mask, E.crop_resize(gt_of(self.data, name).astype(np.float32), 32), atol=1e-6)
+            refs.append(name)
+        names = [self._identify(t) for t in targets]
+        self.calls.append((tuple(refs), names))
+        return [ramp() for _ in targets]
+
+    def _identify(self, img):
+        for name in SIZES:
+            full = np.asarray(Image.open(self.data / "image" / f"{name}.jpg"), dtype=np.float32) / 255.0
+            if np.array_equal(E.crop_resize(full, 32), img):
+                return name
+        raise AssertionError("predict_fn got an image that is not a crop-resized data set image")
+
+
+def ramp():
+    return np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+
+
+def test_reference_protocol_steps(tmp_path):
+    data = make_dataset(tmp_path, with_trimap=True)
+    ds = E.load_dataset(data, require_trimap=True)
+    fake = SquareRecorder(data)
+    runs = E.run_protocol(ds, fake, "reference", ["unknown", "all"], seed=5, image_size=32, quantize="none")
+    assert [(r.protocol, r.references, r.region) for r in runs] == [("reference", 1, "unknown"), ("reference", 1, "all")]
+    groups = {g: [s.name for s in m] for g, m in ds.groups.items()}
+    seen = {t: refs for refs, ts in fake.calls for t in ts}
+    assert sorted(seen) == sorted(SIZES)
+    for g, names in groups.items():
+        for t in names:
+            assert seen[t] == E.draw_references(names, t, 1, 5)
+            if len(names) > 2:
+                assert t not in seen[t]
+    unknown, whole = ({r.name: r for r in run.images} for run in runs)
+    for name, (h, w) in SIZES.items():
+        gt = gt_of(data, name)
+        back = E._resize_alpha(ramp(), (h, w))  # the square stretched over the whole frame
+        assert back.shape == (h, w) and back[:, 0].max() < 0.05 and back[:, -1].min() > 0.95
+        tri = np.asarray(Image.open(data / "trimap" / f"{name}.png"))
+        band = (tri >= 85) & (tri < 170)
+        assert whole[name].sad == pytest.approx(np.abs(back - gt).sum() / 1000, rel=1e-5)
+        assert unknown[name].sad == pytest.approx(np.abs(back - gt)[band].sum() / 1000, rel=1e-5)
+        assert unknown[name].mse == pytest.approx(((back - gt) ** 2)[band].mean(), rel=1e-5)  # unscaled
+    # seeded: the same run again gives the same numbers
+    again = E.run_protocol(ds, SquareRecorder(data), "reference", ["unknown"], seed=5, image_size=32, quantize="none")
+    assert [r.metrics() for r in again[0].images] == [r.metrics() for r in runs[0].images]
+
+
+def test_reference_protocol_several_references_and_floor(tmp_path):
+    data = make_dataset(tmp_path, with_trimap=True)
+    ds = E.load_dataset(data)
+    fake = SquareRecorder(data)
+    run = E.run_protocol(ds, fake, "reference", ["all"], references=2, image_size=32, quantize="floor")[0]
+    by_target = {t: refs for refs, ts in fake.calls for t in ts}
+    assert len(by_target["dog_a"]) == 2 and "dog_a" not in by_target["dog_a"]
+    assert len(by_target["lamp"]) == 1  # a group of one has one candidate
+    r = next(r for r in run.images if r.name == "cup_1")
+    back = np.floor(E._resize_alpha(ramp(), SIZES["cup_1"]) * 255) / 255
+    assert r.sad == pytest.approx(np.abs(back - gt_of(data, "cup_1")).sum() / 1000, rel=1e-5)
+    assert r.reference == "+".join(by_target["cup_1"])
+    with pytest.raises(ValueError, match="project protocol uses one reference"):
+        E.run_protocol(ds, fake, "project", ["all"], references=2)
+
+
+def square_factory(args):
+    """--predictor test_eval:square_factory -> ramps of the predictor's image size."""
+    def predict(ref_images, ref_masks, targets):
+        return [ramp() for _ in targets]
+
+    predict.image_size = 32
+    return predict
+
+
+def test_main_rows_per_protocol_references_and_region(tmp_path, capsys):
+    data = make_dataset(tmp_path, with_trimap=True)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--predictor", "test_eval:square_factory", "--protocol", "project", "reference",
+            "--references", "1", "3", "--region", "unknown", "all", "--out", str(out)]
+    assert E.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[:3] for line in lines if line.split() and line.split()[0] in ("project", "reference")]
+    assert rows == [["project", "1", "unknown"], ["project", "1", "all"], ["reference", "1", "unknown"],
+                    ["reference", "1", "all"], ["reference", "3", "unknown"], ["reference", "3", "all"]]
+    assert sorted(p.name for p in out.iterdir()) == ["project-k1", "reference-k1", "reference-k3"]
+    with open(out / "reference-k3" / "metrics.csv") as f:
+        assert {row["region"] for row in csv.DictReader(f)} == {"unknown", "all"}
+    # defaults: the reference protocol scores the unknown region
+    E.main(["--data", str(data), "--predictor", "test_eval:square_factory", "--protocol", "reference"])
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("reference")]
+    assert rows == [["reference", "1", "unknown"]]
+
+
+def test_reference_protocol_with_the_tiny_model(tmp_path, tiny_dir, capsys):
+    """End to end: crop to the model's 128 px, one or two drawn references encoded into one context."""
+    data = make_dataset(tmp_path, with_trimap=True, radius=0.45)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(tiny_dir / "sd"),
+            "--device", "cpu", "--protocol", "reference", "--references", "1", "2", "--region", "unknown", "all",
+            "--limit", "1", "--out", str(out)]
+    assert E.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith("reference")]
+    assert [r[:4] for r in rows] == [["reference", "1", "unknown", "2"], ["reference", "1", "all", "2"],
+                                     ["reference", "2", "unknown", "2"], ["reference", "2", "all", "2"]]
+    assert all(np.isfinite(float(v)) for r in rows for v in r[4:])
+    for k in (1, 2):
+        for name in ("cup_1", "cup_2"):
+            assert np.asarray(Image.open(out / f"reference-k{k}" / f"{name}.png")).shape == SIZES[name]

@@ -95,6 +95,20 @@ def run(ctx):
     out["alpha"] = max(_diff(a, b) for a, b in zip(results["native"][2], results["reference"][2]))
     out["alpha_shapes"] = [list(a.shape) for a in results["native"][2]]
 
+    # what ComfyUI does to a model it can only partly load (--lowvram/--novram): weights stay offloaded
+    # and every layer casts them per call; the head must give the same alpha that way
+    cast = [m for m in native.model.head.modules() if hasattr(m, "comfy_cast_weights")]
+    for m in cast:
+        m.comfy_cast_weights = True
+    try:
+        alpha_cast = native_pipe.decode(results["native"][1])
+    finally:
+        for m in cast:
+            m.comfy_cast_weights = False
+    out["head_cast_layers"] = len(cast)
+    out["head_layers"] = sum(1 for m in native.model.head.modules() if list(m.parameters(recurse=False)))
+    out["alpha_cast_mode"] = max(_diff(a, b) for a, b in zip(alpha_cast, results["native"][2]))
+
     after = user_forward()
     out["user_model_bit_equal"] = bool(torch.equal(before, after))
     out["user_model_options_unchanged"] = repr(model.model_options) == options_before

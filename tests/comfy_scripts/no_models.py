@@ -1,7 +1,8 @@
 """Runs inside a booted ComfyUI: what a new user without any IconMatting weights sees on Load IconMatting.
 
 args: ``empty`` (a folder to use as the only models/iconmatting folder). Returns the matting_model
-combo's options and default, and the validation message for that default.
+combo's options and default, the validation message for that default, and the pack's web folder as
+ComfyUI registered it (node help pages under docs/).
 """
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ def run(ctx):
         schema = nodes_mod.IconMattingLoad.define_schema()
         combo = next(i for i in schema.inputs if i.id == "matting_model")
         message = nodes_mod.IconMattingLoad.validate_inputs(matting_model=combo.default)
-        return {"options": list(combo.options), "default": combo.default, "validation": message}
+        import nodes
+
+        web = {name: path for name, path in nodes.EXTENSION_WEB_DIRS.items() if "iconmatting" in name}
+        return {"options": list(combo.options), "default": combo.default, "validation": message, "web_dirs": web}
     finally:
         folder_paths.folder_names_and_paths["iconmatting"] = saved
         if hasattr(folder_paths, "filename_list_cache"):

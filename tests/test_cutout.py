@@ -1,0 +1,108 @@
+"""Strip-wise blur-fusion equals the whole-image float64 implementation it replaced."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iconmatting_core import postprocess as post
+from iconmatting_core.preprocess import Placement, restore_alpha
+
+
+# --- the previous implementation (whole image, float64, integral images), kept as the oracle ------
+
+def old_box_blur(x, radius):
+    b, c, h, w = x.shape
+    pad = F.pad(x, (1, 0, 1, 0))
+    integral = pad.cumsum(-1).cumsum(-2)
+    ys = torch.arange(h, device=x.device)
+    xs = torch.arange(w, device=x.device)
+    y0, y1 = (ys - radius).clamp(0, h), (ys + radius + 1).clamp(0, h)
+    x0, x1 = (xs - radius).clamp(0, w), (xs + radius + 1).clamp(0, w)
+    rows_hi, rows_lo = integral[:, :, y1], integral[:, :, y0]
+    s = rows_hi[..., x1] - rows_hi[..., x0] - rows_lo[..., x1] + rows_lo[..., x0]
+    area = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).to(x.dtype)
+    return s / area
+
+
+def old_pass(image, fg, bg, alpha, radius):
+    blurred_alpha = old_box_blur(alpha, radius)
+    blurred_fg = old_box_blur(fg * alpha, radius) / (blurred_alpha + 1e-5)
+    blurred_bg = old_box_blur(bg * (1 - alpha), radius) / ((1 - blurred_alpha) + 1e-5)
+    fg = blurred_fg + alpha * (image - alpha * blurred_fg - (1 - alpha) * blurred_bg)
+    return fg.clamp(0, 1), blurred_bg
+
+
+def old_estimate_foreground(image, alpha, kernel_sizes=(90, 6)):
+    img = image.permute(0, 3, 1, 2).double()
+    a = alpha[:, None].double()
+    fg, bg = img, img
+    for k in kernel_sizes:
+        fg, bg = old_pass(img, fg, bg, a, k // 2)
+    return fg.permute(0, 2, 3, 1).to(image.dtype)
+
+
+def synthetic(h, w, seed, band=6.0):
+    """Image + matte with opaque, transparent and soft (edge and speckle) pixels."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(h, w, 3, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    d = torch.hypot(yy - 0.45 * h, xx - 0.55 * w) - 0.3 * min(h, w)
+    alpha = (0.5 - d / band).clamp(0, 1)
+    speckle = torch.rand(h, w, generator=g) < 0.01
+    alpha[speckle] = torch.rand(int(speckle.sum()), generator=g)
+    return image, alpha
+
+
+@pytest.mark.parametrize("hw", [(300, 420), (97, 61), (260, 130)])
+def test_matches_the_old_implementation(hw):
+    image, alpha = synthetic(*hw, seed=hw[0])
+    want = old_estimate_foreground(image[None], alpha[None])[0]
+    got = post.estimate_foreground(image[None], alpha[None])[0]
+    seen = alpha > 0
+    assert (alpha == 0).any() and (alpha == 1).any() and ((alpha > 0) & (alpha < 1)).sum() > 100
+    assert (got[seen] - want[seen]).abs().max() < 1e-4  # measured ~1e-7: float64 in both
+    assert torch.equal(got[alpha == 0], image[alpha == 0])  # invisible: the image colour is kept
+    assert torch.equal(got[alpha == 1], image[alpha == 1])
+
+
+def test_strips_and_batches_and_other_kernels(monkeypatch):
+    image, alpha = synthetic(150, 90, seed=1, band=30.0)
+    images = torch.stack([image, image.flip(0)])
+    alphas = torch.stack([alpha, alpha.flip(1)])
+    want = old_estimate_foreground(images, alphas, kernel_sizes=(20, 4, 2))
+    monkeypatch.setattr(post, "STRIP_ROWS", 7)  # many strips, halos crossing several of them
+    got = post.estimate_foreground(images, alphas, kernel_sizes=(20, 4, 2))
+    seen = alphas > 0
+    assert (got[seen] - want[seen]).abs().max() < 1e-4
+
+
+def test_fully_opaque_or_empty_mattes_cost_nothing(monkeypatch):
+    image = torch.rand(1, 64, 64, 3)
+    calls = []
+    monkeypatch.setattr(post, "_blur_fusion_region", lambda *a: calls.append(a))
+    for alpha in (torch.zeros(1, 64, 64), torch.ones(1, 64, 64)):
+        assert torch.equal(post.estimate_foreground(image, alpha), image)
+    assert calls == []
+
+
+def test_box_blur_matches_the_integral_image_version():
+    x = torch.rand(2, 3, 40, 23, dtype=torch.float64)
+    for r in (0, 1, 5, 45):
+        assert torch.allclose(post.box_blur(x, r), old_box_blur(x, r), atol=1e-12)
+
+
+def test_rgba_cutout_fills_one_buffer():
+    image, alpha = synthetic(80, 100, seed=3)
+    rgba = post.rgba_cutout(image[None], alpha[None])
+    assert rgba.shape == (1, 80, 100, 4) and torch.equal(rgba[0, ..., 3], alpha)
+    assert torch.equal(rgba[0, ..., :3], post.estimate_foreground(image[None], alpha[None])[0])
+    plain = post.rgba_cutout(image[None], alpha[None], estimate_colors=False)
+    assert torch.equal(plain[0, ..., :3], image)
+
+
+def test_restore_alpha_never_writes_into_its_input():
+    alpha = torch.full((1, 64, 64), 0.5)
+    alpha[0, 0, 0] = 1.5  # out of range: clamped in the result only
+    same = restore_alpha(alpha, Placement(64, 64, 64, 64))
+    assert same[0, 0] == 1 and alpha[0, 0, 0] == 1.5
+    big = restore_alpha(alpha, Placement(300, 200, 64, 64))
+    assert big.shape == (300, 200) and float(big.max()) <= 1
