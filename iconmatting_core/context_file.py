@@ -1,0 +1,190 @@
+"""Reference contexts as files: encode a reference once, matte with it anywhere later.
+
+A context file is a ``.safetensors`` file: the tensor fields of :class:`ReferenceContext`
+(``tokens`` [N, C] float32, stored exactly, so a context loaded from file gives the same alphas as
+one recomputed, bit for bit) and, in the header's JSON metadata (key ``iconmatting_context``), the
+other fields, a format version, the fingerprint of the model that made it and any extra metadata
+of the caller (the command line stores the resize mode and the weight files' names).
+
+The dataclass is serialised generically (``dataclasses.fields``: tensors to safetensors, the rest
+to JSON), so a field added to ReferenceContext is saved and loaded without touching this module.
+
+The fingerprint (:func:`model_fingerprint`) identifies the weights: sha256 over the matting
+head's state dict and the feature extractor's ``fingerprint_tensors()`` (SD UNet and VAE input
+convolutions), all rounded to float16 under sorted names: the same weights give the same
+fingerprint whichever host loaded them and in whichever precision (fp32, fp16 or bf16 runs of one
+checkpoint share contexts). A context only fits the weights that made it; loading it with others
+raises ContextFileError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from .context import ReferenceContext
+
+FORMAT_VERSION = 1
+METADATA_KEY = "iconmatting_context"
+
+
+class ContextFileError(ValueError):
+    """A context file that cannot be used here; the message names the file and what to do."""
+
+
+def _hash_tensors(digest, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).to(torch.float16).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}\n".encode())
+        digest.update(t.numpy().tobytes())
+
+
+def model_fingerprint(head: torch.nn.Module, extractor) -> str:
+    """Hex sha256 identifying the IconMatting head and SD weights.
+
+    head: the matting head (its whole ``state_dict``); extractor: anything with
+    ``fingerprint_tensors() -> {"unet.conv_in.weight", "vae.encoder.conv_in.weight"}``
+    (SDFeatureExtractor, or a host's own extractor returning the same tensors).
+    """
+    digest = hashlib.sha256()
+    _hash_tensors(digest, {f"head.{k}": v for k, v in head.state_dict().items() if v.dtype.is_floating_point})
+    _hash_tensors(digest, {f"sd.{k}": v for k, v in extractor.fingerprint_tensors().items()})
+    return digest.hexdigest()
+
+
+def _to_json(value: Any, what: str):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, what) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, what) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"ReferenceContext field {what!r} holds a {type(value).__name__}, which a context file cannot store")
+
+
+def _from_json(value: Any, hint):
+    """JSON value -> the field's declared type (dataclasses, tuples, nested)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint.from_dict(value) if hasattr(hint, "from_dict") else hint(**value)
+    if origin is tuple and isinstance(value, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(v, args[0]) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_from_json(v, a) for v, a in zip(value, args))
+        return tuple(value)
+    return value
+
+
+def save_context(path, context: ReferenceContext, fingerprint: str, extra_metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``context`` to ``path`` (.safetensors) with the model ``fingerprint``; returns the path.
+
+    extra_metadata: JSON-serialisable values kept beside the context (e.g. ``{"resize_mode": "pad"}``),
+    read back with :func:`read_context_metadata`.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(context, ReferenceContext):
+        raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
+    tensors: Dict[str, torch.Tensor] = {}
+    fields: Dict[str, Any] = {}
+    for f in dataclasses.fields(context):
+        value = getattr(context, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[f.name] = value.detach().cpu().contiguous()
+        else:
+            fields[f.name] = _to_json(value, f.name)
+    header = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "fields": fields,
+        "tensor_dtypes": {k: str(v.dtype) for k, v in tensors.items()},
+        "extra": _to_json(dict(extra_metadata or {}), "extra_metadata"),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # like any file the user writes (safetensors creates 0600)
+    return path
+
+
+def _read_header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ContextFileError(f"context file not found: {path}. Make one with `python -m iconmatting_core encode ... --out {path}`.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ContextFileError(f"cannot read context file {path}: {type(exc).__name__}: {exc}. Is it a context file written by `encode`?") from exc
+    if METADATA_KEY not in meta:
+        raise ContextFileError(f"{path} is not an IconMatting context file (no {METADATA_KEY!r} metadata); make one with `encode`.")
+    header = json.loads(meta[METADATA_KEY])
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ContextFileError(
+            f"{path} has context format version {version}; this version of iconmatting_core reads up to "
+            f"{FORMAT_VERSION}. Update the pack, or encode the reference again."
+        )
+    return header
+
+
+def read_context_metadata(path) -> dict:
+    """The file's header without its tensors: ``format_version``, ``fingerprint``, ``fields`` (the
+    non-tensor ReferenceContext fields as JSON) and ``extra`` (the caller's extra_metadata)."""
+    return _read_header(Path(path))
+
+
+def load_context(path, expected_fingerprint: Optional[str] = None) -> ReferenceContext:
+    """Read a context file. With ``expected_fingerprint`` (the loaded model's, e.g.
+    ``IconMattingPipeline.fingerprint``), a context made with other weights raises ContextFileError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    made_with = header.get("fingerprint")
+    if expected_fingerprint is not None and made_with != expected_fingerprint:
+        extra = header.get("extra") or {}
+        files = ", ".join(f"{k} {extra[k]}" for k in ("matting_weights", "sd") if extra.get(k))
+        raise ContextFileError(
+            f"{path} was encoded with other model weights (fingerprint {str(made_with)[:16]}"
+            + (f": {files}" if files else "")
+            + f") than the ones loaded now (fingerprint {expected_fingerprint[:16]}). Load the IconMatting and "
+            "Stable Diffusion 2.1 weights it was made with, or encode the reference "
+            "again with these weights."
+        )
+    hints = typing.get_type_hints(ReferenceContext)
+    known = {f.name: f for f in dataclasses.fields(ReferenceContext)}
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    values: Dict[str, Any] = {}
+    stored = list(tensors) + list(header.get("fields", {}))
+    unknown = [name for name in stored if name not in known]
+    if unknown:
+        raise ContextFileError(
+            f"{path} holds context fields this version does not know ({', '.join(unknown)}); update the pack or encode again."
+        )
+    for name, value in header.get("fields", {}).items():
+        values[name] = _from_json(value, hints[name])
+    values.update(tensors)
+    missing = [n for n, f in known.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ContextFileError(f"{path} lacks the context fields {', '.join(missing)}; encode the reference again.")
+    return ReferenceContext(**values)

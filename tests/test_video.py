@@ -1,0 +1,114 @@
+"""Videos on the command line: streamed frames in, alpha video / RGBA video / PNG sequence out."""
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_reference
+from iconmatting_core.__main__ import main
+from iconmatting_core.video import output_paths, read_rgba_frames
+
+av = pytest.importorskip("av")
+
+FPS, FRAMES, W, H = Fraction(12), 6, 64, 48
+
+
+def write_clip(path, frames=FRAMES, width=W, height=H, fps=FPS):
+    """A small H.264 clip of moving noise."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray((rng.random((height, width, 3)) * 255).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _reference(tmp_path):
+    image, mask = make_reference()
+    Image.fromarray((image.numpy() * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    return ["--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png")]
+
+
+def _decode(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="gray") for f in container.decode(stream)]
+        return Fraction(stream.average_rate), frames
+
+
+def test_matte_video_writes_alpha_video_rgba_video_and_png_sequence(pipe, tmp_path, capsys):
+    clip = write_clip(tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    args = ["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out), "--video-out", "alpha,rgba,png",
+            "--chunk-size", "4"]
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    assert "1 matted, 0 failed" in capsys.readouterr().err
+    paths = output_paths(out, clip, ["alpha", "rgba", "png"])
+
+    fps, alphas = _decode(paths["alpha"])
+    assert fps == FPS and len(alphas) == FRAMES and alphas[0].shape == (H, W)
+    fps, rgbas = read_rgba_frames(paths["rgba"])
+    assert fps == FPS and len(rgbas) == FRAMES and rgbas[0].shape == (H, W, 4)
+    pngs = sorted(paths["png"].iterdir())
+    assert [p.name for p in pngs] == [f"clip_{i:06d}.png" for i in range(FRAMES)]
+    for png, alpha, rgba in zip(pngs, alphas, rgbas):
+        with Image.open(png) as im:
+            assert im.mode == "RGBA" and im.size == (W, H)
+            exact = np.asarray(im)[..., 3].astype(int)
+        assert exact.std() > 1  # a real matte, not a constant
+        # both videos carry that matte (up to lossy compression)
+        assert np.abs(alpha.astype(int) - exact).mean() < 6
+        assert np.abs(rgba[..., 3].astype(int) - exact).mean() < 6
+    assert not list(out.glob("*.partial*"))
+
+    stamp = paths["alpha"].stat().st_mtime_ns  # resume: a done clip is skipped
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    assert "skipping 1 target(s)" in capsys.readouterr().err and paths["alpha"].stat().st_mtime_ns == stamp
+
+
+def test_odd_sized_clip_and_default_outputs(pipe, tmp_path):
+    clip = tmp_path / "odd.webm"
+    with av.open(str(clip), "w") as container:  # VP9 takes odd sizes; H.264 output is padded to even
+        stream = container.add_stream("libvpx-vp9", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 33, 21, "yuv420p"
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((21, 33, 3), 90, np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = tmp_path / "out"
+    assert main(["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out)], pipe_factory=lambda: pipe) == 0
+    paths = output_paths(out, clip, ["alpha", "rgba"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values())
+    assert _decode(paths["alpha"])[1][0].shape == (22, 34)
+    fps, rgbas = read_rgba_frames(paths["rgba"])
+    assert fps == 10 and len(rgbas) == 2 and rgbas[0].shape == (21, 33, 4)
+
+
+def test_broken_video_is_a_recorded_failure_without_partial_outputs(pipe, tmp_path, capsys):
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    write_clip(targets / "good.mp4", frames=2)
+    (targets / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    out = tmp_path / "out"
+    assert main(["matte", *_reference(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 1
+    err = capsys.readouterr().err
+    assert "broken.mp4: FAILED" in err and "1 matted, 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good_alpha.mp4", "good_rgba.webm"]
+
+
+def test_core_imports_without_ray_or_av():
+    code = ("import sys; sys.modules['ray'] = None; sys.modules['av'] = None; "
+            "import iconmatting_core, iconmatting_core.__main__, iconmatting_core.ray_engine, iconmatting_core.video, "
+            "iconmatting_core.context_file, iconmatting_core.hub; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
