@@ -24,43 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from iconmatting_core.postprocess import rgba_cutout  # noqa: E402
 from iconmatting_core.preprocess import Placement, placement_for, restore_alpha  # noqa: E402
 
 
-# --- the previous implementation ---------------------------------------------------------------
-
-def old_box_blur(x, radius):
-    b, c, h, w = x.shape
-    pad = F.pad(x, (1, 0, 1, 0))
-    integral = pad.cumsum(-1).cumsum(-2)
-    ys = torch.arange(h, device=x.device)
-    xs = torch.arange(w, device=x.device)
-    y0, y1 = (ys - radius).clamp(0, h), (ys + radius + 1).clamp(0, h)
-    x0, x1 = (xs - radius).clamp(0, w), (xs + radius + 1).clamp(0, w)
-    rows_hi, rows_lo = integral[:, :, y1], integral[:, :, y0]
-    s = rows_hi[..., x1] - rows_hi[..., x0] - rows_lo[..., x1] + rows_lo[..., x0]
-    area = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).to(x.dtype)
-    return s / area
-
-
-def old_pass(image, fg, bg, alpha, radius):
-    blurred_alpha = old_box_blur(alpha, radius)
-    blurred_fg = old_box_blur(fg * alpha, radius) / (blurred_alpha + 1e-5)
-    blurred_bg = old_box_blur(bg * (1 - alpha), radius) / ((1 - blurred_alpha) + 1e-5)
-    fg = blurred_fg + alpha * (image - alpha * blurred_fg - (1 - alpha) * blurred_bg)
-    return fg.clamp(0, 1), blurred_bg
-
-
-def old_estimate_foreground(image, alpha, kernel_sizes=(90, 6)):
-    img = image.permute(0, 3, 1, 2).double()
-    a = alpha[:, None].double()
-    fg, bg = img, img
-    for k in kernel_sizes:
-        fg, bg = old_pass(img, fg, bg, a, k // 2)
-    return fg.permute(0, 2, 3, 1).to(image.dtype)
+# --- the previous implementation: the oracle of tests/test_cutout.py ---------------------------
+from test_cutout import old_estimate_foreground  # noqa: E402
 
 
 def old_restore_alpha(alpha, placement):

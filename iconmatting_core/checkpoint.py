@@ -265,8 +265,6 @@ def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> 
     """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst.
 
     dst gets a normal file's mode (0666 less the umask; safetensors alone creates it 0600)."""
-    import os
-
     head, prompt = load_head(src, config)
     save_head(head, dst, prompt)
     umask = os.umask(0)

@@ -172,7 +172,7 @@ class IconMattingPipeline:
                 )
             x, placement = pre.prepare_image(rgb, cfg.image_size, resize_mode)
             prepared.append((x, mask, placement))  # cells are picked from the original-resolution mask
-        device, dtype = self.model.device, self.model.dtype
+        device = self.model.device
         correspondences = []
         for x, _, _ in prepared:
             feats = self.model.extractor(x[None].to(device), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
@@ -198,7 +198,7 @@ class IconMattingPipeline:
         if context.config != self.config:
             raise ValueError("the reference context was encoded with a different model configuration")
         sources = self._checked_targets(images, resize_mode)
-        device, dtype = self.model.device, self.model.dtype
+        device = self.model.device
         tokens = context.tokens.to(device)
         parts = []
         for start, stop in _chunks(len(sources), chunk_size):

@@ -40,3 +40,21 @@ def make_reference(h=100, w=150, seed=0):
 def make_targets(n=3, h=90, w=60, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, h, w, 3, generator=g)
+
+
+def save_reference_and_targets(tmp_path, n=2, folder="targets"):
+    """ref.png + mask.png in tmp_path and n target PNGs in tmp_path/folder (returned), for command-line tests."""
+    import numpy as np
+    from PIL import Image
+
+    def save(t, path):
+        Image.fromarray((t.numpy() * 255).astype(np.uint8)).save(path)
+
+    image, mask = make_reference()
+    save(image, tmp_path / "ref.png")
+    save(mask, tmp_path / "mask.png")
+    targets = tmp_path / folder
+    targets.mkdir()
+    for i, t in enumerate(make_targets(n)):
+        save(t, targets / f"t{i}.png")
+    return targets

@@ -3,12 +3,10 @@ import dataclasses
 import os
 import stat
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import make_reference, make_targets
+from conftest import make_reference, make_targets, save_reference_and_targets
 from iconmatting_core.__main__ import main, output_paths
 from iconmatting_core.context_file import (
     ContextFileError,
@@ -98,19 +96,8 @@ def test_not_a_context_file(tmp_path):
         load_context(tmp_path / "missing.safetensors")
 
 
-def _inputs(tmp_path):
-    image, mask = make_reference()
-    Image.fromarray((image.numpy() * 255).astype(np.uint8)).save(tmp_path / "ref.png")
-    Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
-    targets = tmp_path / "targets"
-    targets.mkdir()
-    for i, t in enumerate(make_targets(2)):
-        Image.fromarray((t.numpy() * 255).astype(np.uint8)).save(targets / f"t{i}.png")
-    return targets
-
-
 def test_encode_then_matte_with_context_equals_matte_with_reference(pipe, tmp_path):
-    targets = _inputs(tmp_path)
+    targets = save_reference_and_targets(tmp_path)
     ref = ["--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png")]
     ctx = tmp_path / "ref_context.safetensors"
     assert main(["encode", *ref, "--resize-mode", "stretch", "--out", str(ctx)], pipe_factory=lambda: pipe) == 0
@@ -127,7 +114,7 @@ def test_encode_then_matte_with_context_equals_matte_with_reference(pipe, tmp_pa
 
 
 def test_matte_refuses_a_context_of_other_weights(pipe, tmp_path, capsys):
-    targets = _inputs(tmp_path)
+    targets = save_reference_and_targets(tmp_path)
     image, mask = make_reference()
     ctx = save_context(tmp_path / "ctx.safetensors", pipe.encode_reference(image, mask), "0" * 64)
     code = main(["matte", "--context", str(ctx), "--targets", str(targets), "--out", str(tmp_path / "out")],

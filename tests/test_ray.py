@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_reference, make_targets
+from conftest import save_reference_and_targets
 from iconmatting_core.__main__ import main, output_paths
 from iconmatting_core.video import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
@@ -23,13 +23,7 @@ def local_ray():
 
 
 def _inputs(tmp_path):
-    image, mask = make_reference()
-    Image.fromarray((image.numpy() * 255).astype(np.uint8)).save(tmp_path / "ref.png")
-    Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, t in enumerate(make_targets(3)):
-        Image.fromarray((t.numpy() * 255).astype(np.uint8)).save(images / f"t{i}.png")
+    images = save_reference_and_targets(tmp_path, 3, "images")
     (images / "broken.png").write_bytes(b"not a png")
     manifest = tmp_path / "targets.txt"  # one path per line, relative to the manifest
     manifest.write_text("# targets\nimages/t0.png\nimages/broken.png\n\nimages/t1.png\nimages/t2.png\n")

@@ -1,11 +1,11 @@
 """Stable Diffusion from one original-layout (LDM/CompVis) checkpoint file, as v2-1_768-ema-pruned.safetensors.
 
-Tiny random diffusers models are written back into the LDM key layout by a small converter below (the
-inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
+Tiny random diffusers models are written back into the LDM key layout by the small converter of
+``iconmatting_core.testing`` (the inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
 ``load_sd_components``: every weight, the UNet output and the empty-prompt embedding must come back exactly.
 """
 import re
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import pytest
 import torch
@@ -16,75 +16,10 @@ from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
 from iconmatting_core.testing import (
-    TINY_TEXT, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
+    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
 )
 
 TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)
-
-# --- diffusers -> LDM key conversion ---------------------------------------------------------
-# Each rule: (diffusers prefix, LDM prefix, renames of the first name(s) after the prefix).
-
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-Rule = Tuple[str, str, Dict[str, str]]
-
-
-def unet_rules(config: dict) -> List[Rule]:
-    n = config["layers_per_block"]
-    rules = [("time_embedding.linear_1.", "time_embed.0.", {}), ("time_embedding.linear_2.", "time_embed.2.", {}),
-             ("conv_in.", "input_blocks.0.0.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
-             ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
-             ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]
-    for b in range(len(config["block_out_channels"])):
-        for j in range(n):  # input block 0 is conv_in; then n (resnet, attention) pairs and a downsampler per level
-            i = 1 + b * (n + 1) + j
-            rules += [(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{i}.0.", UNET_RESNET),
-                      (f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{i}.1.", {})]
-        rules.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{1 + b * (n + 1) + n}.0.op.", {}))
-        for j in range(n + 1):  # n + 1 resnets per up level; the upsampler follows the last one's attention, if any
-            i = b * (n + 1) + j
-            rules += [(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{i}.0.", UNET_RESNET),
-                      (f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{i}.1.", {})]
-        after = 2 if config["up_block_types"][b].startswith("CrossAttn") else 1
-        rules.append((f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{b * (n + 1) + n}.{after}.conv.", {}))
-    return rules
-
-
-def vae_rules(config: dict) -> List[Rule]:
-    n, levels = config["layers_per_block"], len(config["block_out_channels"])
-    rules = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
-    for part in ("encoder", "decoder"):
-        rules += [(f"{part}.conv_in.", f"{part}.conv_in.", {}), (f"{part}.conv_out.", f"{part}.conv_out.", {}),
-                  (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
-                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
-                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
-                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)]
-    for b in range(levels):
-        up = levels - 1 - b  # the LDM decoder numbers its levels from full resolution down: reversed
-        rules += [(f"encoder.down_blocks.{b}.resnets.{j}.", f"encoder.down.{b}.block.{j}.", VAE_RESNET) for j in range(n)]
-        rules += [(f"decoder.up_blocks.{b}.resnets.{j}.", f"decoder.up.{up}.block.{j}.", VAE_RESNET) for j in range(n + 1)]
-        rules += [(f"encoder.down_blocks.{b}.downsamplers.0.conv.", f"encoder.down.{b}.downsample.conv.", {}),
-                  (f"decoder.up_blocks.{b}.upsamplers.0.conv.", f"decoder.up.{up}.upsample.conv.", {})]
-    return rules
-
-
-def to_ldm(state: Dict[str, torch.Tensor], rules: List[Rule], prefix: str) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        matches = [rule for rule in rules if key.startswith(rule[0])]
-        assert len(matches) == 1, f"{key}: {len(matches)} rules"
-        old_prefix, new_prefix, renames = matches[0]
-        rest = key[len(old_prefix):]
-        for old, new in renames.items():
-            if rest.startswith(old + "."):
-                rest = new + rest[len(old):]
-        if renames is VAE_ATTENTION and value.ndim == 2:
-            value = value[:, :, None, None]  # q/k/v/proj_out: diffusers' linear [C, C] is an LDM 1x1 conv [C, C, 1, 1]
-        out[prefix + new_prefix + rest] = value.clone().contiguous()
-    return out
-
 
 # --- fixtures --------------------------------------------------------------------------------
 
@@ -100,8 +35,8 @@ def originals():
 @pytest.fixture(scope="module")
 def ldm_state(originals) -> Dict[str, torch.Tensor]:
     unet, vae = originals
-    state = to_ldm(unet.state_dict(), unet_rules(tiny_unet_config()), UNET_PREFIX)
-    state.update(to_ldm(vae.state_dict(), vae_rules(tiny_vae_config()), VAE_PREFIX))
+    state = ldm_unet_state_dict(unet.state_dict(), tiny_unet_config())
+    state.update(ldm_vae_state_dict(vae.state_dict(), tiny_vae_config()))
     state.update(tiny_open_clip_text_state_dict())
     state.update(betas=torch.linspace(1e-4, 2e-2, 1000), alphas_cumprod=torch.linspace(1, 0, 1000))  # ignored extras
     return state
