@@ -11,10 +11,10 @@ to JSON), so a field added to ReferenceContext is saved and loaded without touch
 
 The fingerprint (:func:`model_fingerprint`) identifies the weights: sha256 over the matting
 head's state dict and the feature extractor's ``fingerprint_tensors()`` (SD UNet and VAE input
-convolutions), all rounded to float16 under sorted names: the same weights give the same
-fingerprint whichever host loaded them and in whichever precision (fp32, fp16 or bf16 runs of one
-checkpoint share contexts). A context only fits the weights that made it; loading it with others
-raises ContextFileError.
+convolutions): names, shapes and a few values of each, compared with a tolerance, so the same
+weights match whichever host loaded them and in whichever precision (fp32, fp16 or bf16 runs of
+one checkpoint share contexts). A context only fits the weights that made it; loading it with
+others raises ContextFileError.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import numpy as np
 import torch
 
 from .context import ReferenceContext
@@ -38,24 +39,49 @@ class ContextFileError(ValueError):
     """A context file that cannot be used here; the message names the file and what to do."""
 
 
-def _hash_tensors(digest, tensors: Mapping[str, torch.Tensor]) -> None:
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).to(torch.float16).contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}\n".encode())
-        digest.update(t.numpy().tobytes())
+FINGERPRINT_VERSION = "sig1"
+_SAMPLES = 16  # values per tensor
+_RTOL, _ATOL = 2e-2, 1e-4  # equal weights in fp32, fp16 or bf16 agree well within this
 
 
 def model_fingerprint(head: torch.nn.Module, extractor) -> str:
-    """Hex sha256 identifying the IconMatting head and SD weights.
+    """A signature of the IconMatting head and SD weights, equal for the same weights loaded by any
+    host in any precision (fp32, fp16, bf16), and different for other weights.
 
     head: the matting head (its whole ``state_dict``); extractor: anything with
     ``fingerprint_tensors() -> {"unet.conv_in.weight", "vae.encoder.conv_in.weight"}``
     (SDFeatureExtractor, or a host's own extractor returning the same tensors).
+    Format ``sig1:<sha256 of names and shapes, 16 hex>:<16 evenly spaced values per tensor, float16 hex>``;
+    compare two with :func:`same_weights`, not ``==`` (hosts round weights differently).
     """
-    digest = hashlib.sha256()
-    _hash_tensors(digest, {f"head.{k}": v for k, v in head.state_dict().items() if v.dtype.is_floating_point})
-    _hash_tensors(digest, {f"sd.{k}": v for k, v in extractor.fingerprint_tensors().items()})
-    return digest.hexdigest()
+    tensors = {f"head.{k}": v for k, v in head.state_dict().items() if v.dtype.is_floating_point}
+    tensors.update({f"sd.{k}": v for k, v in extractor.fingerprint_tensors().items()})
+    structure, values = hashlib.sha256(), []
+    for name in sorted(tensors):
+        flat = tensors[name].detach().reshape(-1)
+        structure.update(f"{name}:{tuple(tensors[name].shape)}\n".encode())
+        index = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel())).round().long().to(flat.device)
+        values.append(flat[index].to("cpu", torch.float32))
+    sample = torch.cat(values).to(torch.float16).numpy().tobytes().hex()
+    return f"{FINGERPRINT_VERSION}:{structure.hexdigest()[:16]}:{sample}"
+
+
+def same_weights(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two fingerprints describe the same weights (same tensors and shapes, values equal to
+    the rounding of the precisions they were loaded in)."""
+    if not a or not b or a.count(":") != 2 or b.count(":") != 2:
+        return a == b
+    (va, sa, xa), (vb, sb, xb) = a.split(":"), b.split(":")
+    if va != vb or sa != sb or len(xa) != len(xb):
+        return False
+    ta = torch.from_numpy(np.frombuffer(bytes.fromhex(xa), dtype=np.float16).astype(np.float32))
+    tb = torch.from_numpy(np.frombuffer(bytes.fromhex(xb), dtype=np.float16).astype(np.float32))
+    return bool(torch.allclose(ta, tb, rtol=_RTOL, atol=_ATOL))
+
+
+def fingerprint_label(fingerprint: Optional[str]) -> str:
+    """A short name of a fingerprint for messages (12 hex digits)."""
+    return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
 
 
 def _to_json(value: Any, what: str):
@@ -159,13 +185,13 @@ def load_context(path, expected_fingerprint: Optional[str] = None) -> ReferenceC
     path = Path(path)
     header = _read_header(path)
     made_with = header.get("fingerprint")
-    if expected_fingerprint is not None and made_with != expected_fingerprint:
+    if expected_fingerprint is not None and not same_weights(made_with, expected_fingerprint):
         extra = header.get("extra") or {}
         files = ", ".join(f"{k} {extra[k]}" for k in ("matting_weights", "sd") if extra.get(k))
         raise ContextFileError(
-            f"{path} was encoded with other model weights (fingerprint {str(made_with)[:16]}"
+            f"{path} was encoded with other model weights (fingerprint {fingerprint_label(made_with)}"
             + (f": {files}" if files else "")
-            + f") than the ones loaded now (fingerprint {expected_fingerprint[:16]}). Load the IconMatting and "
+            + f") than the ones loaded now (fingerprint {fingerprint_label(expected_fingerprint)}). Load the IconMatting and "
             "Stable Diffusion 2.1 weights it was made with, or encode the reference "
             "again with these weights."
         )

@@ -120,9 +120,8 @@ class IconMattingPipeline:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the head and SD weights (``context_file.model_fingerprint``), computed once
-        (per dtype, as the weights are read in the model's precision); a saved context records it and
-        only loads with the same weights."""
+        """Signature of the head and SD weights (``context_file.model_fingerprint``), computed once per
+        dtype; a saved context records it and only loads with the same weights (``same_weights``)."""
         from .context_file import model_fingerprint
 
         cached = getattr(self, "_fingerprint", None)

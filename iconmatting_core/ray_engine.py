@@ -100,13 +100,13 @@ class MatteWorker:
         if threads:
             torch.set_num_threads(threads)
         self.pipe = pipe_factory()
-        if expected_fingerprint is not None and self.pipe.fingerprint != expected_fingerprint:
-            from .context_file import ContextFileError
+        from .context_file import ContextFileError, fingerprint_label, same_weights
 
+        if expected_fingerprint is not None and not same_weights(self.pipe.fingerprint, expected_fingerprint):
             raise ContextFileError(
-                f"the context file was encoded with other model weights (fingerprint {expected_fingerprint[:16]}) than "
-                f"this Ray worker loaded ({self.pipe.fingerprint[:16]}); give the workers the weights it was made with, "
-                "or encode the reference again with these."
+                f"The context file was encoded with other model weights (fingerprint {fingerprint_label(expected_fingerprint)}) "
+                f"than this Ray worker loaded ({fingerprint_label(self.pipe.fingerprint)}). Give the workers the weights it "
+                "was made with, or encode the reference again with these."
             )
         self.context = ray.get(context_ref[0])
         self.resize_mode, self.estimate_colors = resize_mode, estimate_colors

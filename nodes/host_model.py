@@ -32,18 +32,21 @@ class _CastBatchNorm2d(torch.nn.BatchNorm2d, comfy.ops.CastWeightBiasOp):
 
     def forward(self, x):
         if self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0:
-            cast = comfy.ops.cast_bias_weight(self, x)
-            weight, bias = cast[0], cast[1]
-            mean = self.running_mean.to(x.device, x.dtype)
-            var = self.running_var.to(x.device, x.dtype)
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+            weight, bias, stream = comfy.ops.cast_bias_weight(self, x, offloadable=True)
+            try:
+                mean = self.running_mean.to(x.device, weight.dtype)
+                var = self.running_var.to(x.device, weight.dtype)
+                return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+            finally:
+                comfy.ops.uncast_bias_weight(self, weight, bias, stream)
         return super().forward(x)
 
 
 class HeadOps(comfy.ops.manual_cast):
-    """The head's layers: ComfyUI's casting Conv2d/LayerNorm, and a casting BatchNorm2d."""
+    """The head's layers: ComfyUI's casting Conv2d/LayerNorm, and its casting BatchNorm2d where the
+    host has one (newer releases), else ours."""
 
-    BatchNorm2d = _CastBatchNorm2d
+    BatchNorm2d = getattr(comfy.ops.manual_cast, "BatchNorm2d", _CastBatchNorm2d)
 
 
 def _patcher_class():
@@ -113,6 +116,10 @@ class IconMattingOnHost:
                              assign=_is_dynamic(self.patcher))
         extractor.companions = [self.patcher]
         self.config = config
+
+    def get_models(self):
+        """The patchers this object uses (newer ComfyUI tracks the models a prompt's outputs hold)."""
+        return [self.patcher, self.extractor.patcher, self.extractor.vae.patcher]
 
     @property
     def extractor(self) -> ComfyFeatureExtractor:

@@ -176,10 +176,13 @@ class ComfyFeatureExtractor(FeatureExtractor):
         return 4 * tokens * tokens * (len(self.config.attention_resolutions) * copies // self.config.ensemble_size + heads)
 
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
+        def stored(weight):  # quantized (fp8) checkpoints hold a tensor subclass
+            return weight.dequantize() if hasattr(weight, "dequantize") else weight
+
         unet = self.patcher.model.diffusion_model
         return {
-            "unet.conv_in.weight": unet.input_blocks[0][0].weight,
-            "vae.encoder.conv_in.weight": self.vae.first_stage_model.encoder.conv_in.weight,
+            "unet.conv_in.weight": stored(unet.input_blocks[0][0].weight),
+            "vae.encoder.conv_in.weight": stored(self.vae.first_stage_model.encoder.conv_in.weight),
         }
 
 
