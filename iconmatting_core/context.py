@@ -48,6 +48,8 @@ class ReferenceContext:
     pooling: str = "mask"
     seed: int = 0
     reference_sizes: Tuple[Tuple[int, int], ...] = field(default_factory=tuple)
+    resize_mode: str = "pad"
+    """How the references were brought to the model's input; targets should use the same."""
 
     @property
     def num_references(self) -> int:

@@ -176,10 +176,12 @@ class IconMattingPipeline:
         for x, _, _ in prepared:
             feats = self.model.extractor(x[None].to(device), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
             correspondences.append(feats.correspondence[0].float().cpu())
-        return build_context(
+        context = build_context(
             correspondences, [m for _, m, _ in prepared], cfg, pooling, seed, [(p.height, p.width) for _, _, p in prepared],
             placements=[p for _, _, p in prepared],
         )
+        context.resize_mode = resize_mode
+        return context
 
     @torch.no_grad()
     def match(
@@ -204,6 +206,11 @@ class IconMattingPipeline:
             batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
             feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
             fused, similarity = match_features(self.model.head, tokens, feats, valid=placements)
+            if not torch.isfinite(fused).all():
+                raise FloatingPointError(
+                    f"IconMatting's matching layers overflowed in {fused.dtype} (NaN/inf). Run the head in fp32 "
+                    "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
+                )
             parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
             del feats, fused, similarity, batch
             if progress is not None:
@@ -225,6 +232,11 @@ class IconMattingPipeline:
             part = match.slice(start, stop).to(device, dtype)
             images, _ = _prepare(part.sources, self.config.image_size, match.resize_mode, start)
             alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
+            if not torch.isfinite(alpha).all():
+                raise FloatingPointError(
+                    f"IconMatting's matting head overflowed in {dtype} (NaN/inf alpha). Run the head in fp32 "
+                    "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
+                )
             for a, placement in zip(alpha, part.placements):
                 alphas.append(pre.restore_alpha(a, placement).to(output_device))
             if progress is not None:

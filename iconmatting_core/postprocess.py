@@ -1,8 +1,9 @@
 """Stage 6: alpha back at the original pixels, foreground colours for compositing, previews.
 
 Foreground colours are estimated with blur-fusion (Forte & Pitie, "Approximate Fast Foreground
-Colour Estimation", ICIP 2021: two passes, box filters of 90 then 6 pixels, i.e. radii 45 and 3
-here, as their ``cv2.blur(x, (r, r))``): background colour that bleeds into
+Colour Estimation", ICIP 2021: two passes with box filters of about 90 then 6 pixels; here windows
+of radius 45 and 3, i.e. 91 and 7 pixels, averaged over the part inside the image at borders, where
+their ``cv2.blur(x, (r, r))`` reflects; so approximately theirs): background colour that bleeds into
 semi-transparent edge pixels is removed, so a cut-out composited on a new background shows no
 halo of the old one.
 

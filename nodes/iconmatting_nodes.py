@@ -228,7 +228,8 @@ class IconMattingSaveContext(io.ComfyNode):
         folder = folder_paths.get_folder_paths(CONTEXT_FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         path = save_context(os.path.join(folder, name), context,
-                            model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor))
+                            model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor),
+                            {"resize_mode": context.resize_mode})
         log.info("IconMatting context saved to %s", path)
         return io.NodeOutput(ui={"text": [str(path)]})
 
@@ -277,10 +278,12 @@ class IconMattingLoadImageFolder(io.ComfyNode):
             display_name="IconMatting 3 · Load Image Folder",
             category=CATEGORY,
             search_aliases=ALIASES + ["load images", "folder", "batch"],
-            description="Loads every image of a folder as a list, each at its own size (a batch would stretch them to one size).",
+            description="Loads every image of a folder as a list, each at its own size (a batch would stretch them to one size). "
+            "The images and their results stay in memory: for catalogues of hundreds of photos use the command line.",
             inputs=[
                 io.String.Input("folder", default="iconmatting_targets",
-                                tooltip="Folder of images: relative to ComfyUI/input, or an absolute path."),
+                                tooltip="Folder of images inside ComfyUI/input (a name like iconmatting_targets, or a "
+                                "sub/folder). Link a folder there to matte photos kept elsewhere."),
             ],
             outputs=[
                 io.Image.Output("images", is_output_list=True, tooltip="One image per file, in name order, each at its own size."),
@@ -290,14 +293,18 @@ class IconMattingLoadImageFolder(io.ComfyNode):
 
     @classmethod
     def _files(cls, folder: str) -> List[Path]:
-        base = Path(folder).expanduser()
-        if not base.is_absolute():
-            base = Path(folder_paths.get_input_directory()) / base
-        if not base.is_dir():
-            raise FileNotFoundError(f"Image folder '{folder}' not found (looked in {base}). Create it and put the target photos in it.")
-        files = sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        root = os.path.abspath(folder_paths.get_input_directory())
+        base = os.path.abspath(os.path.join(root, folder.strip()))
+        if os.path.commonpath([root, base]) != root:  # an API client must not read the server's other folders
+            raise FileNotFoundError(
+                f"Image folder '{folder}' is outside ComfyUI's input folder. Put the photos in a folder inside "
+                "ComfyUI/input (or link one there) and give its name."
+            )
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"Image folder '{folder}' not found in ComfyUI/input. Create it and put the target photos in it.")
+        files = sorted(p for p in Path(base).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"Image folder '{folder}' ({base}) holds no images. Put .png/.jpg/.webp target photos in it.")
+            raise FileNotFoundError(f"Image folder '{folder}' holds no images. Put .png/.jpg/.webp target photos in it.")
         return files
 
     @classmethod
@@ -364,10 +371,13 @@ class IconMattingMatchTargets(io.ComfyNode):
 
     @classmethod
     def execute(cls, iconmatting_model, context, images, resize_mode=("pad",), chunk_size=(1,)):
-        model, context = _one(iconmatting_model), _one(context)
-        resize_mode, chunk_size = _one(resize_mode), int(_one(chunk_size))
-        if not isinstance(context, ReferenceContext):
-            raise TypeError("context must come from IconMatting Encode Reference or Load Context.")
+        model, resize_mode, chunk_size = _one(iconmatting_model), _one(resize_mode), int(_one(chunk_size))
+        contexts = context if isinstance(context, (list, tuple)) else [context]
+        if not all(isinstance(c, ReferenceContext) for c in contexts):
+            raise TypeError("context must come from IconMatting 2 · Encode Reference or Load Context.")
+        context = contexts[0]
+        for other in contexts[1:]:  # several references (e.g. a list of images encoded one by one): one context
+            context = context.merge(other)
         targets = _split(images)
         pipe = model.pipeline()
         result = pipe.match(context, targets, resize_mode=resize_mode, chunk_size=chunk_size,
@@ -429,29 +439,41 @@ class IconMattingComposite(io.ComfyNode):
             display_name="IconMatting 6 · Composite",
             category=CATEGORY,
             search_aliases=ALIASES + ["composite", "replace background"],
-            description="Places RGBA cut-outs over a new background (resized to cover each cut-out).",
+            description="Places RGBA cut-outs over a new background (resized to cover each cut-out). Cut-outs and "
+            "backgrounds may be batches or lists (e.g. from Decode Alpha and Load Image Folder): one background for all, "
+            "or the i-th background for the i-th cut-out.",
+            is_input_list=True,
             inputs=[
                 io.Image.Input("rgba", tooltip="RGBA cut-outs from IconMatting 5 · Decode Alpha."),
-                io.Image.Input("background", tooltip="New background: one for all cut-outs, or one per cut-out."),
+                io.Image.Input("background", tooltip="New background: one for all cut-outs, or one per cut-out (in order)."),
             ],
-            outputs=[io.Image.Output("image", tooltip="The cut-outs over the background.")],
+            outputs=[io.Image.Output("image", is_output_list=True, tooltip="Each cut-out over its background, at the cut-out's size.")],
         )
 
     @classmethod
     def execute(cls, rgba, background):
-        if rgba.shape[-1] != 4:
-            raise ValueError(f"rgba has {rgba.shape[-1]} channels. Connect the rgba output of IconMatting 5 · Decode Alpha.")
-        n, h, w, _ = rgba.shape
-        if background.shape[0] not in (1, n):
-            raise ValueError(f"background is a batch of {background.shape[0]}. Give 1 background or one per cut-out ({n}).")
-        bg = background[..., :3].permute(0, 3, 1, 2)
-        scale = max(h / bg.shape[2], w / bg.shape[3])
-        size = (max(h, round(bg.shape[2] * scale)), max(w, round(bg.shape[3] * scale)))
-        bg = torch.nn.functional.interpolate(bg, size=size, mode="bilinear", align_corners=False)
-        top, left = (size[0] - h) // 2, (size[1] - w) // 2
-        bg = bg[:, :, top : top + h, left : left + w].permute(0, 2, 3, 1).to(rgba.device, rgba.dtype)
-        alpha = rgba[..., 3:]
-        return io.NodeOutput((rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1))
+        cutouts, backgrounds = _split(rgba), _split(background)
+        if any(c.shape[-1] != 4 for c in cutouts):
+            raise ValueError("rgba must have 4 channels. Connect the rgba output of IconMatting 5 · Decode Alpha.")
+        if len(backgrounds) not in (1, len(cutouts)):
+            raise ValueError(f"Got {len(backgrounds)} backgrounds for {len(cutouts)} cut-outs. Give 1 background, or one per cut-out.")
+        out = []
+        for i, cut in enumerate(cutouts):
+            out.append(composite(cut, backgrounds[i if len(backgrounds) > 1 else 0])[None])
+        return io.NodeOutput(out)
+
+
+def composite(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """One cut-out [H, W, 4] over a background [h, w, C] resized to cover it (centre crop) -> [H, W, 3]."""
+    h, w, _ = rgba.shape
+    bg = background[..., :3].permute(2, 0, 1)[None]
+    scale = max(h / bg.shape[2], w / bg.shape[3])
+    size = (max(h, round(bg.shape[2] * scale)), max(w, round(bg.shape[3] * scale)))
+    bg = torch.nn.functional.interpolate(bg, size=size, mode="bilinear", align_corners=False)
+    top, left = (size[0] - h) // 2, (size[1] - w) // 2
+    bg = bg[0, :, top : top + h, left : left + w].permute(1, 2, 0).to(rgba.device, rgba.dtype)
+    alpha = rgba[..., 3:]
+    return (rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1)
 
 
 NODES = [

