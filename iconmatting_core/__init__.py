@@ -24,4 +24,4 @@ __all__ = [
     "load_pipeline",
     "save_head",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -25,6 +25,7 @@ from .batch import (  # noqa: F401  (read_image, read_mask, list_targets: public
     error_text,
     is_done,
     list_targets,
+    output_names,
     output_paths,
     png_bytes,
     read_image,
@@ -150,10 +151,12 @@ def run_matte(args, pipe_factory=None) -> int:
         return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [t for t in targets if not is_done(out_dir, t, video_outputs)]
+    names = output_names(targets)  # of all targets, so a re-run names them the same
+    todo = [t for t in targets if not is_done(out_dir, t, video_outputs, names[t])]
     if len(todo) < len(targets):
         print(f"skipping {len(targets) - len(todo)} target(s) with existing outputs in {out_dir}", file=sys.stderr)
     if not todo:
+        Failures(out_dir).finish()  # nothing is failing any more: drop a previous run's list
         return 0
 
     from .checkpoint import CheckpointError
@@ -177,16 +180,16 @@ def run_matte(args, pipe_factory=None) -> int:
 
     failures = Failures(out_dir)
     if args.engine == "ray":
-        from .ray_engine import RayJob, run_ray_job
+        from .ray_engine import RayJob, WorkerSetupError, run_ray_job
 
         job = RayJob.from_args(args, context, resize_mode, video_outputs, pipe_factory)
         try:
-            matted = run_ray_job(job, todo, out_dir, failures)
-        except (ContextFileError, CheckpointError) as exc:  # a worker's model files missing, or not the context's
+            matted = run_ray_job(job, todo, out_dir, failures, names)
+        except (ContextFileError, CheckpointError, WorkerSetupError) as exc:  # a worker's model files missing, or not the context's
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
-        matted = _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures)
+        matted = _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures, names)
     failures.finish()
     print(f"done: {matted} matted, {len(failures)} failed, outputs in {out_dir}", file=sys.stderr)
     for target, error in failures.items:
@@ -196,7 +199,7 @@ def run_matte(args, pipe_factory=None) -> int:
     return 1 if failures else 0
 
 
-def _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures) -> int:
+def _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, args, failures, names) -> int:
     images, videos = split_targets(todo)
     matted = 0
     if images:
@@ -206,7 +209,7 @@ def _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, arg
                 image = read_image(target)
                 alpha = pipe.matte(context, image, resize_mode=resize_mode)[0]
                 rgba = pipe.cutout(image, alpha, estimate_colors=not args.no_foreground)
-                alpha_path, rgba_path = output_paths(out_dir, target)
+                alpha_path, rgba_path = output_paths(out_dir, target, names[target])
                 write_file(alpha_path, png_bytes(to_uint8(alpha), "L"))
                 write_file(rgba_path, png_bytes(to_uint8(rgba), "RGBA"))
                 matted += 1
@@ -222,7 +225,7 @@ def _matte_locally(pipe, context, todo, out_dir, resize_mode, video_outputs, arg
             info = probe_video(video)
             bar = Progress(info.frames or None, video.name, "frame")
             frames = matte_video(pipe, context, video, out_dir, video_outputs, resize_mode, args.chunk_size,
-                                 not args.no_foreground, on_frames=bar.update)
+                                 not args.no_foreground, on_frames=bar.update, name=names[video])
             matted += 1
             bar.log(f"{video.name}: ok, {frames} frames at {float(info.fps):.3g} fps")
         except Exception as exc:

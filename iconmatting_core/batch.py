@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 import io
 import json
+import os
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,19 +23,25 @@ TARGET_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 FAILURES_FILE = "failures.jsonl"
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file -> [H, W, 3] float32 in [0, 1]."""
-    from PIL import Image
+def read_image_uint8(path: Path) -> np.ndarray:
+    """An image file -> [H, W, 3] uint8, turned upright by its EXIF orientation (as ComfyUI's loaders do)."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file -> [H, W, 3] float32 in [0, 1], upright (EXIF orientation applied)."""
+    return read_image_uint8(path).astype(np.float32) / 255.0
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file (grey, or an image's alpha) -> [H, W] float32 in [0, 1]."""
-    from PIL import Image
+    """A mask file (grey, or an image's alpha) -> [H, W] float32 in [0, 1], upright (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA"):
             im = im.getchannel("A")
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
@@ -75,13 +83,55 @@ def list_targets(specs: Sequence[str]) -> List[Path]:
     return unique
 
 
-def output_paths(out_dir: Path, target: Path) -> Tuple[Path, Path]:
-    """(alpha, rgba) PNG paths of an image target."""
-    return out_dir / f"{target.stem}_alpha.png", out_dir / f"{target.stem}_rgba.png"
+def output_names(targets: Sequence[Path]) -> Dict[Path, str]:
+    """Target -> the name its outputs start with: its file stem, unless another target of the run
+    would write the same outputs (same stem, both images or both videos; compared case-blind for
+    case-insensitive disks). Those are named by their folders relative to the folders' common
+    parent (or their own folder's name), e.g. ``a/t0.png``, ``b/t0.png`` -> ``a_t0``, ``b_t0``,
+    and by their extension when in one folder (``t0.png``, ``t0.jpg`` -> ``t0_png``, ``t0_jpg``).
+    The same targets always get the same names, so a re-run resumes."""
+    groups: Dict[tuple, List[Path]] = defaultdict(list)
+    for t in targets:
+        groups[(t.stem.casefold(), is_video(t))].append(t)
+    names: Dict[Path, str] = {}
+    renamed: List[Path] = []
+    for group in groups.values():
+        if len(group) == 1:
+            names[group[0]] = group[0].stem
+            continue
+        folders = [t.absolute().parent for t in group]
+        common = Path(os.path.commonpath(folders))
+        for t, folder in zip(group, folders):
+            parts = folder.relative_to(common).parts or (folder.name,)
+            names[t] = "_".join(p for p in (*parts, t.stem) if p)
+        counts = Counter(names[t].casefold() for t in group)
+        for t in group:
+            if counts[names[t].casefold()] > 1:
+                names[t] += "_" + t.suffix.lstrip(".").lower()
+        renamed += group
+    # a made-up name that meets another target's: numbered, in target order
+    taken = {(n.casefold(), is_video(t)) for t, n in names.items() if n == t.stem}
+    for t in (t for t in targets if t in renamed):
+        name, n = names[t], 1
+        while (name.casefold(), is_video(t)) in taken:
+            n += 1
+            name = f"{names[t]}_{n}"
+        taken.add((name.casefold(), is_video(t)))
+        names[t] = name
+    return names
 
 
-def is_done(out_dir: Path, target: Path, video_outputs: Sequence[str]) -> bool:
-    paths = video_output_paths(out_dir, target, video_outputs).values() if is_video(target) else output_paths(out_dir, target)
+def output_paths(out_dir: Path, target: Path, name: Optional[str] = None) -> Tuple[Path, Path]:
+    """(alpha, rgba) PNG paths of an image target; ``name`` from :func:`output_names` (default: its stem)."""
+    name = name or target.stem
+    return out_dir / f"{name}_alpha.png", out_dir / f"{name}_rgba.png"
+
+
+def is_done(out_dir: Path, target: Path, video_outputs: Sequence[str], name: Optional[str] = None) -> bool:
+    if is_video(target):
+        paths = video_output_paths(out_dir, target, video_outputs, name).values()
+    else:
+        paths = output_paths(out_dir, target, name)
     return all(p.exists() for p in paths)
 
 

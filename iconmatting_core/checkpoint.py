@@ -261,13 +261,27 @@ def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torc
     save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())})
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only read it by setting it,
+    which races with other threads creating files, e.g. inside ComfyUI): Linux's
+    ``/proc/self/status``; elsewhere the set-and-restore fallback."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the fallback's brief value only ever restricts
+    os.umask(umask)
+    return umask
+
+
 def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:
     """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst.
 
     dst gets a normal file's mode (0666 less the umask; safetensors alone creates it 0600)."""
     head, prompt = load_head(src, config)
     save_head(head, dst, prompt)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(dst, 0o666 & ~umask)
+    os.chmod(dst, 0o666 & ~current_umask())
     return Path(dst)

@@ -9,7 +9,9 @@ object store once and shared by every actor.
 
 Resuming and failures work as with the local engine: targets whose outputs exist are left out of
 the dataset; a failing target comes back as an error row, is reported and listed in
-``failures.jsonl``, and never stops the others.
+``failures.jsonl``, and never stops the others. A worker that cannot set up (model files missing,
+weights not the context file's) stops the job with its own error (``WorkerSetupError``); a job
+that breaks mid-run lists every target it did not finish in ``failures.jsonl``.
 
 Workers read the targets and the model files by path, so on a cluster those paths must be the same
 on every node (a shared filesystem); the outputs are written by the driver. A worker without
@@ -17,13 +19,22 @@ on every node (a shared filesystem); the outputs are written by the driver. A wo
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .batch import Failures, Progress, error_text, output_paths, png_bytes, write_file
+from .batch import (
+    Failures,
+    Progress,
+    error_text,
+    output_paths,
+    png_bytes,
+    read_image_uint8,
+    write_file,
+)
 from .video import VideoOutputs, is_video, iter_frame_chunks, probe, to_uint8
 
 
@@ -72,6 +83,7 @@ class RayJob:
     address: Optional[str] = None
     workers: Optional[int] = None
     cpus_per_worker: float = 1.0
+    context_file: Optional[str] = None  # named in the workers' errors
 
     @classmethod
     def from_args(cls, args, context, resize_mode, video_outputs, pipe_factory=None) -> "RayJob":
@@ -83,7 +95,7 @@ class RayJob:
         if pipe_factory is None:
             pipe_factory = PipelineSpec(args.matting_weights, args.sd, args.models_dir, args.device, args.dtype).build
         return cls(pipe_factory, context, expected, resize_mode, list(video_outputs), not args.no_foreground,
-                   args.chunk_size, args.address, args.workers, args.cpus_per_worker)
+                   args.chunk_size, args.address, args.workers, args.cpus_per_worker, args.context)
 
 
 class MatteWorker:
@@ -93,7 +105,8 @@ class MatteWorker:
     arrived failed from the read stage); the others are unaffected.
     """
 
-    def __init__(self, pipe_factory, context_ref, expected_fingerprint, resize_mode, estimate_colors, threads):
+    def __init__(self, pipe_factory, context_ref, expected_fingerprint, resize_mode, estimate_colors, threads,
+                 context_file=None):
         import ray
         import torch
 
@@ -103,8 +116,10 @@ class MatteWorker:
         from .context_file import ContextFileError, fingerprint_label, same_weights
 
         if expected_fingerprint is not None and not same_weights(self.pipe.fingerprint, expected_fingerprint):
+            named = f" {context_file}" if context_file else ""
             raise ContextFileError(
-                f"The context file was encoded with other model weights (fingerprint {fingerprint_label(expected_fingerprint)}) "
+                f"The context file{named} was encoded with other model weights "
+                f"(fingerprint {fingerprint_label(expected_fingerprint)}) "
                 f"than this Ray worker loaded ({fingerprint_label(self.pipe.fingerprint)}). Give the workers the weights it "
                 "was made with, or encode the reference again with these."
             )
@@ -146,8 +161,6 @@ def read_targets(batch: Dict[str, np.ndarray], chunk_size: int):
     """Ray Data generator: rows {"target"} -> pixel rows. An image gives one row (index -1), a
     video its frames (index 0, 1, ...), ``chunk_size`` at a time, in order; a target that cannot
     be read gives one row with its error (index -1)."""
-    from PIL import Image
-
     for target in batch["target"]:
         index = 0
         try:
@@ -156,9 +169,8 @@ def read_targets(batch: Dict[str, np.ndarray], chunk_size: int):
                     yield _rows(target, index, chunk)
                     index += len(chunk)
             else:
-                with Image.open(target) as im:
-                    image = np.asarray(im.convert("RGB"))  # uint8; the pipeline scales it as read_image does
-                yield _rows(target, -1, [image])
+                # uint8, upright by its EXIF orientation; the pipeline scales it as read_image does
+                yield _rows(target, -1, [read_image_uint8(Path(target))])
         except Exception as exc:
             yield _rows(target, -1, [np.zeros((2, 2, 3), np.uint8)], error_text(exc))
 
@@ -173,8 +185,42 @@ def _pool_args(ray, job: RayJob, items: int):
     return workers, dict(compute=ActorPoolStrategy(size=workers), batch_format="numpy", **resources), threads
 
 
-def run_ray_job(job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures) -> int:
-    """Matte ``todo`` on Ray; writes outputs into out_dir, records failures; returns targets matted."""
+class WorkerSetupError(RuntimeError):
+    """A Ray worker could not set up: its model files are missing or do not match the context file."""
+
+
+_SETUP_ERROR = re.compile(r"^(?:[\w.]+\.)?(ContextFileError|CheckpointError|FileNotFoundError): (.+)", re.MULTILINE | re.DOTALL)
+
+
+def _setup_error(exc: BaseException) -> Optional[str]:
+    """The message of a worker's setup error inside a Ray error (an actor that died in its
+    constructor carries only its traceback's text), or None."""
+    from .checkpoint import CheckpointError
+    from .context_file import ContextFileError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ContextFileError, CheckpointError)):
+            return str(exc)
+        match = _SETUP_ERROR.search(str(exc))
+        if match and "creation task" in str(exc):  # ActorDiedError of a constructor
+            return match.group(2).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _summary(exc: BaseException) -> str:
+    """A Ray error's last meaningful line (its message is a remote traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def run_ray_job(job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures,
+                names: Optional[Mapping[Path, str]] = None) -> int:
+    """Matte ``todo`` on Ray; writes outputs into out_dir (named by ``names``, default the targets'
+    stems), records failures; returns targets matted. Raises WorkerSetupError when the workers
+    cannot load their model (files missing, weights not the context file's)."""
     ray = _ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -185,13 +231,13 @@ def run_ray_job(job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Fail
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = True  # a clip's frames reach its writers in order
-        return _run(ray, job, todo, out_dir, failures)
+        return _run(ray, job, todo, out_dir, failures, dict(names or {}))
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures) -> int:
+def _run(ray, job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures, names: Dict[Path, str]) -> int:
     total = 0
     for target in todo:
         try:
@@ -205,11 +251,12 @@ def _run(ray, job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failur
                         num_cpus=0, concurrency=min(len(todo), workers + 1))
     kwargs = dict(pipe_factory=job.pipe_factory, context_ref=[ray.put(job.context)],
                   expected_fingerprint=job.expected_fingerprint, resize_mode=job.resize_mode,
-                  estimate_colors=job.estimate_colors, threads=threads)
+                  estimate_colors=job.estimate_colors, threads=threads, context_file=job.context_file)
     ds = ds.map_batches(MatteWorker, fn_constructor_kwargs=kwargs, batch_size=job.chunk_size, **pool)
 
     bar = Progress(total, f"matte on Ray ({workers} workers)", "img")
-    matted, clip, seen = 0, None, set()
+    matted, clip, seen, finished = 0, None, set(), set()
+    stopped = None  # the error that ended the job early
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for target, index, error, alpha, rgba in zip(batch["target"], batch["index"], batch["error"],
@@ -217,42 +264,58 @@ def _run(ray, job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failur
                 path = Path(target)
                 if clip is not None and clip.video != path:
                     matted += clip.finish(failures, bar)
+                    finished.add(str(clip.video))
                     clip = None
                 seen.add(target)
                 if is_video(path):
                     if clip is None:
-                        clip = _ClipWriter(path, out_dir, job.video_outputs)
+                        clip = _ClipWriter(path, out_dir, job.video_outputs, names.get(path))
                     clip.add(int(index), error, alpha, rgba)
                 elif error:
                     failures.add(path, error)
                     bar.log(f"{path.name}: FAILED: {error}")
+                    finished.add(target)
                 else:
-                    alpha_path, rgba_path = output_paths(out_dir, path)
+                    alpha_path, rgba_path = output_paths(out_dir, path, names.get(path))
                     write_file(alpha_path, png_bytes(alpha, "L"))
                     write_file(rgba_path, png_bytes(rgba, "RGBA"))
                     matted += 1
+                    finished.add(target)
                 bar.update(1, f"{path.name}: {'FAILED' if error else 'ok'}")
         if clip is not None:
             matted += clip.finish(failures, bar)
+            finished.add(str(clip.video))
             clip = None
+    except Exception as exc:
+        setup = _setup_error(exc)
+        if setup is not None:
+            raise WorkerSetupError(setup) from None
+        stopped = exc
     finally:
         if clip is not None and clip.outputs is not None:
             clip.outputs.abort()
         bar.close()
     for target in todo:
-        if str(target) not in seen:
-            failures.add(target, "no frames decoded")
-            bar.log(f"{target.name}: FAILED: no frames decoded")
+        if str(target) in finished:
+            continue
+        if stopped is not None:
+            error = f"not finished: the Ray job stopped: {_summary(stopped)}"
+        elif str(target) not in seen:
+            error = "no frames decoded"
+        else:
+            continue
+        failures.add(target, error)
+        bar.log(f"{target.name}: FAILED: {error}")
     return matted
 
 
 class _ClipWriter:
     """The driver's side of one clip: frames arrive in order and go to its VideoOutputs."""
 
-    def __init__(self, video: Path, out_dir: Path, kinds):
+    def __init__(self, video: Path, out_dir: Path, kinds, name: Optional[str] = None):
         self.video, self.error, self.outputs = video, "", None
         try:
-            self.outputs = VideoOutputs(out_dir, video, probe(video), kinds)
+            self.outputs = VideoOutputs(out_dir, video, probe(video), kinds, name)
         except Exception as exc:
             self.error = error_text(exc)
 

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,8 +76,10 @@ def iter_frame_chunks(path: Path, chunk_size: int) -> Iterator[List[np.ndarray]]
             yield chunk
 
 
-def output_paths(out_dir: Path, video: Path, kinds: Sequence[str]) -> Dict[str, Path]:
-    names = {"alpha": f"{video.stem}_alpha.mp4", "rgba": f"{video.stem}_rgba.webm", "png": f"{video.stem}_frames"}
+def output_paths(out_dir: Path, video: Path, kinds: Sequence[str], name: Optional[str] = None) -> Dict[str, Path]:
+    """Output paths by kind; ``name`` (default: the clip's stem) from ``batch.output_names``."""
+    name = name or video.stem
+    names = {"alpha": f"{name}_alpha.mp4", "rgba": f"{name}_rgba.webm", "png": f"{name}_frames"}
     return {k: Path(out_dir) / names[k] for k in kinds}
 
 
@@ -88,9 +90,9 @@ def _partial(path: Path) -> Path:
 class VideoOutputs:
     """Writes the requested outputs of one clip frame by frame; :meth:`close` completes them."""
 
-    def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str]):
-        self.final = output_paths(out_dir, video, kinds)
-        self.stem, self.info, self.count = video.stem, info, 0
+    def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str], name: Optional[str] = None):
+        self.final = output_paths(out_dir, video, kinds, name)
+        self.stem, self.info, self.count = name or video.stem, info, 0
         self.containers: Dict[str, object] = {}
         self.streams: Dict[str, object] = {}
         try:
@@ -174,11 +176,12 @@ class VideoOutputs:
 
 
 def matte_video(pipe, context, video: Path, out_dir: Path, kinds: Sequence[str], resize_mode: str,
-                chunk_size: int = 4, estimate_colors: bool = True, on_frames=None) -> int:
-    """Matte every frame of ``video`` against ``context`` and write the outputs; returns the frame
-    count. ``on_frames(n)`` is called after each chunk of n frames (progress)."""
+                chunk_size: int = 4, estimate_colors: bool = True, on_frames=None, name: Optional[str] = None) -> int:
+    """Matte every frame of ``video`` against ``context`` and write the outputs (named by ``name``,
+    default the clip's stem); returns the frame count. ``on_frames(n)`` is called after each chunk
+    of n frames (progress). A clip that decodes to no frames raises ValueError and leaves no outputs."""
     info = probe(video)
-    outputs = VideoOutputs(out_dir, video, info, kinds)
+    outputs = VideoOutputs(out_dir, video, info, kinds, name)
     try:
         for frames in iter_frame_chunks(video, chunk_size):
             alphas = pipe.matte(context, frames, resize_mode=resize_mode, chunk_size=chunk_size)
@@ -187,6 +190,8 @@ def matte_video(pipe, context, video: Path, out_dir: Path, kinds: Sequence[str],
                 outputs.write(to_uint8(alpha), to_uint8(rgba))
             if on_frames is not None:
                 on_frames(len(frames))
+        if outputs.count == 0:
+            raise ValueError("no frames decoded")
         outputs.close()
     except BaseException:
         outputs.abort()

@@ -128,3 +128,102 @@ def test_launcher_converts_from_another_working_directory(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (elsewhere / "out.safetensors").is_file() and "wrote out.safetensors" in done.stdout
+
+
+def _save(array, path, orientation=None):
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+    return path
+
+
+def test_same_named_targets_get_distinct_stable_names(tmp_path, pipe, capsys):
+    from conftest import save_reference_and_targets
+
+    save_reference_and_targets(tmp_path, 2, "a")  # a/t0.png, a/t1.png
+    (tmp_path / "b").mkdir()
+    rng = np.random.default_rng(3)
+    _save((rng.random((40, 30, 3)) * 255).astype(np.uint8), tmp_path / "b" / "t0.png")
+    out = tmp_path / "out"
+    args = ["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+            "--targets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    assert "3 matted, 0 failed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a_t0_alpha.png", "a_t0_rgba.png", "b_t0_alpha.png", "b_t0_rgba.png",
+                                                     "t1_alpha.png", "t1_rgba.png"]  # t1 collides with nothing
+    with Image.open(out / "a_t0_alpha.png") as a, Image.open(out / "b_t0_alpha.png") as b:
+        assert a.size == (60, 90) and b.size == (30, 40)
+    (out / "b_t0_rgba.png").unlink()  # resume: the same names again, only b/t0 is redone
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 target(s)" in err and "1 matted" in err and (out / "b_t0_rgba.png").exists()
+
+
+def test_output_names_of_colliding_targets():
+    from iconmatting_core.batch import output_names
+
+    targets = [Path("x/a/t0.png"), Path("x/a/t0.jpg"), Path("x/a/sub/t0.png"), Path("x/t1.png"), Path("y/T1.png"),
+               Path("x/t1.mp4"), Path("x/c.mp4"), Path("y/c.mov"), Path("a_t0_png.png")]
+    assert output_names(targets) == {
+        Path("x/a/t0.png"): "a_t0_png_2", Path("x/a/t0.jpg"): "a_t0_jpg", Path("x/a/sub/t0.png"): "sub_t0",
+        Path("x/t1.png"): "x_t1", Path("y/T1.png"): "y_T1",  # case-blind: one file on case-insensitive disks
+        Path("x/t1.mp4"): "t1",  # a video's outputs never meet an image's
+        Path("x/c.mp4"): "x_c", Path("y/c.mov"): "y_c", Path("a_t0_png.png"): "a_t0_png"}
+
+
+def test_exif_orientation_is_applied_to_references_masks_and_targets(tmp_path, pipe):
+    from iconmatting_core.batch import read_image, read_mask
+
+    wide = np.zeros((20, 30, 3), np.uint8)
+    wide[0, 0] = 255
+    _save(wide, tmp_path / "rotated.png", orientation=6)  # shown turned 90 degrees clockwise
+    assert np.array_equal(read_image(tmp_path / "rotated.png"), np.rot90(wide, -1) / 255.0)
+    _save(wide[..., 0], tmp_path / "mask6.png", orientation=6)
+    assert np.array_equal(read_mask(tmp_path / "mask6.png"), np.rot90(wide[..., 0], -1) / 255.0)
+
+    from conftest import save_reference_and_targets
+
+    targets = save_reference_and_targets(tmp_path, 0)
+    _save((np.random.default_rng(0).random((40, 64, 3)) * 255).astype(np.uint8), targets / "t.jpg", orientation=6)
+    assert main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--targets", str(targets), "--out", str(tmp_path / "out")], pipe_factory=lambda: pipe) == 0
+    with Image.open(tmp_path / "out" / "t_alpha.png") as im:
+        assert im.size == (40, 64)  # upright: the 64x40 pixels turned
+
+
+def test_a_run_with_nothing_left_to_do_drops_stale_failures(tmp_path, pipe, capsys):
+    from conftest import save_reference_and_targets
+
+    targets = save_reference_and_targets(tmp_path, 1)
+    out = tmp_path / "out"
+    args = ["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+            "--targets", str(targets), "--out", str(out)]
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    (out / "failures.jsonl").write_text('{"path": "gone.png", "error": "old"}\n')
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    assert "skipping 1 target(s)" in capsys.readouterr().err and not (out / "failures.jsonl").exists()
+
+
+def test_written_files_get_their_mode_without_touching_the_umask(tmp_path, pipe, monkeypatch):
+    """os.umask can only be read by setting it, a race with ComfyUI's other threads creating files."""
+    from iconmatting_core.testing import save_tiny_head
+
+    src = save_tiny_head(tmp_path / "ours.safetensors")
+    from conftest import save_reference_and_targets
+
+    save_reference_and_targets(tmp_path, 0)
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        assert main(["convert", str(src), str(tmp_path / "copy.safetensors")]) == 0
+        assert main(["encode", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--out", str(tmp_path / "ctx.safetensors")], pipe_factory=lambda: pipe) == 0
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    for name in ("copy.safetensors", "ctx.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640

@@ -49,6 +49,11 @@ def test_fingerprint_covers_head_and_sd_weights(pipe):
     other_head = tiny_head(head.config, seed=0)
     assert model_fingerprint(other_head, extractor) == base  # same weights, another object
     assert not same_weights(model_fingerprint(tiny_head(head.config, seed=1), extractor), base)  # another head
+    tuned = tiny_head(head.config, seed=0)
+    with torch.no_grad():  # a fine-tune: every weight moved by about 1%
+        for p in tuned.parameters():
+            p.mul_(1 + 0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)).sign())
+    assert not same_weights(model_fingerprint(tuned, extractor), base)
 
     class OtherSD:  # a host's extractor returning the three tensors, one changed
         def fingerprint_tensors(self):

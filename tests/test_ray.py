@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import save_reference_and_targets
+from PIL import Image
+from test_video import FPS, write_clip
+
 from iconmatting_core.__main__ import main, output_paths
 from iconmatting_core.video import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
-from test_video import FPS, write_clip
 
 ray = pytest.importorskip("ray")
 
@@ -73,3 +73,68 @@ def test_ray_engine_images_and_video_with_failures_and_resume(pipe, tiny_dir, tm
     err = capsys.readouterr().err
     assert "skipping 3 target(s)" in err and "1 matted, 0 failed" in err
     assert redo.exists() and t0.stat().st_mtime_ns == stamp and not (out / "failures.jsonl").exists()
+
+
+def test_worker_with_other_weights_than_the_context_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    from iconmatting_core.testing import save_tiny_head
+
+    save_reference_and_targets(tmp_path, 1)
+    other = save_tiny_head(tmp_path / "other.safetensors", seed=1)
+    ctx = tmp_path / "ctx.safetensors"
+    sd = ["--sd", str(tiny_dir / "sd"), "--device", "cpu"]
+    assert main(["encode", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"), "--out", str(ctx),
+                 "--matting-weights", str(tiny_dir / "head.safetensors"), *sd]) == 0
+    out = tmp_path / "out"
+    code = main(["matte", "--context", str(ctx), "--targets", str(tmp_path / "targets"), "--out", str(out),
+                 "--engine", "ray", "--workers", "1", "--matting-weights", str(other), *sd])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: The context file {ctx} was encoded with other model weights" in err
+    assert "Give the workers the weights it was made with" in err and "Traceback" not in err.split("error:")[-1]
+    assert not list(out.glob("*.png"))
+
+
+def test_same_named_targets_on_ray(pipe, tmp_path, capsys):
+    images = save_reference_and_targets(tmp_path, 2, "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "t0.png").write_bytes((images / "t1.png").read_bytes())
+    out = tmp_path / "out"
+    assert main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"), "--targets",
+                 str(images), str(tmp_path / "b"), "--out", str(out), "--engine", "ray", "--workers", "1"],
+                pipe_factory=lambda: pipe) == 0
+    assert "3 matted, 0 failed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*_alpha.png")) == ["a_t0_alpha.png", "b_t0_alpha.png", "t1_alpha.png"]
+    with Image.open(out / "b_t0_alpha.png") as b, Image.open(out / "t1_alpha.png") as t1:
+        assert np.array_equal(np.asarray(b), np.asarray(t1))  # b/t0 is a copy of a/t1
+
+
+def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, monkeypatch, capsys):
+    from iconmatting_core import ray_engine
+
+    images = save_reference_and_targets(tmp_path, 3)
+    real_write = ray_engine.write_file
+
+    def write_then_break(path, data):  # the driver loses the job after the first image
+        real_write(path, data)
+        if path.name.endswith("_rgba.png"):
+            raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(ray_engine, "write_file", write_then_break)
+    out = tmp_path / "out"
+    assert main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"), "--targets",
+                 str(images), "--out", str(out), "--engine", "ray", "--workers", "1"], pipe_factory=lambda: pipe) == 1
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in failures] == [str(images / f"t{i}.png") for i in range(3)]
+    assert all("the Ray job stopped: RayActorError" in f["error"] for f in failures)
+
+
+def test_read_stage_applies_exif_orientation(tmp_path):
+    from iconmatting_core.ray_engine import read_targets
+
+    wide = np.zeros((20, 30, 3), np.uint8)
+    wide[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif)
+    (row,) = read_targets({"target": np.array([str(tmp_path / "rotated.png")], dtype=object)}, chunk_size=2)
+    assert row["error"][0] == "" and np.array_equal(row["frame"][0], np.rot90(wide, -1))

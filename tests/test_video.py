@@ -5,9 +5,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import make_reference
 from PIL import Image
 
-from conftest import make_reference
 from iconmatting_core.__main__ import main
 from iconmatting_core.video import output_paths, read_rgba_frames
 
@@ -112,3 +112,26 @@ def test_core_imports_without_ray_or_av():
             "iconmatting_core.context_file, iconmatting_core.hub; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):
+    from iconmatting_core import video
+
+    clip = write_clip(tmp_path / "clip.mp4", frames=1)
+    monkeypatch.setattr(video, "iter_frame_chunks", lambda path, chunk_size: iter(()))  # decodes to nothing
+    out = tmp_path / "out"
+    assert main(["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out)], pipe_factory=lambda: pipe) == 1
+    err = capsys.readouterr().err
+    assert "clip.mp4: FAILED: ValueError: no frames decoded" in err and "0 matted, 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl"]
+
+
+def test_same_named_clips_get_distinct_outputs(pipe, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_clip(tmp_path / folder / "clip.mp4", frames=1)
+    out = tmp_path / "out"
+    assert main(["matte", *_reference(tmp_path), "--targets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+                 "--video-out", "alpha,png"], pipe_factory=lambda: pipe) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_clip_alpha.mp4", "a_clip_frames", "b_clip_alpha.mp4", "b_clip_frames"]
+    assert [p.name for p in (out / "b_clip_frames").iterdir()] == ["b_clip_000000.png"]
