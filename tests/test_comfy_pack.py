@@ -120,7 +120,8 @@ def comfy_run(tmp_path_factory):
         ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
         scripts=[{"path": str(EQUIVALENCE_SCRIPT), "args": {"ckpt": SD_FILE, "head": str(models / "iconmatting" / HEAD_FILE)}},
-                 {"path": str(NO_MODELS_SCRIPT), "args": {"empty": str(base / "empty_models")}}],
+                 {"path": str(NO_MODELS_SCRIPT), "args": {"empty": str(base / "empty_models"),
+                                                          "prompt": json.loads((WORKFLOWS / "api" / COMPOSITE).read_text())}}],
     )
     return result, work, models
 
@@ -199,6 +200,11 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
 
 
+def test_a_model_that_is_not_sd2_is_refused(comfy_run):
+    message = comfy_run[0]["scripts"][0]["result"]["sd1_refused"]
+    assert message and "not Stable Diffusion 2.x" in message and "v2-1_768-ema-pruned.safetensors" in message
+
+
 def test_the_head_runs_with_weights_cast_per_layer_as_in_partial_loading(comfy_run):
     """--lowvram/--novram leave weights offloaded and cast them per call (comfy.ops): every head layer can."""
     out = comfy_run[0]["scripts"][0]["result"]
@@ -224,6 +230,9 @@ def test_without_any_model_the_loader_offers_the_released_name_and_says_where_to
     out = script["result"]
     assert out["options"] == ["icm.ckpt"] and out["default"] == "icm.ckpt"
     assert out["validation"].startswith("IconMatting weights 'icm.ckpt' are not in") and "Download icm.ckpt" in out["validation"]
+    served = out["served_validation"]  # the shipped workflow as a new user queues it, through ComfyUI's /prompt
+    errors = [e for node in served["node_errors"].values() for e in node["errors"]]
+    assert not served["ok"] and len(errors) == 1 and "Download icm.ckpt" in errors[0]["details"]
 
 
 def test_every_node_has_a_help_page_served_from_the_web_directory(comfy_run):

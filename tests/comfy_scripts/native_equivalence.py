@@ -4,6 +4,7 @@ own SD 2.x objects (Load Checkpoint) against the core's diffusers path on the sa
 args: ``ckpt`` (file name in models/checkpoints), ``head`` (path of the head .safetensors).
 Returns max abs differences per quantity, and whether the user's MODEL was left untouched.
 """
+import copy
 import sys
 
 import torch
@@ -108,6 +109,21 @@ def run(ctx):
     out["head_cast_layers"] = len(cast)
     out["head_layers"] = sum(1 for m in native.model.head.modules() if list(m.parameters(recurse=False)))
     out["alpha_cast_mode"] = max(_diff(a, b) for a, b in zip(alpha_cast, results["native"][2]))
+
+    # a model that is not SD 2.x (here: the same weights declared SD 1.5) is refused, not matted with wrong features
+    import comfy.supported_models
+
+    saved = model.model.model_config
+    fake = copy.copy(saved)
+    fake.__class__ = comfy.supported_models.SD15
+    model.model.model_config = fake
+    try:
+        host.IconMattingOnHost(model, clip, vae, ctx.args["head"], "fp32")
+        out["sd1_refused"] = None
+    except ValueError as exc:
+        out["sd1_refused"] = str(exc)
+    finally:
+        model.model.model_config = saved
 
     after = user_forward()
     out["user_model_bit_equal"] = bool(torch.equal(before, after))
