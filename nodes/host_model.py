@@ -112,8 +112,8 @@ class IconMattingOnHost:
         if "size" in inspect.signature(cls.__init__).parameters:
             kwargs["size"] = mm.module_size(self.model)
         self.patcher = cls(self.model, **kwargs)
-        head.load_state_dict({k: v.to(head.state_dict()[k].dtype) for k, v in state.items()}, strict=True,
-                             assign=_is_dynamic(self.patcher))
+        dtypes = {k: v.dtype for k, v in head.state_dict().items()}
+        head.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, strict=True, assign=_is_dynamic(self.patcher))
         extractor.companions = [self.patcher]
         self.config = config
 
