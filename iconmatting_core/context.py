@@ -23,7 +23,7 @@ Cells that are entirely letterbox padding never become region tokens: they cover
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,45 +127,33 @@ def cell_selection(mask: torch.Tensor, placement: Placement, size: int, grid: in
 
 
 def region_tokens(
-    correspondence: torch.Tensor, mask: torch.Tensor, pooling: str, placement: Optional[Placement] = None, size: int = 0
+    correspondence: torch.Tensor, mask: torch.Tensor, placement: Placement, size: int, pooling: str
 ) -> torch.Tensor:
-    """correspondence [C, h, w] -> tokens [N, C] of the selected cells.
-
-    With ``placement`` (and the model's input ``size``): mask is the original-resolution [H, W]
-    mask (:func:`cell_selection`). Without: mask is the binary [1, S, S] mask at the model's
-    input (:func:`cell_mask`).
-    """
-    grid = correspondence.shape[-1]
-    if placement is None:
-        selected = cell_mask(mask, grid, pooling)
-    else:
-        selected = cell_selection(mask, placement, size, grid, pooling)
+    """correspondence [C, h, w] and the original-resolution mask [H, W] of an image placed by
+    ``placement`` in the model's ``size`` input -> tokens [N, C] of the cells :func:`cell_selection` picks."""
+    selected = cell_selection(mask, placement, size, correspondence.shape[-1], pooling)
     return correspondence.flatten(1).t()[selected.flatten().to(correspondence.device)]
 
 
 def build_context(
     correspondences: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor],
+    placements: Sequence[Placement],
     config: IconMattingConfig,
     pooling: str = "mask",
     seed: int = 0,
-    reference_sizes: Sequence[Tuple[int, int]] = (),
-    placements: Optional[Sequence[Placement]] = None,
+    resize_mode: str = "pad",
 ) -> ReferenceContext:
-    """Reference features [C, h, w] and masks -> ReferenceContext.
+    """Reference features [C, h, w], original-resolution masks [H, W] in [0, 1] and the references'
+    placements (one each) -> ReferenceContext.
 
-    masks: with ``placements`` (one per reference), the original-resolution masks [H, W] in
-    [0, 1] (cells chosen by :func:`cell_selection`); without, prepared binary masks [1, S, S].
     Raises ValueError naming the reference when its mask selects no cell.
     """
+    if not len(correspondences) == len(masks) == len(placements):
+        raise ValueError(f"got {len(correspondences)} references, {len(masks)} masks and {len(placements)} placements")
     tokens: List[torch.Tensor] = []
-    if placements is not None and len(placements) != len(masks):
-        raise ValueError(f"got {len(masks)} masks but {len(placements)} placements")
-    for i, (feat, mask) in enumerate(zip(correspondences, masks)):
-        if placements is None:
-            t = region_tokens(feat.float(), mask.to(feat.device), pooling)
-        else:
-            t = region_tokens(feat.float(), mask, pooling, placements[i], config.image_size)
+    for i, (feat, mask, placement) in enumerate(zip(correspondences, masks, placements)):
+        t = region_tokens(feat.float(), mask, placement, config.image_size, pooling)
         if t.shape[0] == 0:
             stride = config.image_size // feat.shape[-1]
             hint = (
@@ -184,5 +172,6 @@ def build_context(
         config=config,
         pooling=pooling,
         seed=seed,
-        reference_sizes=tuple(tuple(s) for s in reference_sizes),
+        reference_sizes=tuple((p.height, p.width) for p in placements),
+        resize_mode=resize_mode,
     )

@@ -97,6 +97,15 @@ def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
     return torch.stack(prepared), placements
 
 
+def _check_finite(x: torch.Tensor, stage: str, dtype: Optional[torch.dtype] = None) -> None:
+    """A NaN/inf out of the head (an overflow in half precision) is an error, never a garbage matte."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"IconMatting's {stage} overflowed in {dtype or x.dtype} (NaN/inf). Run the head in fp32 "
+            "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
+        )
+
+
 def _chunks(n: int, size: int):
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {size}")
@@ -176,12 +185,9 @@ class IconMattingPipeline:
         for x, _, _ in prepared:
             feats = self.model.extractor(x[None].to(device), seed=seed, with_attention=False, noise_stream=REFERENCE_NOISE)
             correspondences.append(feats.correspondence[0].float().cpu())
-        context = build_context(
-            correspondences, [m for _, m, _ in prepared], cfg, pooling, seed, [(p.height, p.width) for _, _, p in prepared],
-            placements=[p for _, _, p in prepared],
+        return build_context(
+            correspondences, [m for _, m, _ in prepared], [p for _, _, p in prepared], cfg, pooling, seed, resize_mode
         )
-        context.resize_mode = resize_mode
-        return context
 
     @torch.no_grad()
     def match(
@@ -206,11 +212,7 @@ class IconMattingPipeline:
             batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
             feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
             fused, similarity = match_features(self.model.head, tokens, feats, valid=placements)
-            if not torch.isfinite(fused).all():
-                raise FloatingPointError(
-                    f"IconMatting's matching layers overflowed in {fused.dtype} (NaN/inf). Run the head in fp32 "
-                    "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
-                )
+            _check_finite(fused, "matching layers")
             parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
             del feats, fused, similarity, batch
             if progress is not None:
@@ -232,11 +234,7 @@ class IconMattingPipeline:
             part = match.slice(start, stop).to(device, dtype)
             images, _ = _prepare(part.sources, self.config.image_size, match.resize_mode, start)
             alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
-            if not torch.isfinite(alpha).all():
-                raise FloatingPointError(
-                    f"IconMatting's matting head overflowed in {dtype} (NaN/inf alpha). Run the head in fp32 "
-                    "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
-                )
+            _check_finite(alpha, "matting head", dtype)
             for a, placement in zip(alpha, part.placements):
                 alphas.append(pre.restore_alpha(a, placement).to(output_device))
             if progress is not None:

@@ -115,7 +115,6 @@ class IconMattingOnHost:
         dtypes = {k: v.dtype for k, v in head.state_dict().items()}
         head.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, strict=True, assign=_is_dynamic(self.patcher))
         extractor.companions = [self.patcher]
-        self.config = config
 
     def get_models(self):
         """The patchers this object uses (newer ComfyUI tracks the models a prompt's outputs hold)."""
@@ -126,10 +125,9 @@ class IconMattingOnHost:
         return self.model.extractor
 
     def pipeline(self, features: bool = True) -> IconMattingPipeline:
-        """Ask ComfyUI to place the head and, when features are to be computed, the UNet and VAE with
-        it (partial loading allowed); then wrap them. Decoding alone needs only the head."""
-        if features:
-            self.extractor.load_all(0)
-        else:
+        """The pipeline over the host's models. With features, every feature step first asks ComfyUI
+        to place the UNet, VAE and head together (``ComfyFeatureExtractor.load_all``); decoding alone
+        needs only the head, placed here."""
+        if not features:
             mm.load_models_gpu([self.patcher])
         return IconMattingPipeline(self.model)

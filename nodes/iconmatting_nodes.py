@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import torch
 
 import comfy.model_management as mm
@@ -26,6 +25,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..iconmatting_core import preprocess as pre
+from ..iconmatting_core.batch import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.checkpoint import CheckpointError
 from ..iconmatting_core.context import POOLING_MODES, ReferenceContext
 from ..iconmatting_core.matching import MatchResult
@@ -44,7 +44,6 @@ WEIGHTS_HINT = (
     "Download icm.ckpt (the IconMatting release, linked from github.com/tiny-smart/in-context-matting) "
     "into ComfyUI/models/iconmatting/."
 )
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 ALIASES = ["matting", "alpha", "alpha matte", "cutout", "remove background", "background removal", "in-context matting"]
 
 ModelType = io.Custom("ICONMATTING_MODEL")
@@ -326,16 +325,13 @@ class IconMattingLoadImageFolder(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder):
-        from PIL import Image, ImageOps
-
         images, names = [], []
         for path in cls._files(folder):
             try:
-                with Image.open(path) as im:
-                    rgb = ImageOps.exif_transpose(im).convert("RGB")
+                rgb = read_image(path)  # upright (EXIF), as the command line reads it
             except OSError as exc:
                 raise ValueError(f"Cannot read image {path} ({exc}). Remove or replace the file.") from exc
-            images.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None])
+            images.append(torch.from_numpy(rgb)[None])
             names.append(path.stem)
         return io.NodeOutput(images, names)
 

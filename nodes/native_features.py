@@ -111,16 +111,15 @@ class ComfyFeatureExtractor(FeatureExtractor):
         self._stop_block = self._stop_at[True]
         self._captured: Dict[int, torch.Tensor] = {}
         self.patcher = model.clone()
-        for name, index, level in blocks:
-            if latent >> level in config.attention_resolutions:
-                self.patcher.set_model_attn1_replace(self._attn1, name, index)
+        recorded_blocks = [(name, index) for name, index, level in blocks if latent >> level in config.attention_resolutions]
+        for name, index in recorded_blocks:
+            self.patcher.set_model_attn1_replace(self._attn1, name, index)
         self.patcher.set_model_output_block_patch(self._output_block)
         # the UNet runs with these patches only: other extensions' patches on the user's MODEL (FreeU, ...)
         # are for generation and would change the features the head was trained on
-        ours = self.patcher.model_options["transformer_options"]
         self._transformer_options = {
             "patches": {"output_block_patch": [self._output_block]},
-            "patches_replace": {"attn1": {k: v for k, v in ours["patches_replace"]["attn1"].items() if v == self._attn1}},
+            "patches_replace": {"attn1": {block: self._attn1 for block in recorded_blocks}},
         }
         self.companions: List = []  # other patchers to keep loaded with ours (the IconMatting head's)
 
@@ -171,7 +170,7 @@ class ComfyFeatureExtractor(FeatureExtractor):
         memory = base.memory_required(list(latents.shape)) + self.recorder_bytes(latents.shape[0])
         self.load_all(memory)
         device, dtype = self.device, self.dtype
-        transformer_options = {k: dict(v) for k, v in self._transformer_options.items()}
+        transformer_options = dict(self._transformer_options)  # the UNet writes its own keys into it
         t = torch.full((latents.shape[0],), float(self.config.timestep), device=device)
         self._captured = {}
         self._stop_block = self._stop_at[with_attention]
