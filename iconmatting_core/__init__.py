@@ -24,4 +24,4 @@ __all__ = [
     "load_pipeline",
     "save_head",
 ]
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402, F401  (the one place of the version)
