@@ -159,6 +159,8 @@ class ComfyHost:
     python_path: Tuple[Path, ...]
     #: folder holding the host's pinned ``comfyui-frontend-package`` (None: the venv's is the pinned one)
     frontend_dir: Optional[Path] = None
+    #: ComfyUI flags every run of this host gets (before the caller's)
+    comfy_args: Tuple[str, ...] = ()
 
     def __str__(self) -> str:  # test ids, messages
         return self.version
@@ -360,7 +362,10 @@ def _prepare_source_host(version: str) -> ComfyHost:
     root = final / "ComfyUI"
     ensure_host_requirements(root)
     frontend = _host_frontend(final, root)
-    return ComfyHost(version, root, (final / "stubs", frontend), frontend)
+    # 0.28's default RAM-pressure cache frees cached outputs and models whenever free RAM drops below 10%
+    # (min 2 GB), even mid-prompt: on a shared test machine what a run reports would depend on what else
+    # runs. Same cache, freeing only below 0.25 GB (and never the idle cache of earlier prompts).
+    return ComfyHost(version, root, (final / "stubs", frontend), frontend, ("--cache-ram", "0.25", "0"))
 
 
 def host_requirements(root: Path) -> List[str]:
@@ -524,7 +529,7 @@ def run_comfy(
             "timeout": timeout,
             "extra_packs": [{"path": str(Path(p).resolve()), "name": Path(p).name} for p in extra_packs or ()],
             "scripts": [_script_spec(s) for s in scripts or ()],
-            "comfy_args": list(comfy_args or ()),
+            "comfy_args": [*host.comfy_args, *(comfy_args or ())],
         }
         spec_path = work / "harness-spec.json"
         report_path = work / "harness-report.json"

@@ -155,7 +155,8 @@ class ComfyServer:
                 link.symlink_to(path.resolve(), target_is_directory=path.is_dir())
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.work), "--front-end-root", str(frontend_static_dir(self.host)),
-               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch"]
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch",
+               *self.host.comfy_args]
         env = dict(os.environ, PYTHONPATH=self.host.pythonpath, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.host.root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
