@@ -46,11 +46,6 @@ class IconMattingConfig:
         """Side of the self-attention maps used: (image_size/32, image_size/16)."""
         return (self.image_size // 32, self.image_size // 16)
 
-    @property
-    def feature_stride(self) -> int:
-        """Pixels per cell of the correspondence feature grid (16)."""
-        return 16
-
     def to_dict(self) -> dict:
         return asdict(self)
 

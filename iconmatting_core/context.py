@@ -55,9 +55,6 @@ class ReferenceContext:
     def num_references(self) -> int:
         return len(self.token_counts)
 
-    def to(self, device) -> "ReferenceContext":
-        return replace(self, tokens=self.tokens.to(device))
-
     def merge(self, other: "ReferenceContext") -> "ReferenceContext":
         """One context holding the tokens of both (same model configuration required)."""
         if other.config != self.config:

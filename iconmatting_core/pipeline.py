@@ -62,15 +62,6 @@ class IconMattingModel(nn.Module):
         return next(self.parameters()).dtype
 
 
-def estimate_inference_bytes(config: IconMattingConfig, dtype: torch.dtype, images_per_chunk: int) -> int:
-    """Rough device memory for one chunk beyond the weights (UNet activations of the noised
-    copies, the recorded attention maps); for a host's memory manager, not a guarantee."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    scale = (config.image_size / 768) ** 2
-    per_copy = 1.2e9 * scale * elem / 2 + 0.25e9 * scale**2  # activations; attention maps grow with tokens^2
-    return int(images_per_chunk * config.ensemble_size * per_copy)
-
-
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
