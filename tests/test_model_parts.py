@@ -395,3 +395,17 @@ def test_sd1_diffusers_folder_is_refused(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match="quick_gelu.*Stable Diffusion 2.1"):
         load_sd_components(root)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_converted_file_is_a_normal_file_for_the_umask(tmp_path, umask, mode):
+    import stat
+
+    cfg = tiny_config()
+    src = save_tiny_head(tmp_path / "icm.ckpt", cfg, seed=2, layout="reference")
+    old = os.umask(umask)
+    try:
+        dst = ckpt.convert_checkpoint(src, tmp_path / "icm.safetensors", cfg)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dst.stat().st_mode) == mode
