@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import IconMattingConfig
+from .config import OVERFLOW_ADVICE, IconMattingConfig
 
 
 @dataclass
@@ -196,7 +196,7 @@ class FeatureExtractor(nn.Module):
         maps = list(ups) + (list(attention.values()) if attention else [])
         if not all(torch.isfinite(m).all() for m in maps):
             raise FloatingPointError(
-                f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf). Run IconMatting in fp32 or bf16."
+                f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf): {OVERFLOW_ADVICE}."
             )
         return ImageFeatures(up_features=ups, attention=attention)
 
