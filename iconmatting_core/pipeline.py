@@ -62,6 +62,12 @@ class IconMattingModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def close(self) -> None:
+        """Give the SD modules back as they were (see :meth:`SDFeatureExtractor.close`)."""
+        close = getattr(self.extractor, "close", None)
+        if close is not None:
+            close()
+
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device in (None, "auto"):
@@ -293,6 +299,7 @@ def load_model(
     dtype = resolve_dtype(dtype, resolve_device(device))
     head, empty_prompt = load_head(matting_weights, config)
     sd = load_sd_components(sd_path, dtype)
+    sd.vae.decoder = None  # loaded here for IconMatting alone, which uses only the encoder
     # a checkpoint that kept the reference's prompt buffer conditions exactly as in training
     if empty_prompt is not None and empty_prompt.shape != sd.empty_prompt_embedding.shape:
         raise CheckpointError(

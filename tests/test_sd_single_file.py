@@ -16,7 +16,8 @@ from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
 from iconmatting_core.testing import (
-    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
+    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict,
+    tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
 )
 
 TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)
