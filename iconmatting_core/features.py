@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .config import OVERFLOW_ADVICE, IconMattingConfig
@@ -75,17 +76,17 @@ class SelfAttentionRecorder:
         its mean over heads is added to the image's sum (copies of an image are adjacent in B).
         """
         res = self.token_counts[q.shape[1]]
-        batch, tokens, inner = q.shape
+        batch, tokens, _ = q.shape
         acc = self.sums.get(res)
         if acc is None:
             acc = torch.zeros(self.images, tokens, tokens, device=q.device, dtype=torch.float32)
             self.sums[res] = acc
         out = torch.empty_like(q)
         for i in range(batch):
-            qh, kh, vh = (t[i].float().view(tokens, heads, -1).transpose(0, 1) for t in (q, k, v))
+            qh, kh, vh = (rearrange(t[i].float(), "t (h d) -> h t d", h=heads) for t in (q, k, v))
             probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
             acc[i // self.copies] += probs.mean(dim=0)
-            out[i] = torch.matmul(probs, vh).transpose(0, 1).reshape(tokens, inner).to(q.dtype)
+            out[i] = rearrange(torch.matmul(probs, vh), "h t d -> t (h d)").to(q.dtype)
             del probs
         self.layers[res] = self.layers.get(res, 0) + 1
         return out
