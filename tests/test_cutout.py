@@ -160,3 +160,10 @@ def test_normalise_map_and_heatmap_by_hand():
     colours = post.heatmap(torch.tensor([[0.0, 0.125, 0.25, 0.75, 1.0, 2.0]]))[0]
     want = torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.25, 0.65], [0.0, 0.5, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert torch.allclose(colours, want, atol=1e-6)
+
+
+def test_cutouts_build_no_autograd_graph():
+    image, alpha = synthetic(40, 50, seed=4)
+    image.requires_grad_(True)
+    fg = post.estimate_foreground(image[None], alpha[None])
+    assert not fg.requires_grad and fg.grad_fn is None
