@@ -252,17 +252,19 @@ def load_head(path, config: Optional[IconMattingConfig] = None, operations=None)
 
 
 def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torch.Tensor] = None) -> None:
-    """Write our ``.safetensors`` (config stored in the metadata)."""
-    from safetensors.torch import save_file
+    """Write our ``.safetensors`` (config stored in the metadata) as a normal file: its mode is
+    0666 less the umask, like any file the user writes (``safetensors.torch.save_file`` would
+    create it 0600)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     if empty_prompt_embedding is not None:
         tensors[EMPTY_PROMPT_KEY] = empty_prompt_embedding.detach().float().contiguous().cpu()
-    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())})
+    Path(path).write_bytes(save(tensors, metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())}))
 
 
 def current_umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` can only read it by setting it,
+    """(Used by ``context_file``.) The process's umask, read without changing it (``os.umask`` can only read it by setting it,
     which races with other threads creating files, e.g. inside ComfyUI): Linux's
     ``/proc/self/status``; elsewhere the set-and-restore fallback."""
     try:
@@ -278,10 +280,7 @@ def current_umask() -> int:
 
 
 def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:
-    """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors``; returns dst.
-
-    dst gets a normal file's mode (0666 less the umask; safetensors alone creates it 0600)."""
+    """Released ``.ckpt`` (or any accepted file) -> our ``.safetensors`` (see :func:`save_head`); returns dst."""
     head, prompt = load_head(src, config)
     save_head(head, dst, prompt)
-    os.chmod(dst, 0o666 & ~current_umask())
     return Path(dst)

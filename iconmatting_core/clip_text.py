@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 BOS_TOKEN, EOS_TOKEN = 49406, 49407
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
@@ -104,9 +105,9 @@ def encode_empty_prompt(
     for layer in layers:
         h = F.layer_norm(x, (dim,), *layer["ln1"], eps=eps)
         q, k, v = F.linear(h, layer["qkv_w"], layer["qkv_b"]).chunk(3, dim=-1)
-        q, k, v = (t.view(1, length, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (rearrange(t, "1 t (h d) -> 1 h t d", h=heads) for t in (q, k, v))
         h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + F.linear(h.transpose(1, 2).reshape(1, length, dim), *layer["out"])
+        x = x + F.linear(rearrange(h, "1 h t d -> 1 t (h d)"), *layer["out"])
         h = F.layer_norm(x, (dim,), *layer["ln2"], eps=eps)
         x = x + F.linear(F.gelu(F.linear(h, *layer["fc1"])), *layer["fc2"])
     return F.layer_norm(x, (dim,), *final, eps=eps)

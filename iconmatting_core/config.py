@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Tuple
 
 SD_CONFIG_DIR = Path(__file__).parent / "sd_configs"
+OVERFLOW_ADVICE = "load IconMatting in fp32 or bf16 (the dtype option, --dtype on the command line)"
+"""What every NaN/inf error recommends; "auto" precision picks one of the two (pipeline.resolve_dtype)."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,6 @@ class IconMattingConfig:
     def attention_resolutions(self) -> Tuple[int, int]:
         """Side of the self-attention maps used: (image_size/32, image_size/16)."""
         return (self.image_size // 32, self.image_size // 16)
-
-    @property
-    def feature_stride(self) -> int:
-        """Pixels per cell of the correspondence feature grid (16)."""
-        return 16
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,6 +27,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .config import IconMattingConfig
 from .preprocess import Placement
@@ -54,9 +55,6 @@ class ReferenceContext:
     @property
     def num_references(self) -> int:
         return len(self.token_counts)
-
-    def to(self, device) -> "ReferenceContext":
-        return replace(self, tokens=self.tokens.to(device))
 
     def merge(self, other: "ReferenceContext") -> "ReferenceContext":
         """One context holding the tokens of both (same model configuration required)."""
@@ -132,7 +130,8 @@ def region_tokens(
     """correspondence [C, h, w] and the original-resolution mask [H, W] of an image placed by
     ``placement`` in the model's ``size`` input -> tokens [N, C] of the cells :func:`cell_selection` picks."""
     selected = cell_selection(mask, placement, size, correspondence.shape[-1], pooling)
-    return correspondence.flatten(1).t()[selected.flatten().to(correspondence.device)]
+    cells = rearrange(correspondence, "c h w -> (h w) c")
+    return cells[rearrange(selected, "h w -> (h w)").to(correspondence.device)]
 
 
 def build_context(

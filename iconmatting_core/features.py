@@ -20,13 +20,15 @@ targets), so a batch gives the same result as its images one at a time, on any d
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from .config import IconMattingConfig
+from .config import OVERFLOW_ADVICE, IconMattingConfig
 
 
 @dataclass
@@ -74,17 +76,17 @@ class SelfAttentionRecorder:
         its mean over heads is added to the image's sum (copies of an image are adjacent in B).
         """
         res = self.token_counts[q.shape[1]]
-        batch, tokens, inner = q.shape
+        batch, tokens, _ = q.shape
         acc = self.sums.get(res)
         if acc is None:
             acc = torch.zeros(self.images, tokens, tokens, device=q.device, dtype=torch.float32)
             self.sums[res] = acc
         out = torch.empty_like(q)
         for i in range(batch):
-            qh, kh, vh = (t[i].float().view(tokens, heads, -1).transpose(0, 1) for t in (q, k, v))
+            qh, kh, vh = (rearrange(t[i].float(), "t (h d) -> h t d", h=heads) for t in (q, k, v))
             probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
             acc[i // self.copies] += probs.mean(dim=0)
-            out[i] = torch.matmul(probs, vh).transpose(0, 1).reshape(tokens, inner).to(q.dtype)
+            out[i] = rearrange(torch.matmul(probs, vh), "h t d -> t (h d)").to(q.dtype)
             del probs
         self.layers[res] = self.layers.get(res, 0) + 1
         return out
@@ -196,7 +198,7 @@ class FeatureExtractor(nn.Module):
         maps = list(ups) + (list(attention.values()) if attention else [])
         if not all(torch.isfinite(m).all() for m in maps):
             raise FloatingPointError(
-                f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf). Run IconMatting in fp32 or bf16."
+                f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf): {OVERFLOW_ADVICE}."
             )
         return ImageFeatures(up_features=ups, attention=attention)
 
@@ -234,30 +236,104 @@ class _RecordingAttnProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+_BORROWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""UNet -> its open SDFeatureExtractors and the flags its caller had set (restored by the last close)."""
+
+
+def _module_flags(unet: nn.Module, vae: nn.Module):
+    """requires_grad of every parameter and train/eval of every submodule; the UNet itself only by
+    value (a weak dictionary's value must not hold its key)."""
+    return (
+        unet.training,
+        [(p, p.requires_grad) for m in (unet, vae) for p in m.parameters()],
+        [(m, m.training) for m in (*list(unet.modules())[1:], *vae.modules())],
+    )
+
+
+def _restore_flags(unet: nn.Module, flags) -> None:
+    unet_training, params, modes = flags
+    unet.training = unet_training
+    for p, flag in params:
+        p.requires_grad_(flag)
+    for m, training in modes:
+        m.training = training
+
+
 class SDFeatureExtractor(FeatureExtractor):
-    """Frozen diffusers SD UNet + VAE encoder + the empty-prompt embedding buffer."""
+    """Frozen diffusers SD UNet + VAE encoder + the empty-prompt embedding buffer.
+
+    It borrows the caller's modules and gives them back as it found them on :meth:`close` (or at
+    the end of a ``with`` block): it wraps the UNet's self-attention processors and adds forward
+    hooks to up blocks 0-2, and freezes both modules (``requires_grad`` off, eval mode); close
+    unwraps exactly its own processors and removes its hooks, and the last extractor over a UNet
+    to close restores the flags the caller had set. The VAE is used
+    as given (``load_model`` drops the decoder of the VAE it loads itself). The wrappers and hooks
+    act only while this extractor runs, so several extractors may share one UNet.
+    """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
         super().__init__(config, empty_prompt_embedding, vae.config.scaling_factor)
         self.unet = unet
-        if getattr(vae, "decoder", None) is not None:
-            vae.decoder = None  # only the encoder is used
         self.vae = vae
+        users = _BORROWED.setdefault(unet, {"extractors": weakref.WeakSet(), "flags": None})
+        if not users["extractors"]:  # the first borrower keeps the flags as the caller had them
+            users["flags"] = _module_flags(unet, vae)
+        users["extractors"].add(self)
         self.requires_grad_(False)
         self.eval()
+        self._wrapped = []  # (attention module, our processor)
         for name, module in self.unet.named_modules():
             if name.endswith("attn1") and hasattr(module, "processor"):
-                module.set_processor(_RecordingAttnProcessor(module.processor, self.recorder))
+                wrapper = _RecordingAttnProcessor(module.processor, self.recorder)
+                module.set_processor(wrapper)
+                self._wrapped.append((module, wrapper))
         self._captured: Dict[int, torch.Tensor] = {}
         self._stop_after = 2
-        for i, block in enumerate(self.unet.up_blocks[:3]):
-            block.register_forward_hook(self._make_hook(i))
+        self._running = False
+        self._hooks = [block.register_forward_hook(self._make_hook(i)) for i, block in enumerate(self.unet.up_blocks[:3])]
+        self.closed = False
+
+    def close(self) -> None:
+        """Give the UNet and VAE back as they were: own processors unwrapped (wherever another
+        extractor's wrapper now sits around them), hooks removed, requires_grad/train flags restored."""
+        if self.closed:
+            return
+        for module, wrapper in self._wrapped:
+            if module.processor is wrapper:
+                module.set_processor(wrapper.inner)
+                continue
+            outer = module.processor
+            while isinstance(outer, _RecordingAttnProcessor) and outer.inner is not wrapper:
+                outer = outer.inner
+            if isinstance(outer, _RecordingAttnProcessor):
+                outer.inner = wrapper.inner
+        for handle in self._hooks:
+            handle.remove()
+        users = _BORROWED.get(self.unet)
+        if users is not None and self in users["extractors"]:
+            users["extractors"].discard(self)
+            if not users["extractors"]:  # the last borrower gives the flags back
+                _restore_flags(self.unet, users.pop("flags"))
+                del _BORROWED[self.unet]
+        self._wrapped, self._hooks = [], []
+        self.closed = True
+
+    def __enter__(self) -> "SDFeatureExtractor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _make_hook(self, index: int):
+        owner = weakref.ref(self)  # the UNet must not keep its borrower alive
+
         def hook(_module, _inputs, output):
+            ext = owner()
+            if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
+                return
             if index < 2:
-                self._captured[index] = output
-            if index >= self._stop_after:
+                ext._captured[index] = output
+            if index >= ext._stop_after:
                 raise StopUNet()
         return hook
 
@@ -275,8 +351,11 @@ class SDFeatureExtractor(FeatureExtractor):
 
     def unet_up_features(self, latents, cond, with_attention):
         t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
+        if self.closed:
+            raise RuntimeError("this SDFeatureExtractor is closed: build a new one over the UNet")
         self._captured = {}
         self._stop_after = 2 if with_attention else 1
+        self._running = True
         try:
             try:
                 self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype))
@@ -286,6 +365,7 @@ class SDFeatureExtractor(FeatureExtractor):
                 raise RuntimeError("UNet did not run its up blocks 0 and 1")
             return self._captured[0], self._captured[1]
         finally:
+            self._running = False
             self._captured = {}
 
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:

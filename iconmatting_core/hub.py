@@ -45,17 +45,6 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cached(filename: str, cache_dir: Path) -> Optional[Path]:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(SD_REPO_ID, filename, cache_dir=str(cache_dir))
-    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
-
-
-def _snapshot_root(file_path: Path, filename: str) -> Path:
-    return file_path.parents[len(Path(filename).parts) - 1]
-
-
 def missing_sd_message(missing: List[str], cache_dir: Path, reason: str, models_dir: Optional[Path] = None) -> str:
     where = f" into {models_dir}" if models_dir else ""
     return (
@@ -70,29 +59,30 @@ def missing_sd_message(missing: List[str], cache_dir: Path, reason: str, models_
 def find_or_download_sd(models_dir: Optional[Path] = None, offline: Optional[bool] = None) -> Path:
     """Path of a diffusers SD 2.1 folder holding :data:`SD_FILES`, from the cache or downloaded.
 
-    Downloads (with progress bars) only the files missing from the cache, unless offline
-    (``offline`` or ``HF_HUB_OFFLINE=1``). Raises SDNotFoundError when they cannot be had.
+    ``huggingface_hub.snapshot_download`` restricted to :data:`SD_FILES` (``allow_patterns``)
+    downloads, with progress bars, only the files missing from the cache, unless offline
+    (``offline`` or ``HF_HUB_OFFLINE=1``: ``local_files_only``). Raises SDNotFoundError naming the
+    missing files when they cannot be had.
     """
+    from huggingface_hub import snapshot_download
+
     cache_dir = hub_cache_dir()
     offline = hub_offline() if offline is None else offline
-    found = {name: _cached(name, cache_dir) for name in SD_FILES}
-    missing = [name for name, path in found.items() if path is None]
-    if missing and offline:
+    if offline:
         reason = "offline: HF_HUB_OFFLINE is set" if hub_offline() else "not in the Hugging Face cache"
-        raise SDNotFoundError(missing_sd_message(missing, cache_dir, reason, models_dir))
+    else:
+        print(f"Stable Diffusion 2.1: fetching what is missing of {SD_REPO_ID} into {cache_dir}", flush=True)
+    try:
+        root = Path(
+            snapshot_download(SD_REPO_ID, allow_patterns=list(SD_FILES), cache_dir=str(cache_dir), local_files_only=offline)
+        )
+    except Exception as exc:  # no network, nothing cached, repo moved, disk full: say what to fetch by hand
+        if not offline:
+            reason = f"download failed: {type(exc).__name__}: {exc}"
+        raise SDNotFoundError(missing_sd_message(list(SD_FILES), cache_dir, reason, models_dir)) from exc
+    missing = [name for name in SD_FILES if not (root / name).is_file()]
     if missing:
-        from huggingface_hub import hf_hub_download
-
-        print(f"downloading Stable Diffusion 2.1 ({len(missing)} files of {SD_REPO_ID}) into {cache_dir}", flush=True)
-        try:
-            for name in missing:
-                found[name] = Path(hf_hub_download(SD_REPO_ID, name, cache_dir=str(cache_dir)))
-        except Exception as exc:  # no network, repo moved, disk full: say what to fetch by hand
-            still = [name for name in SD_FILES if found.get(name) is None]
-            raise SDNotFoundError(
-                missing_sd_message(still, cache_dir, f"download failed: {type(exc).__name__}: {exc}", models_dir)
-            ) from exc
-    roots = {_snapshot_root(path, name) for name, path in found.items()}
-    if len(roots) != 1:  # files from two snapshots: fetch them again from one revision
-        raise SDNotFoundError(missing_sd_message(list(SD_FILES), cache_dir, "cached files belong to different revisions", models_dir))
-    return roots.pop()
+        if not offline:
+            reason = "the download did not bring them"
+        raise SDNotFoundError(missing_sd_message(missing, cache_dir, reason, models_dir))
+    return root

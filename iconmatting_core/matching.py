@@ -28,12 +28,16 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .features import ImageFeatures
 from .matting_head import IconMattingHead
 from .preprocess import Placement, valid_cells
 
 Valid = Union[None, torch.Tensor, Sequence[Placement]]
+
+TOKEN_CHUNK = 4096
+"""Reference tokens per softmax batch in :func:`inter_image_similarity`: memory [B, chunk, h*w] floats."""
 
 
 @dataclass
@@ -97,7 +101,7 @@ def inter_image_similarity(
     head: IconMattingHead,
     tokens: torch.Tensor,
     correspondence: torch.Tensor,
-    token_chunk: int = 4096,
+    token_chunk: int = TOKEN_CHUNK,
     valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """tokens [N, C], target features [B, C, h, w] -> summed token attention [B, 1, h, w] (float32).
@@ -110,8 +114,8 @@ def inter_image_similarity(
     scale = c**-0.5
     padded = _padded_cells(valid, h)
     if padded is not None:
-        padded = padded.to(correspondence.device).view(b, 1, h * w)
-    target = norm(correspondence.float().flatten(2).transpose(1, 2).to(norm.weight.dtype)).float()  # [B, hw, C]
+        padded = rearrange(padded.to(correspondence.device), "b h w -> b 1 (h w)")
+    target = norm(rearrange(correspondence.float(), "b c h w -> b (h w) c").to(norm.weight.dtype)).float()
     out = torch.zeros(b, h * w, device=correspondence.device, dtype=torch.float32)
     for start in range(0, tokens.shape[0], token_chunk):
         ref = norm(tokens[start : start + token_chunk].to(correspondence.device, norm.weight.dtype)).float()
@@ -119,7 +123,7 @@ def inter_image_similarity(
         if padded is not None:
             sim = sim.masked_fill(padded, float("-inf"))
         out += sim.softmax(dim=-1).sum(dim=1)
-    return out.view(b, 1, h, w)
+    return rearrange(out, "b (h w) -> b 1 h w", h=h)
 
 
 def intra_image_propagation(
@@ -137,12 +141,12 @@ def intra_image_propagation(
     dtype = head.similarity.token_norm.weight.dtype
     for res, layer in head.guidance_layers().items():
         attn = attention[res]
-        b = attn.shape[0]
-        weights = F.interpolate(similarity, size=(res, res), mode="bilinear", align_corners=True).view(b, 1, res * res)
+        weights = F.interpolate(similarity, size=(res, res), mode="bilinear", align_corners=True)
+        weights = rearrange(weights, "b 1 ky kx -> b 1 (ky kx)")  # one weight per key cell
         padded = _padded_cells(valid, res)
         if padded is not None:
-            weights = weights.masked_fill(padded.to(weights.device).view(b, 1, res * res), 0.0)
-        weighted = (attn * weights).view(b, res, res, res * res)  # [b, q_y, q_x, k]
+            weights = weights.masked_fill(rearrange(padded.to(weights.device), "b ky kx -> b 1 (ky kx)"), 0.0)
+        weighted = rearrange(attn * weights, "b (qy qx) k -> b qy qx k", qy=res)
         out.append(layer(weighted.to(dtype)))
     return out
 

@@ -21,6 +21,7 @@ from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .config import IconMattingConfig
@@ -65,7 +66,7 @@ class AttentionPropagationConv(nn.Module):
         self.conv = ops.Conv2d(tokens, out_channels, 3, 1, 1, bias=False)
 
     def forward(self, weighted: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.relu(self.ln(weighted).permute(0, 3, 1, 2)))
+        return self.conv(F.relu(rearrange(self.ln(weighted), "b qy qx k -> b k qy qx")))  # keys become channels
 
 
 class InContextSimilarityLayers(nn.Module):

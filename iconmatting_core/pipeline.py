@@ -21,7 +21,7 @@ from torch import nn
 
 from . import preprocess as pre
 from .checkpoint import CheckpointError, load_head
-from .config import IconMattingConfig
+from .config import OVERFLOW_ADVICE, IconMattingConfig
 from .context import ReferenceContext, build_context
 from .features import REFERENCE_NOISE, SDFeatureExtractor
 from .matching import MatchResult, match_features
@@ -31,6 +31,7 @@ from .sd_loading import load_sd_components
 
 Progress = Optional[Callable[[int, int], None]]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BF16_MIN_COMPUTE_CAPABILITY = 8  # Ampere: native bfloat16 matrix units
 
 
 class IconMattingModel(nn.Module):
@@ -61,14 +62,11 @@ class IconMattingModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-
-def estimate_inference_bytes(config: IconMattingConfig, dtype: torch.dtype, images_per_chunk: int) -> int:
-    """Rough device memory for one chunk beyond the weights (UNet activations of the noised
-    copies, the recorded attention maps); for a host's memory manager, not a guarantee."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    scale = (config.image_size / 768) ** 2
-    per_copy = 1.2e9 * scale * elem / 2 + 0.25e9 * scale**2  # activations; attention maps grow with tokens^2
-    return int(images_per_chunk * config.ensemble_size * per_copy)
+    def close(self) -> None:
+        """Give the SD modules back as they were (see :meth:`SDFeatureExtractor.close`)."""
+        close = getattr(self.extractor, "close", None)
+        if close is not None:
+            close()
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -78,10 +76,20 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """The precision to run in on ``device``: "fp32", "fp16", "bf16", a torch dtype, or "auto".
+
+    The one rule for "auto" (the default of :func:`load_model`, :func:`load_pipeline` and the
+    command line): bfloat16 on a CUDA GPU that computes in it natively (compute capability 8.0 or
+    newer), float32 everywhere else. Never float16 unasked: SD 2.1's UNet can overflow in it, and
+    an overflow (NaN/inf) stops with an error recommending exactly these two, fp32 or bf16.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= BF16_MIN_COMPUTE_CAPABILITY:
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
@@ -100,10 +108,7 @@ def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
 def _check_finite(x: torch.Tensor, stage: str, dtype: Optional[torch.dtype] = None) -> None:
     """A NaN/inf out of the head (an overflow in half precision) is an error, never a garbage matte."""
     if not torch.isfinite(x).all():
-        raise FloatingPointError(
-            f"IconMatting's {stage} overflowed in {dtype or x.dtype} (NaN/inf). Run the head in fp32 "
-            "(dtype fp32 on IconMatting 1 · Load, or --dtype fp32)."
-        )
+        raise FloatingPointError(f"IconMatting's {stage} overflowed in {dtype or x.dtype} (NaN/inf): {OVERFLOW_ADVICE}.")
 
 
 def _chunks(n: int, size: int):
@@ -285,13 +290,16 @@ def build_model(sd, head: IconMattingHead, empty_prompt: Optional[torch.Tensor] 
 def load_model(
     matting_weights,
     sd_path,
-    dtype: Union[str, torch.dtype] = "fp32",
+    dtype: Union[str, torch.dtype] = "auto",
     config: Optional[IconMattingConfig] = None,
+    device: Union[str, torch.device] = "cpu",
 ) -> IconMattingModel:
-    """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to its device)."""
-    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to ``device``, where it
+    will run: "auto" precision is resolved for that device, see :func:`resolve_dtype`)."""
+    dtype = resolve_dtype(dtype, resolve_device(device))
     head, empty_prompt = load_head(matting_weights, config)
     sd = load_sd_components(sd_path, dtype)
+    sd.vae.decoder = None  # loaded here for IconMatting alone, which uses only the encoder
     # a checkpoint that kept the reference's prompt buffer conditions exactly as in training
     if empty_prompt is not None and empty_prompt.shape != sd.empty_prompt_embedding.shape:
         raise CheckpointError(
@@ -303,7 +311,6 @@ def load_model(
 
 def load_pipeline(matting_weights, sd_path, device="auto", dtype="auto", config=None) -> IconMattingPipeline:
     """Load everything and move it to ``device`` ("auto": CUDA when available) in ``dtype``
-    ("auto": fp16 on CUDA, fp32 on CPU; or fp32/fp16/bf16)."""
+    ("auto": bf16 on a GPU with native bfloat16, else fp32, see :func:`resolve_dtype`; or fp32/fp16/bf16)."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    return IconMattingPipeline(load_model(matting_weights, sd_path, dt, config).to(dev))
+    return IconMattingPipeline(load_model(matting_weights, sd_path, dtype, config, device=dev).to(dev))

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from .checkpoint import CheckpointError, read_state_dict
-from .clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
+from .clip_text import EOS_TOKEN, OPEN_CLIP_PREFIX, encode_empty_prompt
 from .config import load_sd_config
 
 UNET_PREFIX = "model.diffusion_model."
@@ -94,11 +94,17 @@ def _text_encoder_prompt(root: Union[Path, str], local: bool) -> torch.Tensor:
             p = Path(root) / name
             return p if p.is_file() else None
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
 
         try:
             return Path(hf_hub_download(str(root), name))
-        except Exception:
+        except EntryNotFoundError:  # the repo has no such file: the caller says what is missing
             return None
+        except Exception as exc:  # network, authentication, disk: not a missing file
+            raise CheckpointError(
+                f"cannot download {name} of {root} from Hugging Face ({type(exc).__name__}: {exc}); check the "
+                "network or give the path of a local SD 2.1 folder or file"
+            ) from exc
 
     weights = get("text_encoder/model.safetensors") or get("text_encoder/pytorch_model.bin")
     config_path = get("text_encoder/config.json")
@@ -118,7 +124,7 @@ def _text_encoder_prompt(root: Union[Path, str], local: bool) -> torch.Tensor:
     if special is not None:
         tok = json.loads(special.read_text()).get("pad_token")
         tok = tok.get("content") if isinstance(tok, dict) else tok
-        pad = 0 if tok in (None, "!") else 49407
+        pad = 0 if tok in (None, "!") else EOS_TOKEN  # "!" is id 0; SD 1.x pads with <|endoftext|>
     state, _ = read_state_dict(weights)
     return encode_empty_prompt(
         state, "hf", num_heads=cfg.get("num_attention_heads"), num_layers=cfg.get("num_hidden_layers"),

@@ -106,3 +106,64 @@ def test_restore_alpha_never_writes_into_its_input():
     assert same[0, 0] == 1 and alpha[0, 0, 0] == 1.5
     big = restore_alpha(alpha, Placement(300, 200, 64, 64))
     assert big.shape == (300, 200) and float(big.max()) <= 1
+
+
+@pytest.mark.parametrize("width", [1100, 1030])
+def test_edges_wider_than_one_tile_are_corrected_in_every_column(width):
+    """A soft edge running across the whole width (> 512 px: several column tiles): every edge
+    pixel, including each tile's first and last column, gets the oracle's colour."""
+    h = 24
+    g = torch.Generator().manual_seed(width)
+    image = torch.rand(h, width, 3, generator=g)
+    alpha = torch.zeros(h, width)
+    alpha[:8] = 1
+    alpha[8:16] = torch.linspace(0.9, 0.1, 8)[:, None]  # a band of soft rows, all columns
+    alpha[8:16] += 0.05 * torch.rand(8, width, generator=g)
+    want = old_estimate_foreground(image[None], alpha[None])[0]
+    got = post.estimate_foreground(image[None], alpha[None])[0]
+    soft = (alpha > 0) & (alpha < 1)
+    assert soft.any(0).all() and width > 2 * post.TILE_COLUMNS
+    err = (got - want).abs().amax(-1)  # [h, w]
+    assert float(err[soft].max()) < 1e-4
+    assert not torch.allclose(want[soft], image[soft], atol=1e-2)  # the correction is visible
+    assert torch.equal(got[alpha == 0], image[alpha == 0]) and torch.equal(got[alpha == 1], image[alpha == 1])
+
+
+def test_far_apart_edges_form_separate_runs():
+    assert post._column_runs(torch.tensor([0, 1, 1, 0, 0, 0, 0, 1, 0, 1]).bool(), gap=3) == [(1, 3), (7, 10)]
+    assert post._column_runs(torch.tensor([1, 0, 0, 1]).bool(), gap=3) == [(0, 4)]
+    assert post._column_runs(torch.tensor([1, 0, 0, 0, 1]).bool(), gap=3) == [(0, 1), (4, 5)]
+    assert post._column_runs(torch.zeros(5, dtype=torch.bool), gap=3) == []
+
+
+def test_two_objects_far_apart_in_small_tiles(monkeypatch):
+    """Two soft edges farther apart than the filters reach (two runs), tiles of 5 columns and strips
+    of 3 rows: the same colours as the whole-image oracle."""
+    image, alpha = synthetic(30, 200, seed=7)
+    alpha = torch.zeros(30, 200)
+    alpha[5:25, 10:30] = torch.linspace(0.1, 0.9, 20)[None]
+    alpha[5:25, 160:185] = torch.linspace(0.9, 0.2, 25)[None]
+    want = old_estimate_foreground(image[None], alpha[None], kernel_sizes=(10, 4))[0]
+    monkeypatch.setattr(post, "TILE_COLUMNS", 5)
+    monkeypatch.setattr(post, "STRIP_ROWS", 3)
+    got = post.estimate_foreground(image[None], alpha[None], kernel_sizes=(10, 4))[0]
+    seen = alpha > 0
+    assert (got[seen] - want[seen]).abs().max() < 1e-4
+    assert torch.equal(got[~seen], image[~seen])
+
+
+def test_normalise_map_and_heatmap_by_hand():
+    x = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]]])
+    got = post.normalise_map(x)
+    assert torch.allclose(got[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    assert torch.equal(got[1], torch.zeros(2, 2))
+    colours = post.heatmap(torch.tensor([[0.0, 0.125, 0.25, 0.75, 1.0, 2.0]]))[0]
+    want = torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.25, 0.65], [0.0, 0.5, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(colours, want, atol=1e-6)
+
+
+def test_cutouts_build_no_autograd_graph():
+    image, alpha = synthetic(40, 50, seed=4)
+    image.requires_grad_(True)
+    fg = post.estimate_foreground(image[None], alpha[None])
+    assert not fg.requires_grad and fg.grad_fn is None

@@ -280,7 +280,9 @@ def test_build_predict_fn_uses_pipeline(monkeypatch):
         return FakePipe()
 
     monkeypatch.setattr(P, "load_pipeline", fake_load)
-    args = E._parser().parse_args(["--data", "x", "--matting-weights", "w.safetensors", "--sd", "sd", "--device", "cpu", "--dtype", "fp32"])
+    args = E.cli._parser().parse_args(
+        ["--data", "x", "--matting-weights", "w.safetensors", "--sd", "sd", "--device", "cpu", "--dtype", "fp32"]
+    )
     fn = E.build_predict_fn(args)
     outs = fn(np.zeros((5, 6, 3), np.float32), np.zeros((5, 6), np.float32), [np.zeros((3, 4, 3), np.float32)])
     assert seen == {"load": ("w.safetensors", "sd", "cpu", "fp32"), "ref": ((5, 6, 3), (5, 6))}
@@ -403,7 +405,7 @@ def test_reference_protocol_steps(tmp_path):
     unknown, whole = ({r.name: r for r in run.images} for run in runs)
     for name, (h, w) in SIZES.items():
         gt = gt_of(data, name)
-        back = E._resize_alpha(ramp(), (h, w))  # the square stretched over the whole frame
+        back = E.scoring._resize_alpha(ramp(), (h, w))  # the square stretched over the whole frame
         assert back.shape == (h, w) and back[:, 0].max() < 0.05 and back[:, -1].min() > 0.95
         tri = np.asarray(Image.open(data / "trimap" / f"{name}.png"))
         band = (tri >= 85) & (tri < 170)
@@ -424,7 +426,7 @@ def test_reference_protocol_several_references_and_floor(tmp_path):
     assert len(by_target["dog_a"]) == 2 and "dog_a" not in by_target["dog_a"]
     assert len(by_target["lamp"]) == 1  # a group of one has one candidate
     r = next(r for r in run.images if r.name == "cup_1")
-    back = np.floor(E._resize_alpha(ramp(), SIZES["cup_1"]) * 255) / 255
+    back = np.floor(E.scoring._resize_alpha(ramp(), SIZES["cup_1"]) * 255) / 255
     assert r.sad == pytest.approx(np.abs(back - gt_of(data, "cup_1")).sum() / 1000, rel=1e-5)
     assert r.reference == "+".join(by_target["cup_1"])
     with pytest.raises(ValueError, match="project protocol uses one reference"):

@@ -61,13 +61,18 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     state.pop("in_context_decoder.detail_decoder.matting_head.matting_convs.3.weight")
     path = tmp_path / "broken.ckpt"
     torch.save({"state_dict": state}, path)
-    with pytest.raises(ckpt.CheckpointError, match=r"broken\.ckpt does not fit the IconMatting model \(128px\): 1 keys missing \(e\.g\. detail\.alpha_head\.3\.weight\)\. Use the IconMatting release icm\.ckpt"):
+    with pytest.raises(ckpt.CheckpointError, match=(
+        r"broken\.ckpt does not fit the IconMatting model \(128px\): 1 keys missing "
+        r"\(e\.g\. detail\.alpha_head\.3\.weight\)\. Use the IconMatting release icm\.ckpt"
+    )):
         ckpt.load_head(path, cfg)
 
     state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
     state["in_context_decoder.extra_layer.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, path)
-    with pytest.raises(ckpt.CheckpointError, match=r"has 1 keys the IconMatting model does not know \(e\.g\. in_context_decoder\.extra_layer\.weight\)\. Use"):
+    with pytest.raises(ckpt.CheckpointError, match=(
+        r"has 1 keys the IconMatting model does not know \(e\.g\. in_context_decoder\.extra_layer\.weight\)\. Use"
+    )):
         ckpt.load_head(path, cfg)
 
     ours = tiny_head(cfg).state_dict()
@@ -90,7 +95,10 @@ def test_missing_and_corrupt_files(tmp_path):
         ckpt.load_head(tmp_path / "nope.ckpt")
     bad = tmp_path / "corrupt.ckpt"
     bad.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(ckpt.CheckpointError, match=r"Cannot read the weights file .*corrupt\.ckpt \(\w+(: [^)]*[^.])?\)\. It is probably incomplete or not a weights file: download it again\.$"):
+    with pytest.raises(ckpt.CheckpointError, match=(
+        r"Cannot read the weights file .*corrupt\.ckpt \(\w+(: [^)]*[^.])?\)\. "
+        r"It is probably incomplete or not a weights file: download it again\.$"
+    )):
         ckpt.load_head(bad)
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
@@ -201,7 +209,9 @@ def test_recorded_layers_compute_attention_once(pipe, monkeypatch):
     for name, module in ext.unet.named_modules():
         if name.endswith("attn1"):
             inner = module.processor.inner
-            monkeypatch.setattr(module.processor, "inner", lambda attn, h, *a, _inner=inner, **k: calls.append(h.shape[1]) or _inner(attn, h, *a, **k))
+            monkeypatch.setattr(
+                module.processor, "inner", lambda attn, h, *a, _inner=inner, **k: calls.append(h.shape[1]) or _inner(attn, h, *a, **k)
+            )
     size = pipe.config.image_size
     ext(torch.zeros(1, 3, size, size), with_attention=True)
     recorded = {r * r for r in pipe.config.attention_resolutions}
@@ -395,3 +405,17 @@ def test_sd1_diffusers_folder_is_refused(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match="quick_gelu.*Stable Diffusion 2.1"):
         load_sd_components(root)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_converted_file_is_a_normal_file_for_the_umask(tmp_path, umask, mode):
+    import stat
+
+    cfg = tiny_config()
+    src = save_tiny_head(tmp_path / "icm.ckpt", cfg, seed=2, layout="reference")
+    old = os.umask(umask)
+    try:
+        dst = ckpt.convert_checkpoint(src, tmp_path / "icm.safetensors", cfg)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dst.stat().st_mode) == mode

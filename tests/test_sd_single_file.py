@@ -16,7 +16,8 @@ from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
 from iconmatting_core.testing import (
-    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
+    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict,
+    tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
 )
 
 TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)
@@ -189,3 +190,28 @@ def test_pipeline_from_single_file_equals_diffusers_folder(originals, single_fil
     for a, b in zip(*alphas):
         assert a.shape == (90, 60) and torch.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
         assert torch.equal(a, b)
+
+
+def test_our_conversion_equals_diffusers_from_single_file_offline(single_file, tmp_path, monkeypatch):
+    """diffusers' own single-file loader, given the configs as folders and no network, builds the
+    same UNet and VAE tensors as our one-read conversion (which load_sd_components keeps: one read of
+    the file for all three parts, config dicts, strict key report, pickle-safe .ckpt reading)."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for sub, cfg in (("unet", tiny_unet_config()), ("vae", tiny_vae_config())):
+        (tmp_path / "configs" / sub).mkdir(parents=True)
+        (tmp_path / "configs" / sub / "config.json").write_text(json.dumps(cfg))
+    ours = load_sd_components(single_file, torch.float32, **TINY_CONFIGS)
+    kw = dict(config=str(tmp_path / "configs"), local_files_only=True)
+    theirs = {
+        "unet": UNet2DConditionModel.from_single_file(str(single_file), subfolder="unet", **kw),
+        "vae": AutoencoderKL.from_single_file(str(single_file), subfolder="vae", **kw),
+    }
+    for name, module in (("unet", ours.unet), ("vae", ours.vae)):
+        a, b = module.state_dict(), theirs[name].state_dict()
+        assert set(a) == set(b), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
