@@ -94,6 +94,10 @@ def missing_input(name: str, node: str) -> str:
     return f"The input '{name}' of {node} is empty. Choose a value (API clients: send it in the prompt)."
 
 
+def precision_hint(exc: Exception) -> str:
+    return f"{exc} The head's precision is the dtype input of {LOAD_NODE} (advanced inputs)."
+
+
 def progress(total: int):
     bar = comfy.utils.ProgressBar(total)
 

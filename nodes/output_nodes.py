@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..iconmatting_core.matching import MatchResult
 from ..iconmatting_core.postprocess import composite_over, pair_backgrounds
-from .common import ALIASES, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
+from .common import precision_hint, ALIASES, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
 
 #: display names carry the words users search for (frontends without search_aliases search only names)
 DECODE_NODE = "IconMatting 5 · Remove Background"
@@ -43,8 +43,11 @@ class IconMattingDecodeAlpha(io.ComfyNode):
         if not isinstance(match, MatchResult):
             raise TypeError("match must come from IconMatting 4 · Match Targets.")
         pipe = iconmatting_model.pipeline(features=False)
-        alphas = pipe.decode(match, chunk_size=chunk_size, progress=progress(len(match)),
-                             output_device=mm.intermediate_device())
+        try:
+            alphas = pipe.decode(match, chunk_size=chunk_size, progress=progress(len(match)),
+                                 output_device=mm.intermediate_device())
+        except FloatingPointError as exc:
+            raise FloatingPointError(precision_hint(exc)) from None
         cutouts = []
         for src, alpha in zip(match.sources, alphas):
             mm.throw_exception_if_processing_interrupted()

@@ -16,7 +16,7 @@ from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.batch import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.context import ReferenceContext
 from ..iconmatting_core.postprocess import similarity_preview
-from .common import (ALIASES, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,
+from .common import (precision_hint, ALIASES, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,
                      progress, schema, show_on_node, split_images)
 
 FOLDER_NODE = "IconMatting 3 · Load Image Folder"
@@ -153,8 +153,11 @@ class IconMattingMatchTargets(io.ComfyNode):
             merged = merged.merge(other)
         targets = split_images(images)
         pipe = model.pipeline()
-        result = pipe.match(merged, targets, resize_mode=resize_mode, chunk_size=chunk_size,
-                            progress=progress(len(targets)), output_device=mm.intermediate_device())
+        try:
+            result = pipe.match(merged, targets, resize_mode=resize_mode, chunk_size=chunk_size,
+                                progress=progress(len(targets)), output_device=mm.intermediate_device())
+        except FloatingPointError as exc:
+            raise FloatingPointError(precision_hint(exc)) from None
         size = pipe.config.image_size
         previews = [similarity_preview(src, pre.restore_map(sim, placement, size)[0])[None]
                     for src, sim, placement in zip(targets, result.similarity, result.placements)]

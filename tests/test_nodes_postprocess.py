@@ -86,3 +86,43 @@ def test_the_unpainted_mask_is_the_empty_64x64_placeholder(mask_hw, image_hw, pa
         mask[0, 3, 5] = 1
     assert is_unpainted_mask(mask, image_hw) is expected
     assert is_unpainted_mask(mask[0], image_hw) is expected
+
+
+def test_a_3d_tensor_is_a_mask_batch_only_when_the_caller_says_masks():
+    from iconmatting_core.preprocess import split_batch
+
+    t = torch.zeros(2, 5, 6)
+    assert len(split_batch(t, "the reference's masks", masks=True)) == 2  # the label's wording decides nothing
+    assert len(split_batch(t, "masks")) == 1  # images: one HxWxC image
+    assert len(split_batch(torch.zeros(5, 6, 1), "masks", masks=True)) == 1  # an HxWx1 mask
+
+
+def test_head_weights_with_nan_are_a_broken_file_not_an_overflow(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from iconmatting_core.checkpoint import CheckpointError, read_head_weights
+    from iconmatting_core.testing import save_tiny_head
+
+    path = tmp_path / "head.safetensors"
+    save_tiny_head(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.ndim > 1)
+    tensors[key][0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"is broken: 1 of its tensors hold NaN/inf values .*Download"):
+        read_head_weights(path)
+
+
+def test_nan_out_of_the_head_blames_overflow_only_in_half_precision():
+    from iconmatting_core.pipeline import _check_finite
+
+    bad = torch.tensor([float("nan")])
+    with pytest.raises(FloatingPointError, match="gave NaN/inf in float32: the weights hold broken values"):
+        _check_finite(bad, "alpha")
+    with pytest.raises(FloatingPointError, match=r"overflowed in torch.float16 .*Run the head in fp32\.$"):
+        _check_finite(bad.half(), "alpha")
+    _check_finite(torch.ones(2), "alpha")
