@@ -33,13 +33,15 @@ def search(tmp_path_factory):
         page = app.page
 
         def run(words):
-            page.keyboard.press("Escape")
-            page.mouse.dblclick(700, 450)  # an empty spot of the canvas opens the node search
-            box = page.locator(".comfy-vue-node-search-container input").first
+            page.evaluate("() => app.extensionManager.command.execute('Workspace.SearchBox.Toggle')")  # as a double-click
+            box = page.locator("input[id^=comfy-vue-node-search-box-input]").first
             box.wait_for(timeout=10000)
             box.fill(words)
-            page.wait_for_timeout(800)  # the box's debounce
-            return [t.strip() for t in page.locator(".option-display-name").all_inner_texts()]
+            page.wait_for_timeout(1000)  # the box's debounce
+            found = [" ".join(t.split()) for t in page.locator(".option-display-name").all_inner_texts()]
+            page.keyboard.press("Escape")
+            box.wait_for(state="hidden", timeout=10000)
+            return found
 
         yield run
         browser.close()
