@@ -70,8 +70,10 @@ def context_dir(pack, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def host_model(pack, tiny_dir):
+def host_model(pack, request):
     """What Load gives the other nodes (ICONMATTING_MODEL), over the tiny diffusers model."""
+    cached = os.environ.get("ICONMATTING_TINY_MODELS")  # mutation runs: tiny models written once (conftest's tiny_dir)
+    tiny_dir = Path(cached) if cached else request.getfixturevalue("tiny_dir")
     model = pack.core.pipeline.load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32")
     pipe = pack.core.pipeline.IconMattingPipeline(model)
     return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
