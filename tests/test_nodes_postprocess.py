@@ -43,6 +43,14 @@ def test_cover_crop_scales_up_to_cover_then_crops_the_centre():
     assert torch.allclose(out[..., 0], row.expand(2, 2), atol=1e-6)
 
 
+def test_cover_crop_scales_both_sides_by_the_same_factor():
+    a, b = 0.2, 0.6
+    background = torch.tensor([[a] * 3, [b] * 3]).view(2, 1, 3).expand(2, 2, 3)  # 2 x 2: rows a, b
+    out = cover_crop(background, 2, 4)  # scale 2 (for the width) -> 4 x 4, rows 1 and 2
+    rows = torch.tensor([0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b])
+    assert torch.allclose(out[..., 0], rows[:, None].expand(2, 4), atol=1e-6)
+
+
 def test_cover_crop_of_a_taller_background_crops_rows():
     background = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3)  # 4 x 2, rows 0..3
     assert torch.equal(cover_crop(background, 2, 2)[..., 0], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
