@@ -239,6 +239,12 @@ def read_head_weights(path, config: Optional[IconMattingConfig] = None):
             f"{path} does not fit the IconMatting model ({config.image_size}px): {'; '.join(problems)}. "
             "Use the IconMatting release icm.ckpt or its .safetensors conversion."
         )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(
+            f"{path} is broken: {len(broken)} of its tensors hold NaN/inf values (e.g. {_short(broken)}). "
+            "Download the IconMatting weights (icm.ckpt) again."
+        )
     return state, config, prompt
 
 

@@ -54,10 +54,6 @@ class IconMattingModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @device.setter
-    def device(self, _value) -> None:
-        """Hosts (ComfyUI's ModelPatcher) assign ``.device``; the parameters stay the source of truth."""
-
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -108,7 +104,12 @@ def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
 def _check_finite(x: torch.Tensor, stage: str, dtype: Optional[torch.dtype] = None) -> None:
     """A NaN/inf out of the head (an overflow in half precision) is an error, never a garbage matte."""
     if not torch.isfinite(x).all():
-        raise FloatingPointError(f"IconMatting's {stage} overflowed in {dtype or x.dtype} (NaN/inf): {OVERFLOW_ADVICE}.")
+        dtype = dtype or x.dtype
+        if dtype == torch.float32:  # no overflow to blame: the weights themselves
+            raise FloatingPointError(
+                f"IconMatting's {stage} gave NaN/inf in float32: the weights hold broken values. Download them again."
+            )
+        raise FloatingPointError(f"IconMatting's {stage} overflowed in {dtype} (NaN/inf): {OVERFLOW_ADVICE}.")
 
 
 def _chunks(n: int, size: int):
@@ -162,7 +163,7 @@ class IconMattingPipeline:
         """
         cfg = self.config
         imgs = pre.split_batch(images, "reference images")
-        msks = pre.split_batch(masks, "masks")
+        msks = pre.split_batch(masks, "masks", masks=True)
         if len(msks) == 1 and len(imgs) > 1:
             msks = msks * len(imgs)
         if len(msks) != len(imgs):

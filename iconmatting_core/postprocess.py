@@ -176,3 +176,50 @@ def heatmap(values: torch.Tensor) -> torch.Tensor:
     lo = pos.floor().long().clamp(max=len(stops) - 2)
     frac = (pos - lo)[..., None]
     return stops[lo] * (1 - frac) + stops[lo + 1] * frac
+
+
+# --- compositing and previews (the nodes' math; pure torch) --------------------------------------------
+PREVIEW_HEAT_WEIGHT = 0.6
+"""Share of the heat map in a similarity preview (the rest is the target image)."""
+
+
+def cover_crop(background: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A background [h, w, C] resized (bilinear) to cover ``height x width`` without distortion,
+    then cropped at the centre -> [height, width, 3]. Only the first three channels are used."""
+    bg = background[..., :3].permute(2, 0, 1)[None]
+    scale = max(height / bg.shape[2], width / bg.shape[3])
+    size = (max(height, round(bg.shape[2] * scale)), max(width, round(bg.shape[3] * scale)))
+    bg = F.interpolate(bg, size=size, mode="bilinear", align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return bg[0, :, top : top + height, left : left + width].permute(1, 2, 0)
+
+
+def composite_over(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """A straight-alpha cut-out [H, W, 4] over a background [h, w, C] (cover-cropped to H x W)
+    -> [H, W, 3]: ``rgb * alpha + background * (1 - alpha)``, clamped to [0, 1]."""
+    h, w, _ = rgba.shape
+    bg = cover_crop(background, h, w).to(rgba.device, rgba.dtype)
+    alpha = rgba[..., 3:]
+    return (rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1)
+
+
+def pair_backgrounds(n_cutouts: int, n_backgrounds: int) -> List[int]:
+    """Which background each cut-out goes over: one for all, or the i-th for the i-th."""
+    if n_backgrounds not in (1, n_cutouts):
+        raise ValueError(f"Got {n_backgrounds} backgrounds for {n_cutouts} cut-outs. Give 1 background, or one per cut-out.")
+    return [i if n_backgrounds > 1 else 0 for i in range(n_cutouts)]
+
+
+def similarity_preview(image: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """A target [H, W, C] and its similarity map [H, W] (any range) -> preview [H, W, 3]: the image
+    blended with the min-max normalised map as a heat map (``PREVIEW_HEAT_WEIGHT`` of the heat map)."""
+    heat = heatmap(normalise_map(similarity[None]))[0]
+    rgb = image[..., :3].to(heat.device, heat.dtype)
+    return (1 - PREVIEW_HEAT_WEIGHT) * rgb + PREVIEW_HEAT_WEIGHT * heat
+
+
+def is_unpainted_mask(mask: torch.Tensor, image_hw: Tuple[int, int], placeholder: int = 64) -> bool:
+    """True for the empty ``placeholder x placeholder`` mask an image loader gives when no mask was
+    painted (an all-zero mask of that size for an image of another size). mask: [B, h, w] or [h, w]."""
+    return (tuple(mask.shape[-2:]) == (placeholder, placeholder) and tuple(image_hw) != (placeholder, placeholder)
+            and not bool(mask.any()))

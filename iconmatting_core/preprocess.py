@@ -85,14 +85,18 @@ def to_mask(mask: ArrayLike, what: str = "mask") -> torch.Tensor:
     return t.clamp(0.0, 1.0)
 
 
-def split_batch(images: Union[ArrayLike, Sequence[ArrayLike]], what: str) -> List[ArrayLike]:
-    """A batch BxHxWxC array, a single HxW(xC) image, or a list of images -> list of images."""
+def split_batch(images: Union[ArrayLike, Sequence[ArrayLike]], what: str, masks: bool = False) -> List[ArrayLike]:
+    """A batch BxHxWxC array, a single HxW(xC) image, or a list of images -> list of images.
+
+    masks: the values are masks, so a 3-D array is a batch BxHxW (unless its last axis is 1, an
+    HxWx1 mask); for images a 3-D array is one HxWxC image. ``what`` only names them in errors.
+    """
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError(f"no {what} given")
         return list(images)
     t = _as_tensor(images, what)
-    if t.ndim == 4 or (t.ndim == 3 and what.startswith("mask") and t.shape[-1] != 1):
+    if t.ndim == 4 or (t.ndim == 3 and masks and t.shape[-1] != 1):
         if t.shape[0] == 0:
             raise ValueError(f"no {what} given (batch of 0)")
         return list(t.unbind(0))

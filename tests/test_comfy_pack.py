@@ -115,7 +115,14 @@ def comfy_run(tmp_path_factory, comfy_host):
     pairs = copy.deepcopy(batch)  # each cut-out over its own background: a list of backgrounds, in order
     pairs["30"] = {"class_type": "IconMattingComposite", "inputs": {"rgba": ["7", 1], "background": ["5", 0]}}
     pairs["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "iconmatting/pairs"}}
-    prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs]
+    points = copy.deepcopy(composite)  # API clients: values the frontend would never send
+    points[node_id(composite, "IconMattingEncodeReference")]["inputs"]["guidance"] = "points"
+    null_weights = copy.deepcopy(batch)
+    null_weights[node_id(batch, "IconMattingLoad")]["inputs"]["matting_model"] = None
+    empty_folder = copy.deepcopy(batch)
+    empty_folder[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = ""
+    prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs,
+               points, null_weights, empty_folder]
     result = run_comfy(
         ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900, host=comfy_host,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
@@ -292,6 +299,32 @@ def test_composite_pairs_each_cut_out_with_its_background(comfy_run):
     assert run["execution"]["success"], run["execution"]["error"]
     sizes = sorted(f["image_size"] for f in run["new_files"] if Path(f["path"]).name.startswith("pairs"))
     assert sizes == sorted([w, h] for w, h in TARGET_SIZES)
+
+
+def _validation_errors(run):
+    assert not run["validation"]["ok"] and run["execution"] is None
+    return [e["details"] for node in run["validation"]["node_errors"].values() for e in node["errors"]]
+
+
+def test_api_values_the_frontend_never_sends_are_refused_at_validation_with_a_readable_message(comfy_run):
+    prompts = comfy_run[0]["prompts"]
+    points = _validation_errors(prompts[10])
+    assert points and all("guidance must be one of mask, scribble; got 'points'" in d for d in points), points
+    null = _validation_errors(prompts[11])
+    assert len(null) == 1 and "The input 'matting_model' of IconMatting 1 · Load is empty" in null[0], null
+    empty = _validation_errors(prompts[12])
+    assert len(empty) == 1 and "No image folder given" in empty[0], empty
+
+
+def test_weights_for_other_unet_widths_are_refused_at_load(comfy_run):
+    message = comfy_run[0]["scripts"][0]["result"]["other_widths"]
+    assert message and "(64, 64)" in message and "(128, 128)" in message and "\n" not in message
+
+
+def test_a_patched_model_is_warned_about_in_the_load_nodes_output(comfy_run):
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out["plain_ui"] is None
+    assert "1 weight patches (e.g. a LoRA)" in out["patched_ui"]["text"][0]
 
 
 CORE_WIDGETS = {"LoadImage": ["image", "upload"], "SaveImage": ["filename_prefix"], "PreviewImage": [], "MaskToImage": [],

@@ -124,6 +124,27 @@ def run(ctx):
     finally:
         model.model.model_config = saved
 
+    # the Load node on the host's objects: weights for other UNet widths are refused with one line before any
+    # feature pass; a LoRA-patched MODEL runs with its warning in the node's UI output
+    from pathlib import Path
+
+    load_node = _pack_module(".nodes.model_nodes").IconMattingLoad
+    head_path = Path(ctx.args["head"])
+    other = head_path.with_name("other_widths.safetensors")
+    testing.save_tiny_head(other, testing.tiny_config(unet_feature_channels=(64, 64)))
+    try:
+        load_node.execute(model, clip, vae, other.name)
+        out["other_widths"] = None
+    except ValueError as exc:
+        out["other_widths"] = str(exc)
+    finally:
+        other.unlink()
+    patched = model.clone()
+    key = next(k for k in model.model.state_dict() if k.startswith("diffusion_model.") and k.endswith(".weight"))
+    patched.add_patches({key: (torch.zeros_like(model.model.state_dict()[key]),)}, 1.0)
+    out["patched_ui"] = load_node.execute(patched, clip, vae, head_path.name).ui
+    out["plain_ui"] = load_node.execute(model, clip, vae, head_path.name).ui
+
     after = user_forward()
     out["user_model_bit_equal"] = bool(torch.equal(before, after))
     out["user_model_options_unchanged"] = repr(model.model_options) == options_before

@@ -1,0 +1,176 @@
+"""Nodes 2: the reference context -- encode it from marked reference images, save it, load it."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import List
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..iconmatting_core import preprocess as pre
+from ..iconmatting_core.context import POOLING_MODES
+from ..iconmatting_core.context_file import ContextFileError
+from ..iconmatting_core.postprocess import is_unpainted_mask
+from .common import (ALIASES, CATEGORY, CONTEXT_FOLDER, LOAD_NODE, ContextType, ModelType, advanced, check_choice,
+                     full_path, missing_input, schema)
+
+ENCODE_NODE = "IconMatting 2 · Encode Reference"
+SAVE_NODE = "IconMatting 2 · Save Context"
+CONTEXT_HINT = f"Encode the reference with {ENCODE_NODE} and save it with {SAVE_NODE}."
+DEFAULT_CONTEXT_NAME = "reference_context"
+
+
+def node_context_message(exc: ContextFileError) -> str:
+    """A context-file error in the words of the nodes: the command line's ``encode`` hints become
+    the nodes that make a context, and the exception's module path is not shown."""
+    text = str(exc)
+    text = re.sub(r"Make one with `[^`]*`\.?", CONTEXT_HINT, text)
+    text = re.sub(r"Is it a context file written by `encode`\?", f"Is it a context file? {CONTEXT_HINT}", text)
+    text = re.sub(r"make one with `encode`\.?", f"make one with {SAVE_NODE}.", text)
+    text = re.sub(r"encode the reference again(?: with these weights)?\.?|encode again\.?",
+                  f"encode the reference again ({ENCODE_NODE}, then {SAVE_NODE}).", text)
+    return text
+
+
+def free_context_name(folder: str, filename: str) -> str:
+    """``<filename>.safetensors`` in ``folder``, or, if taken, the first free ``<filename>_00001``...
+    (as Save Image numbers its files): a saved context is never overwritten."""
+    stem = Path(filename.strip() or DEFAULT_CONTEXT_NAME).name
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    stem = stem or DEFAULT_CONTEXT_NAME
+    name, counter = f"{stem}.safetensors", 0
+    while os.path.lexists(os.path.join(folder, name)):
+        counter += 1
+        name = f"{stem}_{counter:05d}.safetensors"
+    return name
+
+
+class IconMattingEncodeReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingEncodeReference",
+            display_name=ENCODE_NODE,
+            category=CATEGORY,
+            search_aliases=ALIASES,
+            description="Encodes the foreground marked on the reference image(s) once, for matching any number of targets.",
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip=f"From {LOAD_NODE}."),
+                io.Image.Input("image", tooltip="Reference image(s); several images build one context."),
+                io.Mask.Input("mask", tooltip="Foreground on each reference (one mask per image, or one for all): paint it in "
+                              "Load Image's mask editor, or connect any mask."),
+                io.Combo.Input("guidance", options=list(POOLING_MODES), default="mask",
+                               tooltip="mask: a filled mask of the foreground (the paper's setting). scribble: strokes or "
+                               "clicks on the foreground; every cell they touch counts."),
+                advanced(io.Combo.Input("resize_mode", options=list(pre.RESIZE_MODES), default="pad",
+                                        tooltip="How the image is brought to the model's square input. pad: letterbox, no distortion "
+                                        "(padding takes no part in matching). stretch: squash to the square. Use the same mode for "
+                                        "the reference and the targets.")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                      tooltip="Seed of the diffusion noise added before feature extraction.")),
+            ],
+            outputs=[ContextType.Output("context", tooltip="The reference's region tokens; reuse it for any number of targets.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, guidance=None, resize_mode=None):
+        # older hosts do not check V3 combo values sent by API clients
+        for name, value, options in (("guidance", guidance, POOLING_MODES), ("resize_mode", resize_mode, pre.RESIZE_MODES)):
+            if value is not None and value not in options:
+                return f"{name} must be one of {', '.join(options)}; got {value!r}."
+        return True
+
+    @classmethod
+    def execute(cls, iconmatting_model, image, mask, guidance, resize_mode="pad", seed=0):
+        check_choice("guidance", guidance, POOLING_MODES)
+        check_choice("resize_mode", resize_mode, pre.RESIZE_MODES)
+        if is_unpainted_mask(mask, image.shape[1:3]):
+            raise ValueError(
+                "The reference has no mask painted (Load Image gives an empty 64x64 mask). "
+                "Right-click the reference's Load Image node, choose 'Open in MaskEditor' and paint the foreground."
+            )
+        masks = mask[None] if mask.ndim == 2 else mask
+        pipe = iconmatting_model.pipeline()
+        ctx = pipe.encode_reference(list(image.unbind(0)), list(masks.unbind(0)), pooling=guidance,
+                                    resize_mode=resize_mode, seed=seed)
+        return io.NodeOutput(ctx)
+
+
+class IconMattingSaveContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="IconMattingSaveContext",
+            display_name=SAVE_NODE,
+            category=CATEGORY,
+            search_aliases=ALIASES + ["save reference"],
+            description="Saves an encoded reference to ComfyUI/models/iconmatting_contexts, for Load Context and the command "
+            "line. An existing file is never overwritten: the name gets a number, as with Save Image.",
+            is_output_node=True,
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="The model the context was encoded with (its weights are fingerprinted)."),
+                ContextType.Input("context", tooltip=f"From {ENCODE_NODE}."),
+                io.String.Input("filename", default=DEFAULT_CONTEXT_NAME,
+                                tooltip="File name in ComfyUI/models/iconmatting_contexts (.safetensors is added; if the "
+                                "name is taken, _00001, _00002... is added)."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, iconmatting_model, context, filename):
+        from ..iconmatting_core.context_file import model_fingerprint, save_context
+
+        folder = folder_paths.get_folder_paths(CONTEXT_FOLDER)[0]
+        os.makedirs(folder, exist_ok=True)
+        path = save_context(os.path.join(folder, free_context_name(folder, filename)), context,
+                            model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor),
+                            {"resize_mode": context.resize_mode})
+        return io.NodeOutput(ui={"text": [f"Saved {Path(path).name}"]})
+
+
+def context_choices() -> List[str]:
+    return folder_paths.get_filename_list(CONTEXT_FOLDER)
+
+
+class IconMattingLoadContext(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        choices = context_choices()
+        return schema(
+            node_id="IconMattingLoadContext",
+            display_name="IconMatting 2 · Load Context",
+            category=CATEGORY,
+            search_aliases=ALIASES + ["load reference"],
+            description="Loads a reference context saved by Save Context or `python -m iconmatting_core encode`, "
+            "instead of encoding the reference again.",
+            inputs=[
+                ModelType.Input("iconmatting_model", tooltip="Must hold the same weights the context was made with."),
+                io.Combo.Input("context_file", options=choices or [f"{DEFAULT_CONTEXT_NAME}.safetensors"],
+                               tooltip="A context in ComfyUI/models/iconmatting_contexts."),
+            ],
+            outputs=[ContextType.Output("context", tooltip="The saved reference context.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, context_file=None):
+        if not isinstance(context_file, str) or not context_file:
+            return missing_input("context_file", "IconMatting 2 · Load Context")
+        if not folder_paths.get_full_path(CONTEXT_FOLDER, context_file):
+            return (f"Context file '{context_file}' is not in ComfyUI/models/iconmatting_contexts. "
+                    f"Save one with {SAVE_NODE} first.")
+        return True
+
+    @classmethod
+    def execute(cls, iconmatting_model, context_file):
+        from ..iconmatting_core.context_file import load_context, model_fingerprint
+
+        path = full_path(CONTEXT_FOLDER, context_file, f"Save one with {SAVE_NODE} first.")
+        expected = model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor)
+        try:
+            return io.NodeOutput(load_context(path, expected_fingerprint=expected))
+        except ContextFileError as exc:
+            raise ValueError(node_context_message(exc)) from None

@@ -1,0 +1,133 @@
+"""Mutation run over the node pack with mutmut's own mutation operators (mutmut 2.x, installed with
+``pip install -c constraints.txt mutmut``; not a requirement of the project). mutmut's ``run`` command
+trips over its result cache on these modules, so this drives ``mutmut.list_mutations``/``mutate``
+itself: each mutant is written in place, the tests that exercise its module run (``-x``), the file
+is restored. Not mutated: ``define_schema`` declarations (tooltips, descriptions) and the parts of
+postprocess the nodes do not use.
+
+Run from a scratch copy of the repository (files are rewritten while it runs)::
+
+    ICONMATTING_TINY_MODELS=<dir with head.safetensors and sd/> python tests/mutmut_nodes.py FILE... > results.jsonl
+
+``MUTMUT_NODES_FORK=1``: import torch, diffusers and ComfyUI once and run each mutant's tests in a
+forked child (much faster; Linux only).
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mutmut import ALL, Context, list_mutations, mutate
+
+PYTEST = f"{sys.executable} -m pytest -q -x -p no:cacheprovider"
+TESTS = {
+    "iconmatting_core/postprocess.py": "tests/test_nodes_postprocess.py",
+    "nodes/common.py": "tests/test_nodes.py",
+    "nodes/model_nodes.py": "tests/test_nodes.py -k 'load or head or patched or registered or missing_file'",
+    "nodes/context_nodes.py": "tests/test_nodes.py -k 'encode or context or registered'",
+    "nodes/target_nodes.py": "tests/test_nodes.py -k 'folder or match or registered'",
+    "nodes/output_nodes.py": "tests/test_nodes.py -k 'composite or decode or registered'",
+}
+POSTPROCESS_SECTION = "# --- compositing and previews"
+
+
+def skipped_lines(filename, source):
+    lines = set()
+    if filename.endswith("postprocess.py"):
+        start = next(i for i, line in enumerate(source.splitlines()) if line.startswith(POSTPROCESS_SECTION))
+        lines.update(range(0, start))
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == "define_schema":
+            lines.update(range(node.lineno - 1, node.end_lineno))
+    return lines
+
+
+def preload():
+    """Import the heavy libraries once; each mutant's tests run in a forked child (``fork_pytest``),
+    which imports this repository's modules (the mutated one included) afresh."""
+    sys.path.insert(0, str(Path("tests").resolve()))
+    import diffusers  # noqa: F401
+    import numpy  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import pytest  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    from comfy_harness import comfy_root, stub_dir
+
+    for extra in (str(comfy_root()), str(stub_dir())):
+        sys.path.append(extra)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy_api.latest  # noqa: F401
+    import folder_paths  # noqa: F401
+
+
+def fork_pytest(args, timeout):
+    import shlex
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        import pytest
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os._exit(int(pytest.main(shlex.split(args))))
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(pid, signal.SIGKILL))
+    signal.alarm(timeout)
+    _, status = os.waitpid(pid, 0)
+    signal.alarm(0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def already_done():
+    """(file, line, index) of mutants in the JSON-lines files of $MUTMUT_NODES_DONE (colon-separated)."""
+    done = set()
+    for results in filter(None, os.environ.get("MUTMUT_NODES_DONE", "").split(":")):
+        for line in Path(results).read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["file"], r["line"], r["index"]))
+    return done
+
+
+def main(files):
+    done = already_done()
+    for name in files:
+        path = Path(name)
+        source = path.read_text()
+        skip = skipped_lines(name, source)
+        for mutation in list_mutations(Context(source=source, mutation_id=ALL, filename=name)):
+            if mutation.line_number in skip or (name, mutation.line_number + 1, mutation.index) in done:
+                continue
+            mutated, count = mutate(Context(source=source, mutation_id=mutation, filename=name))
+            if count != 1 or mutated == source:
+                continue
+            path.write_text(mutated)
+            try:
+                if FORK:
+                    code, tail = fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", 600), ""
+                else:
+                    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=600)
+                    code, tail = proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+                status = {0: "survived", 1: "killed"}.get(code, "killed (timeout)" if code == -9 else f"error {code}")
+            except subprocess.TimeoutExpired:
+                status, tail = "killed (timeout)", ""
+            finally:
+                path.write_text(source)
+            new_line = mutated.splitlines()[mutation.line_number] if mutation.line_number < len(mutated.splitlines()) else ""
+            print(json.dumps({"file": name, "line": mutation.line_number + 1, "index": mutation.index, "status": status,
+                              "original": mutation.line.strip(), "mutant": new_line.strip(), "tests": tail}), flush=True)
+
+
+FORK = os.environ.get("MUTMUT_NODES_FORK") == "1"
+
+if __name__ == "__main__":
+    sys.dont_write_bytecode = True
+    if FORK:
+        preload()
+    main(sys.argv[1:])

@@ -1,0 +1,356 @@
+"""The nodes called directly (as ComfyUI core tests its nodes), inside this process, over the ComfyUI
+0.3.75 tree of ``comfy_harness.comfy_root()`` and the tiny diffusers model: fast checks of what each
+node's ``execute``/``validate_inputs`` does with pixels, files and bad inputs. The real ComfyUI runs
+of tests/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_reference, make_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "iconmatting_pack_under_test"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack imported as ComfyUI imports it (a package with relative imports), with ComfyUI's own
+    modules; ComfyUI's tree goes at the end of sys.path so it shadows nothing of this repository."""
+    from comfy_harness import comfy_root, stub_dir
+
+    for path in (str(comfy_root()), str(stub_dir())):
+        if path not in sys.path:
+            sys.path.append(path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # CPU only, before comfy.model_management looks for a GPU
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    names = ["common", "model_nodes", "context_nodes", "target_nodes", "output_nodes", "iconmatting_nodes"]
+    ns = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.nodes.{n}") for n in names})
+    ns.core = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.iconmatting_core.{n}")
+                                       for n in ["pipeline", "context_file", "context", "matching", "postprocess"]})
+    return ns
+
+
+@pytest.fixture()
+def input_dir(pack, tmp_path):
+    import folder_paths
+
+    saved = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    (tmp_path / "input").mkdir()
+    yield tmp_path / "input"
+    folder_paths.set_input_directory(saved)
+
+
+@pytest.fixture()
+def context_dir(pack, tmp_path):
+    import folder_paths
+
+    saved = folder_paths.folder_names_and_paths["iconmatting_contexts"]
+    folder_paths.folder_names_and_paths["iconmatting_contexts"] = ([str(tmp_path / "contexts")], {".safetensors"})
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
+    yield tmp_path / "contexts"
+    folder_paths.folder_names_and_paths["iconmatting_contexts"] = saved
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
+
+
+@pytest.fixture(scope="module")
+def host_model(pack, request):
+    """What Load gives the other nodes (ICONMATTING_MODEL), over the tiny diffusers model."""
+    cached = os.environ.get("ICONMATTING_TINY_MODELS")  # mutation runs: tiny models written once (conftest's tiny_dir)
+    tiny_dir = Path(cached) if cached else request.getfixturevalue("tiny_dir")
+    model = pack.core.pipeline.load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32")
+    pipe = pack.core.pipeline.IconMattingPipeline(model)
+    return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
+
+
+@pytest.fixture()
+def shown(pack, monkeypatch):
+    """Texts the nodes send to the frontend as progress text (a stand-in PromptServer)."""
+    sent = []
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
+        send_progress_text=lambda text, node_id: sent.append((node_id, text))))
+    monkeypatch.setitem(sys.modules, "server", server)
+    from comfy_execution.utils import CurrentNodeContext
+
+    with CurrentNodeContext("prompt", "17"):
+        yield sent
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+
+
+def pixels(seed, h, w):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- Composite ------------------------------------------------------------------------------------------
+def test_composite_puts_each_cut_out_over_its_own_background(pack):
+    cut = torch.zeros(2, 1, 2, 4)
+    cut[..., 0] = 1.0  # red
+    cut[..., 3] = torch.tensor([0.25, 1.0])
+    backgrounds = [torch.tensor([0.0, 0.0, 1.0]).expand(1, 3, 5, 3), torch.tensor([0.0, 1.0, 0.0]).expand(1, 3, 5, 3)]
+    out = pack.output_nodes.IconMattingComposite.execute([cut], backgrounds).result[0]
+    assert [o.shape for o in out] == [(1, 1, 2, 3)] * 2
+    assert torch.allclose(out[0][0, 0], torch.tensor([[0.25, 0, 0.75], [1, 0, 0]]))
+    assert torch.allclose(out[1][0, 0], torch.tensor([[0.25, 0.75, 0], [1, 0, 0]]))
+
+
+def test_composite_with_one_background_puts_every_cut_out_over_it(pack):
+    cut = torch.zeros(3, 1, 1, 4)
+    cut[..., 3] = torch.tensor([0.0, 0.5, 1.0])[:, None, None]
+    out = pack.output_nodes.IconMattingComposite.execute([cut], [torch.full((1, 4, 4, 3), 0.8)]).result[0]
+    assert [float(o[0, 0, 0, 0]) for o in out] == pytest.approx([0.8, 0.4, 0.0])
+
+
+def test_composite_refuses_rgb_cut_outs_and_unpaired_backgrounds(pack):
+    node = pack.output_nodes.IconMattingComposite
+    with pytest.raises(ValueError, match="rgba must have 4 channels.*Remove Background"):
+        node.execute([torch.zeros(1, 2, 2, 3)], [torch.zeros(1, 2, 2, 3)])
+    with pytest.raises(ValueError, match="Got 2 backgrounds for 3 cut-outs"):
+        node.execute([torch.zeros(3, 2, 2, 4)], [torch.zeros(2, 2, 2, 3)])
+
+
+# --- Load Image Folder ----------------------------------------------------------------------------------
+def test_folder_loader_reads_every_image_extension_in_any_case_in_name_order(pack, input_dir):
+    folder = input_dir / "photos"
+    folder.mkdir()
+    arrays = {"B.JPG": pixels(1, 4, 6), "a.png": pixels(2, 5, 3), "c.WebP": pixels(3, 2, 2)}
+    for name, array in arrays.items():
+        Image.fromarray(array).save(folder / name, quality=100, lossless=True) if name != "B.JPG" else \
+            Image.fromarray(array).save(folder / name, format="JPEG", quality=100)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub.png").mkdir()  # a folder named like an image
+    images, names = pack.target_nodes.IconMattingLoadImageFolder.execute("photos").result
+    assert names == ["B", "a", "c"]  # sorted by file name, extensions of any case
+    assert [tuple(i.shape) for i in images] == [(1, 4, 6, 3), (1, 5, 3, 3), (1, 2, 2, 3)]
+    assert torch.equal(images[1][0], torch.from_numpy(arrays["a.png"]).float() / 255)
+    jpeg = np.array(Image.open(folder / "B.JPG").convert("RGB"))
+    assert torch.equal(images[0][0], torch.from_numpy(jpeg).float() / 255)
+
+
+def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, input_dir, shown):
+    folder = input_dir / "photos"
+    folder.mkdir()
+    save_png(folder / "good.png", pixels(4, 3, 3))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    out = pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
+    images, names = out.result
+    assert names == ["good"] and len(images) == 1
+    assert "broken.png" in out.ui["text"][0] and "Skipped 1" in out.ui["text"][0]
+    assert len(shown) == 1 and shown[0][0] == "17" and "broken.png" in shown[0][1]
+
+
+def test_folder_loader_fails_only_when_no_file_can_be_read(pack, input_dir):
+    folder = input_dir / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"junk")
+    (folder / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"No image in folder 'photos' could be read: a\.png .*b\.jpg"):
+        pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("", "No image folder given"),
+    ("   ", "No image folder given"),
+    (None, "No image folder given"),
+    (".", "is ComfyUI/input itself"),
+    ("missing", "Image folder 'missing' not found in ComfyUI/input"),
+    ("empty", "Image folder 'empty' holds no images"),
+    ("../outside", "outside ComfyUI's input folder"),
+])
+def test_folder_loader_refuses_bad_folders_at_validation(pack, input_dir, value, expected):
+    (input_dir / "empty").mkdir()
+    (input_dir / "empty" / "readme.txt").write_text("x")
+    save_png(input_dir / "top.png", pixels(5, 2, 2))  # an image at the top of input/ is never matted by mistake
+    message = pack.target_nodes.IconMattingLoadImageFolder.validate_inputs(value)
+    assert isinstance(message, str) and expected in message
+
+
+def test_folder_loader_validation_without_the_key_is_a_message_not_a_crash(pack, input_dir):
+    assert "No image folder given" in pack.target_nodes.IconMattingLoadImageFolder.validate_inputs()
+
+
+def test_folder_is_read_again_when_a_file_changes_even_at_the_same_size(pack, input_dir):
+    node = pack.target_nodes.IconMattingLoadImageFolder
+    folder = input_dir / "photos"
+    folder.mkdir()
+    save_png(folder / "a.png", np.full((4, 4, 3), 10, np.uint8))
+    before = node.fingerprint_inputs("photos")
+    size = (folder / "a.png").stat().st_size
+    save_png(folder / "a.png", np.full((4, 4, 3), 200, np.uint8))
+    stat = (folder / "a.png").stat()
+    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert (folder / "a.png").stat().st_size == size  # same size, other content
+    assert node.fingerprint_inputs("photos") != before
+    save_png(folder / "b.png", np.zeros((4, 4, 3), np.uint8))
+    assert len(node.fingerprint_inputs("photos")) == 2
+
+
+# --- Encode Reference, Save Context, Load Context -------------------------------------------------------
+def test_encode_refuses_unknown_combo_values_naming_the_input(pack, host_model):
+    node = pack.context_nodes.IconMattingEncodeReference
+    assert "guidance must be one of mask, scribble; got 'points'" in node.validate_inputs("points", "pad")
+    assert "resize_mode must be one of pad, stretch; got 'crop'" in node.validate_inputs("mask", "crop")
+    assert node.validate_inputs("scribble", "stretch") is True and node.validate_inputs() is True
+    image, mask = make_reference(64, 96)
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        node.execute(host_model, image[None], mask[None], "points")
+
+
+def test_encode_says_how_to_paint_an_unpainted_reference(pack, host_model):
+    image, _ = make_reference(96, 128)
+    with pytest.raises(ValueError, match="Open in MaskEditor"):
+        pack.context_nodes.IconMattingEncodeReference.execute(host_model, image[None], torch.zeros(1, 64, 64), "mask")
+
+
+def test_save_context_never_overwrites_a_saved_context(pack, host_model, context_dir, contexts):
+    node = pack.context_nodes.IconMattingSaveContext
+    first, second = contexts
+    assert node.execute(host_model, first, "my_ref").ui["text"] == ["Saved my_ref.safetensors"]
+    saved = (context_dir / "my_ref.safetensors").read_bytes()
+    assert node.execute(host_model, second, "my_ref").ui["text"] == ["Saved my_ref_00001.safetensors"]
+    assert node.execute(host_model, second, "my_ref.safetensors").ui["text"] == ["Saved my_ref_00002.safetensors"]
+    assert (context_dir / "my_ref.safetensors").read_bytes() == saved
+    assert sorted(p.name for p in context_dir.iterdir()) == ["my_ref.safetensors", "my_ref_00001.safetensors",
+                                                              "my_ref_00002.safetensors"]
+    assert node.execute(host_model, first, "  ").ui["text"] == ["Saved reference_context.safetensors"]
+    assert node.execute(host_model, first, "../../escape").ui["text"] == ["Saved escape.safetensors"]
+
+
+def test_load_context_errors_name_the_nodes_not_the_command_line(pack, host_model, context_dir, contexts):
+    context_dir.mkdir()
+    pack.core.context_file.save_context(context_dir / "other.safetensors", contexts[0], "0" * 64)
+    (context_dir / "junk.safetensors").write_bytes(b"not a safetensors file")
+    node = pack.context_nodes.IconMattingLoadContext
+    for name in ("other.safetensors", "junk.safetensors"):
+        with pytest.raises(ValueError) as info:
+            node.execute(host_model, name)
+        text = str(info.value)
+        assert type(info.value) is ValueError and name in text
+        assert "`" not in text and "python -m" not in text and "Save Context" in text, text
+    assert "not in ComfyUI/models/iconmatting_contexts" in node.validate_inputs("nope.safetensors")
+    assert "The input 'context_file'" in node.validate_inputs(None) and "The input" in node.validate_inputs()
+
+
+def test_a_saved_context_loads_back_equal(pack, host_model, context_dir, contexts):
+    ctx = contexts[1]
+    pack.context_nodes.IconMattingSaveContext.execute(host_model, ctx, "ref")
+    loaded = pack.context_nodes.IconMattingLoadContext.execute(host_model, "ref.safetensors").result[0]
+    assert torch.equal(loaded.tokens, ctx.tokens)
+
+
+# --- Match Targets ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def contexts(host_model):
+    pipe = host_model.pipeline()
+    image, mask = make_reference(64, 96)
+    return pipe.encode_reference(image, mask), pipe.encode_reference(torch.flip(image, [0]), 1 - mask, seed=3)
+
+
+@pytest.fixture(scope="module")
+def matched(pack, host_model, contexts):
+    """Match Targets run on one 48x64 target with the first context (stretch): (target, match, previews)."""
+    target = make_targets(1, 48, 64)
+    match, previews = pack.target_nodes.IconMattingMatchTargets.execute(
+        [host_model], [contexts[0]], [target], ["stretch"]).result
+    return target, match, previews
+
+
+def test_match_uses_every_context_given(pack, host_model, contexts, matched):
+    target, only_first, _ = matched
+    both = pack.target_nodes.IconMattingMatchTargets.execute([host_model], list(contexts), [target], ["stretch"]).result[0]
+    assert both.similarity.shape == only_first.similarity.shape
+    assert not torch.allclose(both.similarity, only_first.similarity)
+
+
+def test_match_preview_spans_the_whole_heat_ramp(matched):
+    target, _, previews = matched
+    preview = previews[0][0]
+    assert preview.shape == (48, 64, 3)
+    # at the most similar pixel the heat map is the ramp's end (red), at the least its start (dark blue)
+    flat = ((preview - 0.4 * target[0]) / 0.6).reshape(-1, 3)
+    for end in ([1.0, 0.0, 0.0], [0.0, 0.0, 0.3]):
+        assert (flat - torch.tensor(end)).abs().sum(1).min() < 1e-4, end
+
+
+def test_match_refuses_an_unknown_resize_mode(pack, host_model):
+    node = pack.target_nodes.IconMattingMatchTargets
+    assert "resize_mode must be one of pad, stretch; got 'crop'" in node.validate_inputs(["crop"])
+    assert node.validate_inputs(["stretch"]) is True and node.validate_inputs() is True
+
+
+# --- Remove Background (Decode Alpha) ------------------------------------------------------------------
+def test_decode_cleans_edge_colours_only_when_asked(pack, host_model, matched):
+    target, match, _ = matched
+    node = pack.output_nodes.IconMattingDecodeAlpha
+    alphas, raw = node.execute(host_model, match, False).result
+    _, cleaned = node.execute(host_model, match, True).result
+    alpha = alphas[0][0]
+    assert alphas[0].shape == (1, 48, 64) and raw[0].shape == cleaned[0].shape == (1, 48, 64, 4)
+    assert torch.equal(raw[0][0, ..., :3], target[0])  # colours as photographed
+    assert torch.equal(raw[0][0, ..., 3], alpha) and torch.equal(cleaned[0][0, ..., 3], alpha)
+    edge = (alpha > 0) & (alpha < 1)
+    assert edge.any()
+    changed = (cleaned[0][0, ..., :3] != target[0]).any(-1)
+    assert changed.any() and not changed[~edge].any()  # only semi-transparent pixels are re-coloured
+
+
+def test_decode_refuses_what_is_not_a_match(pack, host_model):
+    with pytest.raises(TypeError, match="Match Targets"):
+        pack.output_nodes.IconMattingDecodeAlpha.execute(host_model, "nope", True)
+
+
+# --- Load ------------------------------------------------------------------------------------------------
+def test_load_validation_of_an_empty_or_missing_choice_is_a_message(pack):
+    node = pack.model_nodes.IconMattingLoad
+    for message in (node.validate_inputs(None), node.validate_inputs()):
+        assert "The input 'matting_model' of IconMatting 1 · Load is empty" in message and "Download icm.ckpt" in message
+    assert "'nope.ckpt' are not in" in node.validate_inputs("nope.ckpt")
+
+
+def test_a_head_for_other_unet_widths_is_refused_in_one_line(pack):
+    with pytest.raises(ValueError) as info:
+        pack.model_nodes.head_fits_model((64, 64), (128, 128), "small.safetensors")
+    text = str(info.value)
+    assert "'small.safetensors'" in text and "(64, 64)" in text and "(128, 128)" in text and "\n" not in text
+    pack.model_nodes.head_fits_model((128, 128), (128, 128), "ok.safetensors")
+    pack.model_nodes.head_fits_model((128, 128), None, "ok.safetensors")  # not a UNet: the extractor says why
+
+
+def test_a_patched_model_is_warned_about_on_the_node(pack, shown):
+    assert pack.model_nodes.patches_warning(types.SimpleNamespace(patches={})) is None
+    warning = pack.model_nodes.patches_warning(types.SimpleNamespace(patches={"a": 1, "b": 2}))
+    assert "2 weight patches" in warning and "LoRA" in warning
+    pack.common.show_on_node(warning)
+    assert shown == [("17", warning)]
+
+
+def test_a_missing_file_at_execution_is_one_line_with_the_hint(pack, context_dir):
+    with pytest.raises(FileNotFoundError) as info:
+        pack.common.full_path("iconmatting_contexts", "gone.safetensors", "Save one first.")
+    assert "'gone.safetensors' is not in" in str(info.value) and str(info.value).endswith("Save one first.")
+
+
+def test_nodes_are_registered_in_pipeline_order(pack):
+    names = [n.define_schema().display_name for n in pack.iconmatting_nodes.NODES]
+    assert names == ["IconMatting 1 · Load", "IconMatting 2 · Encode Reference", "IconMatting 2 · Load Context",
+                     "IconMatting 2 · Save Context", "IconMatting 3 · Load Image Folder", "IconMatting 4 · Match Targets",
+                     "IconMatting 5 · Remove Background", "IconMatting 6 · Composite Cutouts"]
