@@ -25,7 +25,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..iconmatting_core import preprocess as pre
-from ..iconmatting_core.batch import IMAGE_EXTENSIONS, read_image
+from ..iconmatting_core.image_io import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.checkpoint import CheckpointError
 from ..iconmatting_core.context import POOLING_MODES, ReferenceContext
 from ..iconmatting_core.matching import MatchResult
