@@ -94,6 +94,7 @@ def run(args) -> int:
     except TargetError as exc:
         raise UsageError(str(exc)) from None
     check_writable(out_dir)
+    remove_partials(out_dir)  # a killed run's half files
     for note in found.notes():
         print(f"note: {note}", file=sys.stderr)
     targets = found.targets

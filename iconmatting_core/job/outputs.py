@@ -74,8 +74,7 @@ def write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + PARTIAL)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        _write_bytes(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -83,6 +82,11 @@ def write_file(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:  # the one place bytes reach the disk (tests inject faults here)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def check_writable(out_dir: Path, what: str = "--out") -> None:
@@ -100,7 +104,7 @@ def check_writable(out_dir: Path, what: str = "--out") -> None:
 
 
 def remove_partials(out_dir: Path) -> int:
-    """Remove ``*.partial*`` files a job left in ``out_dir`` (after it stopped); returns how many."""
+    """Remove ``*.partial*`` files a job left in ``out_dir`` (a killed or stopped run); returns how many."""
     removed = 0
     for dirpath, dirnames, filenames in os.walk(out_dir):
         for name in filenames + dirnames:
