@@ -222,8 +222,11 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
     (files missing, weights not the context file's), JobStopped on an error every target would meet."""
     ray = _ray()
     started_here = not ray.is_initialized()
+    reaper = None
     if started_here:
         ray.init(address=job.address, log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR)
+        if job.address is None:
+            reaper = _start_reaper()
     try:
         from ray.data import DataContext
 
@@ -235,6 +238,43 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.stdin.close()  # the reaper kills whatever the shutdown left, then exits
+            reaper.wait(timeout=30)
+
+
+_REAPER = """
+import sys, psutil
+procs = []
+for line in sys.stdin:
+    procs = [tuple(x.split("@")) for x in line.split()]
+for pid, started in procs:
+    try:
+        p = psutil.Process(int(pid))
+        if repr(p.create_time()) == started:
+            p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _start_reaper():
+    """A small process holding the pids of the local Ray this driver started; when the driver ends
+    (even by SIGKILL, which closes the pipe) it kills any of them still running. Ray's own
+    fate-sharing stops the GCS and raylet but leaves the dashboard and runtime-env agents behind."""
+    import subprocess
+    import sys
+
+    try:
+        import psutil
+    except ImportError:  # no reaper: a SIGKILLed driver may leave Ray's agents running
+        return None
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kids = [p for p in psutil.Process().children(recursive=True) if p.pid != reaper.pid]
+    reaper.stdin.write(" ".join(f"{p.pid}@{p.create_time()!r}" for p in kids) + "\n")
+    reaper.stdin.flush()
+    return reaper
 
 
 def _run(ray, job: RayJob, todo: List[Target], out_dir: Path, failures: Failures) -> int:

@@ -144,3 +144,34 @@ def test_read_stage_applies_exif_orientation(tmp_path):
     Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif)
     (row,) = read_targets({"target": np.array([str(tmp_path / "rotated.png")], dtype=object)})
     assert row["error"][0] == "" and np.array_equal(row["frame"][0], np.rot90(wide, -1))
+
+
+def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
+    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil  # requirements-dev.txt
+    code = ("import logging, time, ray, psutil\n"
+            "from iconmatting_core.ray_engine import _start_reaper\n"
+            "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)\n"
+            "time.sleep(2)\n"
+            "r = _start_reaper()\n"
+            "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
+            "time.sleep(300)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert len(pids) >= 3  # GCS, raylet, agents, workers
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        time.sleep(0.5)
+    left = [psutil.Process(p).name() for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not left
