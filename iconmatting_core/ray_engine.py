@@ -23,8 +23,12 @@ on every node (a shared filesystem); the outputs are written by the driver. A wo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -230,17 +234,54 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
     try:
         from ray.data import DataContext
 
+        for name in ("ray", "ray.data"):  # Ray Data's INFO/WARNING notes are not the user's business
+            logging.getLogger(name).setLevel(logging.ERROR)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.execution_options.preserve_order = True
-        return _run(ray, job, list(todo), out_dir, failures)
+        with _without_native_log_lines():
+            return _run(ray, job, list(todo), out_dir, failures)
     finally:
         if started_here:
             ray.shutdown()
         if reaper is not None:
             reaper.stdin.close()  # the reaper kills whatever the shutdown left, then exits
             reaper.wait(timeout=30)
+
+
+_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWE] \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def _without_native_log_lines():
+    """Drop the lines Ray's C++ core writes straight to this process's stderr (e.g. a note on
+    actor constructor arguments) while the job runs; everything else passes through."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as src, os.fdopen(os.dup(saved), "wb", buffering=0) as dst:
+            for line in src:
+                if not _NATIVE_LOG_LINE.match(line):
+                    dst.write(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and stops
+        os.close(saved)
+        thread.join(timeout=5)
 
 
 _REAPER = """
