@@ -99,7 +99,7 @@ def _walk(root: Path, recursive: bool, out_real: Optional[Path], found: TargetLi
             continue
         seen_dirs.add(real)
         if out_real is not None and _is_under(real, out_real):
-            found.skipped_out += sum(1 for _ in filenames)
+            found.skipped_out += sum(len(names) for _, _, names in os.walk(dirpath))
             dirnames[:] = []
             continue
         dirnames[:] = sorted(dirnames) if recursive else []
