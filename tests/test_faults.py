@@ -298,3 +298,24 @@ def test_a_clip_without_a_frame_rate_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(video, "_av", lambda: SimpleNamespace(open=lambda path: Container()))
     with pytest.raises(ValueError, match="states no frame rate; re-mux it with one"):
         video.probe(tmp_path / "x.mkv")
+
+
+def test_an_sd1_shaped_unet_is_refused(tmp_path, tiny_dir, capsys):
+    """An SD 1.x-shaped UNet (one head count, conv projections) loads in diffusers but is not SD 2.x."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from iconmatting_core.testing import tiny_unet_config
+
+    sd1 = tmp_path / "sd1"
+    shutil.copytree(tiny_dir / "sd", sd1)
+    shutil.rmtree(sd1 / "unet")
+    UNet2DConditionModel.from_config({**tiny_unet_config(), "attention_head_dim": 2, "use_linear_projection": False}) \
+        .save_pretrained(sd1 / "unet")
+    targets = save_reference_and_targets(tmp_path, 1)
+    code = main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(tmp_path / "out"),
+                 "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(sd1), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: --sd {sd1}: not Stable Diffusion 2.x (its UNet is shaped like SD 1.x: attention_head_dim 2" in err
