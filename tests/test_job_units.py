@@ -199,3 +199,46 @@ def test_read_mask_takes_the_alpha_of_rgba_and_la(tmp_path):
     assert np.allclose(read_mask(tmp_path / "m.png"), expected) and np.allclose(read_mask(tmp_path / "la.png"), expected)
     Image.fromarray(np.array([[0, 255]], np.uint8)).save(tmp_path / "g.png")
     assert read_mask(tmp_path / "g.png").tolist() == [[0.0, 1.0]]
+
+
+def test_more_target_rules(tmp_path, monkeypatch):
+    from iconmatting_core.job.targets import Target
+
+    _touch(tmp_path, "x/a.png", "x/loop_then/b.png", "x/m_out/old_alpha.png", "x/m_out/failures.jsonl", "x/z/c.png",
+           "x/n1.txt", "x/n2.txt", "x/q/r/d.png")
+    (tmp_path / "x" / "k_loop").symlink_to(tmp_path / "x", target_is_directory=True)
+    (tmp_path / "x" / "a_link.png").symlink_to(tmp_path / "x" / "a.png")
+    (tmp_path / "m.lst").write_text("x/z/c.png\nnofolder/gone1.png\n")
+    (tmp_path / "m.list").write_text("nofolder/gone2.png\n")
+    found = list_targets([str(tmp_path / "x"), str(tmp_path / "m.lst"), str(tmp_path / "m.list")], tmp_path / "x" / "m_out")
+    assert _names(found, tmp_path) == [("x/a.png", "a"), ("x/loop_then/b.png", "loop_then/b"), ("x/q/r/d.png", "q/r/d"),
+                                       ("x/z/c.png", "z/c"), ("nofolder/gone1.png", "gone1"), ("nofolder/gone2.png", "gone2")]
+    assert dict(found.skipped_types) == {".txt": 2} and found.skipped_out == 2  # failures.jsonl counted as under --out
+    assert found.notes() == ["skipped 2 file(s) of other types: .txt x2", "left out 2 file(s) under the output folder",
+                             f"skipped {tmp_path / 'x' / 'k_loop'}: folder link loop"]
+    assert len({Target(Path("a.png"), "a"), Target(Path("a.png"), "a")}) == 1  # hashable, immutable
+    # a wildcard in the middle: the glob's folder is the part before it
+    assert [t.name for t in list_targets([str(tmp_path / "x" / "*" / "r" / "*.png")]).targets] == ["q/r/d"]
+    monkeypatch.chdir(tmp_path / "x" / "z")
+    assert [t.name for t in list_targets(["*.png"]).targets] == ["c"]
+
+
+def test_target_errors_word_for_word(tmp_path):
+    _touch(tmp_path, "x/a.png", "y/a.png")
+    (tmp_path / "e.txt").write_text("\n")
+    cases = [
+        ([str(tmp_path / "nope")], None, f"--targets {tmp_path / 'nope'}: no such file or folder"),
+        ([str(tmp_path / "e.txt")], None, f"--targets {tmp_path / 'e.txt'}: the manifest lists no files"),
+        ([str(tmp_path / "x")], tmp_path, f"--out {tmp_path} is (or holds) the --targets folder {tmp_path / 'x'}; "
+                                          "give another --out folder"),
+        ([str(tmp_path / "x"), str(tmp_path / "y")], None, f"{tmp_path / 'x' / 'a.png'} and {tmp_path / 'y' / 'a.png'} would "
+                                                           "both write outputs named 'a'; matte them into separate --out "
+                                                           "folders (or rename one)"),
+        ([str(tmp_path / "e")], None, f"--targets {tmp_path / 'e'}: no such file or folder"),
+    ]
+    (tmp_path / "empty").mkdir()
+    cases.append(([str(tmp_path / "empty")], None, f"--targets {tmp_path / 'empty'}: no images or videos in this folder"))
+    for specs, out, message in cases:
+        with pytest.raises(TargetError) as err:
+            list_targets(specs, out)
+        assert str(err.value) == message
