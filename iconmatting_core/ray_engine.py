@@ -250,13 +250,15 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
             reaper.wait(timeout=30)
 
 
-_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWE] \d+ \d+\] ")
+# the C++ core's "[2026-01-01 10:00:00,000 E 123 123] ..." lines and Ray's "(raylet) ..." notes
+_NATIVE_LOG_LINE = re.compile(rb"^(?:\[\d{4}-\d\d-\d\d [\d:,]+ [DIWE] \d+ \d+\] |(?:\x1b\[\d+m)?\(raylet\))")
 
 
 @contextlib.contextmanager
 def _without_native_log_lines():
     """Drop the lines Ray's C++ core writes straight to this process's stderr (e.g. a note on
-    actor constructor arguments) while the job runs; everything else passes through."""
+    actor constructor arguments) and Ray's ``(raylet)`` notes while the job runs; everything else
+    passes through."""
     try:
         saved = os.dup(2)
     except OSError:

@@ -319,3 +319,14 @@ def test_an_sd1_shaped_unet_is_refused(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert f"error: --sd {sd1}: not Stable Diffusion 2.x (its UNet is shaped like SD 1.x: attention_head_dim 2" in err
+
+
+def test_ray_native_log_lines_are_kept_out_of_the_users_output(capfd):
+    from iconmatting_core.ray_engine import _without_native_log_lines
+
+    with _without_native_log_lines():
+        for line in (b"[2026-12-01 20:14:52,184 E 26340 26340] core_worker.cc:2465: Actor with class name\n",
+                     b"\x1b[33m(raylet)\x1b[0m Task ActorLocationTracker.get_actor_locations failed.\n",
+                     b"matte on Ray (2 workers): 1/3 (33%)\n", b"error: stopped: no space left on the disk\n"):
+            os.write(2, line)
+    assert capfd.readouterr().err == "matte on Ray (2 workers): 1/3 (33%)\nerror: stopped: no space left on the disk\n"
