@@ -228,14 +228,17 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
     started_here = not ray.is_initialized()
     reaper = None
     if started_here:
-        ray.init(address=job.address, log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR)
+        # errors of Ray's own helper actors (e.g. its stats actor restarted under memory pressure) are not the
+        # job's: the job's errors arrive through its results
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+        ray.init(address=job.address, log_to_driver=False, include_dashboard=False, logging_level=logging.CRITICAL)
         if job.address is None:
             reaper = _start_reaper()
     try:
         from ray.data import DataContext
 
         for name in ("ray", "ray.data"):  # Ray Data's INFO/WARNING notes are not the user's business
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
