@@ -1,12 +1,14 @@
 """Batch at scale, measured in one run and printed as ratios (tiny random-weight models, so the
 figures are about the job's machinery, not the network's speed):
 
-* video memory: peak RSS of `matte` on a clip of 10 vs 300 frames at the same size (each in a
-  fresh process), in total and above the RSS once the model is loaded. Flat memory = ratio ~1.
-* Ray throughput: images per second with 1 vs 2 actor workers on a local Ray (2 CPUs, one per
-  worker), over the second half of the results, so worker startup and model loading are excluded.
+* video memory: peak RSS of `matte --engine ray` (clips run on the driver's local engine, streamed)
+  on a clip of 150 vs 1,500 frames at the same size (each in a fresh process), in total and above
+  the RSS once the model is loaded. Flat memory = ratio ~1 (target <= 1.2).
+* throughput: images per second of the local engine (``--threads 1``) and of Ray with 1 vs 2 actor
+  workers on a local Ray (2 CPUs, one per worker), over the second half of the results, so worker
+  startup and model loading are excluded.
 
-    python benchmarks/benchmark_scale.py [--frames 10 300] [--size 320x180] [--images 32] [--skip-ray]
+    python benchmarks/benchmark_scale.py [--frames 150 1500] [--size 320x180] [--images 32] [--skip-ray]
 """
 from __future__ import annotations
 
@@ -69,8 +71,8 @@ def video_child(work: Path, frames: int, width: int, height: int) -> dict:
     pipe = load_pipeline(models[1], models[3], device="cpu")
     before = _rss_mb()
     started = time.time()
-    code = main(["matte", *_reference(work), "--targets", str(clip), "--out", str(work / f"out{frames}")],
-                pipe_factory=lambda: pipe)
+    code = main(["matte", *_reference(work), "--targets", str(clip), "--out", str(work / f"out{frames}"),
+                 "--engine", "ray", "--threads", "2"], pipe_factory=lambda: pipe)
     return {"code": code, "frames": frames, "rss_loaded_mb": before, "peak_mb": _peak_mb(), "seconds": time.time() - started}
 
 
@@ -97,6 +99,7 @@ def bench_ray(work: Path, images: int) -> None:
     import ray
     from PIL import Image
 
+    import iconmatting_core.job.local as local_engine
     import iconmatting_core.ray_engine as ray_engine
     from iconmatting_core.__main__ import main
 
@@ -114,7 +117,14 @@ def bench_ray(work: Path, images: int) -> None:
             stamps.extend([time.perf_counter()] * n)
             super().update(n, note)
 
-    ray_engine.Progress = TimedProgress
+    ray_engine.Progress = local_engine.Progress = TimedProgress
+    stamps.clear()
+    started = time.perf_counter()
+    assert main(["matte", *ref, "--targets", str(folder), "--out", str(work / "local_out"), "--threads", "1", *models]) == 0
+    half = len(stamps) // 2
+    local = (len(stamps) - 1 - half) / max(stamps[-1] - stamps[half], 1e-6)
+    print(f"local engine, 1 thread: {stamps[-1] - started:.1f} s in all for {images} images, {local:.2f} images/s "
+          "over the second half")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rates = {}
@@ -127,7 +137,7 @@ def bench_ray(work: Path, images: int) -> None:
             rates[workers] = (len(stamps) - 1 - half) / max(stamps[-1] - stamps[half], 1e-6)
             print(f"ray, {workers} worker(s): {stamps[-1] - started:.1f} s in all for {images} images, "
                   f"{rates[workers]:.2f} images/s over the second half")
-        print(f"ray throughput ratio 2 / 1 workers: {rates[2] / rates[1]:.2f}")
+        print(f"ray throughput ratio 2 / 1 workers: {rates[2] / rates[1]:.2f}; ray 1 worker / local: {rates[1] / local:.2f}")
     finally:
         ray.shutdown()
 
@@ -138,7 +148,7 @@ def main() -> None:
         print(json.dumps(video_child(work, n, w, h)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, nargs=2, default=[10, 300])
+    parser.add_argument("--frames", type=int, nargs=2, default=[150, 1500])
     parser.add_argument("--size", default="320x180")
     parser.add_argument("--images", type=int, default=32, help="Ray: images per run")
     parser.add_argument("--skip-video", action="store_true")

@@ -3,8 +3,13 @@
 A context file is a ``.safetensors`` file: the tensor fields of :class:`ReferenceContext`
 (``tokens`` [N, C] float32, stored exactly, so a context loaded from file gives the same alphas as
 one recomputed, bit for bit) and, in the header's JSON metadata (key ``iconmatting_context``), the
-other fields, a format version, the fingerprint of the model that made it and any extra metadata
-of the caller (the command line stores the resize mode and the weight files' names).
+other fields, a format version, the fingerprint of the model that made it, the sha256 of each
+tensor's bytes (format 2) and any extra metadata of the caller (the command line stores the resize
+mode and the weight files' names).
+
+A file is checked in full before use (:func:`load_context`): the header's types, the tensors'
+checksums, dtypes and shapes against the header, token counts against the tokens, finite values.
+Anything wrong raises ContextFileError naming the file and the field.
 
 The dataclass is serialised generically (``dataclasses.fields``: tensors to safetensors, the rest
 to JSON), so a field added to ReferenceContext is saved and loaded without touching this module.
@@ -31,8 +36,9 @@ import torch
 
 from .context import ReferenceContext
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor checksums; files of version 1 (no checksums) still load
 METADATA_KEY = "iconmatting_context"
+MAX_HEADER_BYTES = 1_000_000
 
 
 class ContextFileError(ValueError):
@@ -140,6 +146,8 @@ def save_context(path, context: ReferenceContext, fingerprint: str, extra_metada
         "fingerprint": fingerprint,
         "fields": fields,
         "tensor_dtypes": {k: str(v.dtype) for k, v in tensors.items()},
+        "tensor_shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "tensor_sha256": {k: tensor_sha256(v) for k, v in tensors.items()},
         "extra": _to_json(dict(extra_metadata or {}), "extra_metadata"),
     }
     path = Path(path)
@@ -149,6 +157,17 @@ def save_context(path, context: ReferenceContext, fingerprint: str, extra_metada
 
     os.chmod(path, 0o666 & ~current_umask())  # like any file the user writes (safetensors creates 0600)
     return path
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (C order, as stored)."""
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def _bad(path: Path, field: str, problem: str) -> ContextFileError:
+    return ContextFileError(f"{path}: {field} {problem}; the file is damaged or was not written by `encode`. "
+                            "Encode the reference again.")
 
 
 def _read_header(path: Path) -> dict:
@@ -163,13 +182,37 @@ def _read_header(path: Path) -> dict:
         raise ContextFileError(f"cannot read context file {path}: {type(exc).__name__}: {exc}. Is it a context file written by `encode`?") from exc
     if METADATA_KEY not in meta:
         raise ContextFileError(f"{path} is not an IconMatting context file (no {METADATA_KEY!r} metadata); make one with `encode`.")
-    header = json.loads(meta[METADATA_KEY])
+    text = meta[METADATA_KEY]
+    if len(text) > MAX_HEADER_BYTES:
+        raise _bad(path, "the metadata", f"is {len(text)} bytes (at most {MAX_HEADER_BYTES})")
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, "the metadata", f"is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "the metadata", f"is a JSON {type(header).__name__}, not an object")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise _bad(path, "format_version", f"is {version!r}, not a format number")
+    if version > FORMAT_VERSION:
         raise ContextFileError(
             f"{path} has context format version {version}; this version of iconmatting_core reads up to "
             f"{FORMAT_VERSION}. Update the pack, or encode the reference again."
         )
+    kinds = {"fingerprint": str, "fields": dict, "tensor_dtypes": dict, "extra": dict}
+    if version >= 2:
+        kinds.update(tensor_shapes=dict, tensor_sha256=dict)
+    for key, kind in kinds.items():
+        if key == "extra" and key not in header:
+            header["extra"] = {}
+        elif not isinstance(header.get(key), kind):
+            got = "missing" if key not in header else f"a {type(header[key]).__name__}"
+            raise _bad(path, key, f"is {got}, not a {kind.__name__}")
+    for key in ("resize_mode", "matting_weights", "sd"):
+        if key in header["extra"] and not isinstance(header["extra"][key], str):
+            raise _bad(path, f"extra.{key}", f"is {header['extra'][key]!r}, not text")
+    if header["extra"].get("resize_mode") not in (None, "pad", "stretch"):
+        raise _bad(path, "extra.resize_mode", f"is {header['extra']['resize_mode']!r}, not pad or stretch")
     return header
 
 
@@ -197,22 +240,77 @@ def load_context(path, expected_fingerprint: Optional[str] = None) -> ReferenceC
             "Stable Diffusion 2.1 weights it was made with, or encode the reference "
             "again with these weights."
         )
-    hints = typing.get_type_hints(ReferenceContext)
-    known = {f.name: f for f in dataclasses.fields(ReferenceContext)}
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _build(path, header, tensors)
+
+
+def _check_tensors(path: Path, header: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    dtypes = header["tensor_dtypes"]
+    if set(dtypes) != set(tensors):
+        raise _bad(path, "tensor_dtypes", f"lists {sorted(dtypes)} but the file holds {sorted(tensors)}")
+    for name, t in tensors.items():
+        if str(t.dtype) != dtypes[name]:
+            raise _bad(path, f"tensor {name!r}", f"is {t.dtype} but the metadata says {dtypes[name]}")
+        if header["format_version"] >= 2:
+            if header["tensor_shapes"].get(name) != list(t.shape):
+                raise _bad(path, f"tensor {name!r}", f"has shape {list(t.shape)} but the metadata says "
+                                                     f"{header['tensor_shapes'].get(name)}")
+            if header["tensor_sha256"].get(name) != tensor_sha256(t):
+                raise _bad(path, f"tensor {name!r}", "does not match its checksum")
+
+
+def _check_context(path: Path, c: ReferenceContext) -> None:
+    from .config import IconMattingConfig
+    from .context import POOLING_MODES
+
+    if not isinstance(c.config, IconMattingConfig):
+        raise _bad(path, "config", f"is a {type(c.config).__name__}, not a model configuration")
+    tokens = c.tokens
+    if tokens.dtype != torch.float32 or tokens.ndim != 2:
+        raise _bad(path, "tokens", f"are {tokens.dtype} {list(tokens.shape)}, not float32 [N, C]")
+    counts = c.token_counts
+    if not counts or any(type(n) is not int or n < 0 for n in counts) or sum(counts) != tokens.shape[0] or not sum(counts):
+        raise _bad(path, "token_counts", f"{list(counts)} do not add up to the {tokens.shape[0]} tokens stored (or are empty)")
+    if tokens.shape[1] != c.config.unet_feature_channels[1]:
+        raise _bad(path, "tokens", f"have {tokens.shape[1]} channels but the config says {c.config.unet_feature_channels[1]}")
+    if not torch.isfinite(tokens).all():
+        raise _bad(path, "tokens", "hold NaN or infinite values")
+    if len(c.reference_sizes) not in (0, len(counts)) or any(
+            len(hw) != 2 or any(type(v) is not int or v < 1 for v in hw) for hw in c.reference_sizes):
+        raise _bad(path, "reference_sizes", f"{c.reference_sizes!r} are not one (height, width) per reference")
+    if c.pooling not in POOLING_MODES:
+        raise _bad(path, "pooling", f"is {c.pooling!r}, not one of {', '.join(POOLING_MODES)}")
+    if c.resize_mode not in ("pad", "stretch"):
+        raise _bad(path, "resize_mode", f"is {c.resize_mode!r}, not pad or stretch")
+    if type(c.seed) is not int:
+        raise _bad(path, "seed", f"is {c.seed!r}, not a whole number")
+
+
+def _build(path: Path, header: dict, tensors: Dict[str, torch.Tensor]) -> ReferenceContext:
+    _check_tensors(path, header, tensors)
+    hints = typing.get_type_hints(ReferenceContext)
+    known = {f.name: f for f in dataclasses.fields(ReferenceContext)}
     values: Dict[str, Any] = {}
-    stored = list(tensors) + list(header.get("fields", {}))
+    stored = list(tensors) + list(header["fields"])
     unknown = [name for name in stored if name not in known]
     if unknown:
         raise ContextFileError(
             f"{path} holds context fields this version does not know ({', '.join(unknown)}); update the pack or encode again."
         )
-    for name, value in header.get("fields", {}).items():
-        values[name] = _from_json(value, hints[name])
+    for name, value in header["fields"].items():
+        try:
+            values[name] = _from_json(value, hints[name])
+        except (TypeError, ValueError, RecursionError, AttributeError) as exc:
+            raise _bad(path, f"field {name!r}", f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     values.update(tensors)
     missing = [n for n, f in known.items() if n not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ContextFileError(f"{path} lacks the context fields {', '.join(missing)}; encode the reference again.")
-    return ReferenceContext(**values)
+    try:
+        context = ReferenceContext(**values)
+    except (TypeError, ValueError) as exc:
+        raise _bad(path, "the fields", f"do not make a context ({' '.join(str(exc).split())[:200]})") from None
+    _check_context(path, context)
+    return context

@@ -31,6 +31,9 @@ class Placement:
     content_width: int
 
 
+FLOAT_IMAGE_MAX = 2.0  # resampling overshoots [0, 1] a little; 0-255 data in a float goes far past this
+
+
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -43,7 +46,8 @@ def to_rgb(image: ArrayLike, what: str = "image") -> torch.Tensor:
     """One image -> float32 tensor [H, W, 3] in [0, 1].
 
     Accepts [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped); uint8 is scaled by 1/255,
-    bool maps to {0, 1}, other floats are clamped to [0, 1].
+    bool maps to {0, 1}, other floats are clamped to [0, 1] (a float image with values over
+    FLOAT_IMAGE_MAX is refused: it is 0-255 data, which clamping would turn white).
     """
     t = _as_tensor(image, what)
     if t.ndim == 2:
@@ -61,6 +65,9 @@ def to_rgb(image: ArrayLike, what: str = "image") -> torch.Tensor:
         lo, hi = t.amin(), t.amax()  # NaN propagates into both; no image-sized temporary
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise ValueError(f"{what} contains NaN or infinite values")
+        if hi > FLOAT_IMAGE_MAX:
+            raise ValueError(f"{what} is a float image with values up to {float(hi):.4g}; float images must be in [0, 1] "
+                             "(divide 0-255 data by 255, or pass uint8)")
         if lo < 0.0 or hi > 1.0:
             t = t.clamp(0.0, 1.0)
     if t.shape[-1] == 1:

@@ -1,11 +1,12 @@
-"""``matte --engine ray``: the command line's job as a Ray Data pipeline, on one machine or a cluster.
+"""``matte --engine ray``: the command line's image targets as a Ray Data pipeline, on one
+machine or a cluster.
 
-Targets become a dataset of paths; a light read stage turns each into pixel rows (an image: one
-row; a video: its frames, decoded as a stream), ``map_batches`` runs the rows through a pool of
-actors that each hold one model (one GPU per actor when the cluster has GPUs,
-``--cpus-per-worker`` CPUs otherwise), and the driver writes the results as they arrive, in order
-(PNGs for images; frames into the clip's video writers). The reference context is put in the
-object store once and shared by every actor.
+Image targets become a dataset of paths; a light read stage turns each into a pixel row,
+``map_batches`` runs the rows through a pool of actors that each hold one model (one GPU per actor
+when the cluster has GPUs, ``--cpus-per-worker`` CPUs otherwise), and the driver writes the PNGs as
+results arrive. The reference context is put in the object store once and shared by every actor.
+Clips are not sent to Ray: the command line mattes them with the local engine, streamed, so memory
+stays flat in clip length (``job.matte``).
 
 Resuming and failures work as with the local engine: targets whose outputs exist are left out of
 the dataset; a failing target comes back as an error row, is reported and listed in
@@ -13,29 +14,41 @@ the dataset; a failing target comes back as an error row, is reported and listed
 weights not the context file's) stops the job with its own error (``WorkerSetupError``); a job
 that breaks mid-run lists every target it did not finish in ``failures.jsonl``.
 
+A local Ray started by the job runs without the dashboard and its agents (``ray.init`` with
+``include_dashboard=False``), logs only errors, and is shut down at the end.
+
 Workers read the targets and the model files by path, so on a cluster those paths must be the same
 on every node (a shared filesystem); the outputs are written by the driver. A worker without
 ``--sd`` finds or downloads SD 2.1 into its own node's Hugging Face cache.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .batch import (
+from .image_io import png_bytes, read_image_uint8
+from .job.outputs import (
+    OUT_OF_MEMORY,
     Failures,
+    JobStopped,
     Progress,
     error_text,
+    is_out_of_memory,
     output_paths,
-    png_bytes,
-    read_image_uint8,
+    stop_reason,
     write_file,
 )
-from .video import VideoOutputs, is_video, iter_frame_chunks, probe, to_uint8
+from .job.targets import Target
+from .video import to_uint8
 
 
 def _ray():
@@ -58,15 +71,14 @@ class PipelineSpec:
     dtype: str = "auto"
 
     def build(self):
-        from .__main__ import default_models_dir, find_model_files
         from .checkpoint import CheckpointError
-        from .pipeline import load_pipeline
+        from .job import model_files
 
-        models_dir = Path(self.models_dir) if self.models_dir else default_models_dir()
-        matting, sd, problems = find_model_files(models_dir, self.matting_weights, self.sd)
-        if problems:
-            raise CheckpointError("model files missing on this Ray node: " + " ".join(problems))
-        return load_pipeline(matting, sd, device=self.device, dtype=self.dtype)
+        try:
+            matting, sd = model_files.locate(self.matting_weights, self.sd, self.models_dir)
+            return model_files.load(matting, sd, device=self.device, dtype=self.dtype)
+        except model_files.ModelFileError as exc:
+            raise CheckpointError(f"on this Ray node: {exc}") from None
 
 
 @dataclass
@@ -157,20 +169,12 @@ def _rows(target: str, start: int, frames: List[np.ndarray], error: str = ""):
             "frame": _stack(frames), "error": np.array([error] * n, dtype=object)}
 
 
-def read_targets(batch: Dict[str, np.ndarray], chunk_size: int):
-    """Ray Data generator: rows {"target"} -> pixel rows. An image gives one row (index -1), a
-    video its frames (index 0, 1, ...), ``chunk_size`` at a time, in order; a target that cannot
-    be read gives one row with its error (index -1)."""
+def read_targets(batch: Dict[str, np.ndarray]):
+    """Ray Data generator: rows {"target"} -> pixel rows (uint8, upright by EXIF orientation; the
+    pipeline scales it as ``read_image`` does); a target that cannot be read gives a row with its error."""
     for target in batch["target"]:
-        index = 0
         try:
-            if is_video(Path(target)):
-                for chunk in iter_frame_chunks(Path(target), chunk_size):
-                    yield _rows(target, index, chunk)
-                    index += len(chunk)
-            else:
-                # uint8, upright by its EXIF orientation; the pipeline scales it as read_image does
-                yield _rows(target, -1, [read_image_uint8(Path(target))])
+            yield _rows(target, -1, [read_image_uint8(Path(target))])
         except Exception as exc:
             yield _rows(target, -1, [np.zeros((2, 2, 3), np.uint8)], error_text(exc))
 
@@ -216,130 +220,165 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def run_ray_job(job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures,
-                names: Optional[Mapping[Path, str]] = None) -> int:
-    """Matte ``todo`` on Ray; writes outputs into out_dir (named by ``names``, default the targets'
-    stems), records failures; returns targets matted. Raises WorkerSetupError when the workers
-    cannot load their model (files missing, weights not the context file's)."""
+def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Failures) -> int:
+    """Matte the image targets ``todo`` on Ray; writes outputs into out_dir, records failures;
+    returns targets matted. Raises WorkerSetupError when the workers cannot load their model
+    (files missing, weights not the context file's), JobStopped on an error every target would meet."""
     ray = _ray()
     started_here = not ray.is_initialized()
+    reaper = None
     if started_here:
-        ray.init(address=job.address, log_to_driver=False, include_dashboard=False)
+        # errors of Ray's own helper actors (e.g. its stats actor restarted under memory pressure) are not the
+        # job's: the job's errors arrive through its results
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+        ray.init(address=job.address, log_to_driver=False, include_dashboard=False, logging_level=logging.CRITICAL)
+        if job.address is None:
+            reaper = _start_reaper()
     try:
         from ray.data import DataContext
 
+        for name in ("ray", "ray.data"):  # Ray Data's INFO/WARNING notes are not the user's business
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = True  # a clip's frames reach its writers in order
-        return _run(ray, job, todo, out_dir, failures, dict(names or {}))
+        ctx.print_on_execution_start = False
+        ctx.execution_options.preserve_order = True
+        with _without_native_log_lines():
+            return _run(ray, job, list(todo), out_dir, failures)
     finally:
         if started_here:
             ray.shutdown()
+        if reaper is not None:
+            reaper.stdin.close()  # the reaper kills whatever the shutdown left, then exits
+            reaper.wait(timeout=30)
 
 
-def _run(ray, job: RayJob, todo: Sequence[Path], out_dir: Path, failures: Failures, names: Dict[Path, str]) -> int:
-    total = 0
-    for target in todo:
-        try:
-            total += probe(target).frames if is_video(target) else 1
-        except Exception:
-            total += 1
-    workers, pool, threads = _pool_args(ray, job, total)
-    ds = ray.data.from_items([{"target": str(t)} for t in todo], override_num_blocks=len(todo))
+# the C++ core's "[2026-01-01 10:00:00,000 E 123 123] ..." lines and Ray's "(raylet) ..." notes
+_NATIVE_LOG_LINE = re.compile(rb"^(?:\[\d{4}-\d\d-\d\d [\d:,]+ [DIWE] \d+ \d+\] |(?:\x1b\[\d+m)?\(raylet\))")
+
+
+@contextlib.contextmanager
+def _without_native_log_lines():
+    """Drop the lines Ray's C++ core writes straight to this process's stderr (e.g. a note on
+    actor constructor arguments) and Ray's ``(raylet)`` notes while the job runs; everything else
+    passes through."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as src, os.fdopen(os.dup(saved), "wb", buffering=0) as dst:
+            for line in src:
+                if not _NATIVE_LOG_LINE.match(line):
+                    dst.write(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and stops
+        os.close(saved)
+        thread.join(timeout=5)
+
+
+_REAPER = """
+import sys, psutil
+procs = []
+for line in sys.stdin:
+    procs = [tuple(x.split("@")) for x in line.split()]
+for pid, started in procs:
+    try:
+        p = psutil.Process(int(pid))
+        if repr(p.create_time()) == started:
+            p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _start_reaper():
+    """A small process holding the pids of the local Ray this driver started; when the driver ends
+    (even by SIGKILL, which closes the pipe) it kills any of them still running. Ray's own
+    fate-sharing stops the GCS and raylet but leaves the dashboard and runtime-env agents behind."""
+    import subprocess
+    import sys
+
+    try:
+        import psutil
+    except ImportError:  # no reaper: a SIGKILLed driver may leave Ray's agents running
+        return None
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kids = [p for p in psutil.Process().children(recursive=True) if p.pid != reaper.pid]
+    reaper.stdin.write(" ".join(f"{p.pid}@{p.create_time()!r}" for p in kids) + "\n")
+    reaper.stdin.flush()
+    return reaper
+
+
+def _run(ray, job: RayJob, todo: List[Target], out_dir: Path, failures: Failures) -> int:
+    from ray.data import TaskPoolStrategy
+
+    by_path = {str(t.path): t for t in todo}
+    workers, pool, threads = _pool_args(ray, job, len(todo))
+    ds = ray.data.from_items([{"target": str(t.path)} for t in todo], override_num_blocks=min(len(todo), 200))
     # light: takes no CPU from the model actors, and few tasks at once (each is a worker process)
-    ds = ds.map_batches(read_targets, fn_kwargs={"chunk_size": job.chunk_size}, batch_size=1, batch_format="numpy",
-                        num_cpus=0, concurrency=min(len(todo), workers + 1))
+    ds = ds.map_batches(read_targets, batch_size=1, batch_format="numpy", num_cpus=0,
+                        compute=TaskPoolStrategy(size=min(len(todo), workers + 1)))
     kwargs = dict(pipe_factory=job.pipe_factory, context_ref=[ray.put(job.context)],
                   expected_fingerprint=job.expected_fingerprint, resize_mode=job.resize_mode,
                   estimate_colors=job.estimate_colors, threads=threads, context_file=job.context_file)
     ds = ds.map_batches(MatteWorker, fn_constructor_kwargs=kwargs, batch_size=job.chunk_size, **pool)
 
-    bar = Progress(total, f"matte on Ray ({workers} workers)", "img")
-    matted, clip, seen, finished = 0, None, set(), set()
+    bar = Progress(len(todo), f"matte on Ray ({workers} workers)", "img")
+    matted, finished = 0, set()
     stopped = None  # the error that ended the job early
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for target, index, error, alpha, rgba in zip(batch["target"], batch["index"], batch["error"],
-                                                         batch["alpha"], batch["rgba"]):
-                path = Path(target)
-                if clip is not None and clip.video != path:
-                    matted += clip.finish(failures, bar)
-                    finished.add(str(clip.video))
-                    clip = None
-                seen.add(target)
-                if is_video(path):
-                    if clip is None:
-                        clip = _ClipWriter(path, out_dir, job.video_outputs, names.get(path))
-                    clip.add(int(index), error, alpha, rgba)
-                elif error:
-                    failures.add(path, error)
-                    bar.log(f"{path.name}: FAILED: {error}")
-                    finished.add(target)
+            for target, error, alpha, rgba in zip(batch["target"], batch["error"], batch["alpha"], batch["rgba"]):
+                t = by_path[str(target)]
+                if error and is_out_of_memory(error):
+                    raise JobStopped(OUT_OF_MEMORY)
+                if error:
+                    failures.add(t, error)
+                    bar.log(f"{t.path.name}: FAILED: {error}")
+                    finished.add(str(target))
                 else:
-                    alpha_path, rgba_path = output_paths(out_dir, path, names.get(path))
-                    write_file(alpha_path, png_bytes(alpha, "L"))
-                    write_file(rgba_path, png_bytes(rgba, "RGBA"))
+                    alpha_path, rgba_path = output_paths(out_dir, t.name)
+                    try:
+                        write_file(alpha_path, png_bytes(alpha, "L"))
+                        write_file(rgba_path, png_bytes(rgba, "RGBA"))
+                    except OSError as exc:
+                        reason = stop_reason(exc)
+                        if reason is not None:
+                            raise JobStopped(reason) from None
+                        failures.add(t, error_text(exc))
+                        bar.log(f"{t.path.name}: FAILED: {error_text(exc)}")
+                        finished.add(str(target))
+                        continue
                     matted += 1
-                    finished.add(target)
-                bar.update(1, f"{path.name}: {'FAILED' if error else 'ok'}")
-        if clip is not None:
-            matted += clip.finish(failures, bar)
-            finished.add(str(clip.video))
-            clip = None
+                    finished.add(str(target))
+                bar.update(1, f"{t.path.name}: {'FAILED' if error else 'ok'}")
+    except JobStopped:
+        raise
     except Exception as exc:
         setup = _setup_error(exc)
         if setup is not None:
             raise WorkerSetupError(setup) from None
         stopped = exc
     finally:
-        if clip is not None and clip.outputs is not None:
-            clip.outputs.abort()
         bar.close()
-    for target in todo:
-        if str(target) in finished:
-            continue
-        if stopped is not None:
-            error = f"not finished: the Ray job stopped: {_summary(stopped)}"
-        elif str(target) not in seen:
-            error = "no frames decoded"
-        else:
-            continue
-        failures.add(target, error)
-        bar.log(f"{target.name}: FAILED: {error}")
+    if stopped is not None:
+        for t in todo:
+            if str(t.path) not in finished:
+                error = f"not finished: the Ray job stopped: {_summary(stopped)}"
+                failures.add(t, error)
+                bar.log(f"{t.path.name}: FAILED: {error}")
     return matted
-
-
-class _ClipWriter:
-    """The driver's side of one clip: frames arrive in order and go to its VideoOutputs."""
-
-    def __init__(self, video: Path, out_dir: Path, kinds, name: Optional[str] = None):
-        self.video, self.error, self.outputs = video, "", None
-        try:
-            self.outputs = VideoOutputs(out_dir, video, probe(video), kinds, name)
-        except Exception as exc:
-            self.error = error_text(exc)
-
-    def add(self, index: int, error: str, alpha: np.ndarray, rgba: np.ndarray) -> None:
-        if self.error:
-            return
-        if error:
-            self.error = error if index < 0 else f"frame {index}: {error}"
-        elif index != self.outputs.count:
-            self.error = f"frame {index} arrived when frame {self.outputs.count} was expected"
-        else:
-            self.outputs.write(alpha, rgba)
-            return
-        self.outputs.abort()
-
-    def finish(self, failures: Failures, bar: Progress) -> bool:
-        if not self.error:
-            try:
-                self.outputs.close()
-                bar.log(f"{self.video.name}: ok, {self.outputs.count} frames")
-                return True
-            except Exception as exc:
-                self.error = error_text(exc)
-                self.outputs.abort()
-        failures.add(self.video, self.error)
-        bar.log(f"{self.video.name}: FAILED: {self.error}")
-        return False

@@ -1,7 +1,8 @@
 """Video in and out (PyAV, imported only when a video is used).
 
 Frames are decoded as a stream and written as they are matted, so memory does not grow with the
-clip's length. Outputs of ``clip.mp4`` in the output folder, keeping the clip's frame rate:
+clip's length. Outputs of ``clip.mp4`` in the output folder, keeping each frame's timestamp (a
+variable-frame-rate clip stays variable):
 
 * ``alpha``: ``clip_alpha.mp4``, the alpha matte as an H.264 (yuv420p) video;
 * ``rgba``: ``clip_rgba.webm``, the cut-out with its alpha, VP9 ``yuva420p`` (libvpx-vp9): plays in
@@ -12,6 +13,9 @@ clip's length. Outputs of ``clip.mp4`` in the output folder, keeping the clip's 
 Each output is written under a ``.partial`` name and renamed when the clip is complete, so an
 interrupted run leaves no output that a re-run would take for done. H.264 4:2:0 needs even sizes:
 the alpha video of an odd-sized clip repeats its last row/column.
+
+A clip that ends before its container says it should (a file cut short) is an error naming both
+numbers, and so is a clip whose container states no frame rate (no rate is made up).
 """
 from __future__ import annotations
 
@@ -43,37 +47,73 @@ def _av():
 
 @dataclass(frozen=True)
 class VideoInfo:
-    fps: Fraction
+    fps: Fraction  # average frame rate
     frames: int  # 0 when the container does not say
     width: int
     height: int
+    duration: Optional[float] = None  # seconds, as the container states it (None when it does not)
+    time_base: Optional[Fraction] = None  # of the stream's timestamps
 
 
 def probe(path: Path) -> VideoInfo:
-    """Frame rate, frame count (0 if unknown) and size of the first video stream."""
+    """Frame rate, frame count (0 if unknown), size, stated duration and time base of the first
+    video stream. ValueError when there is none, or when the container states no frame rate."""
     av = _av()
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
-        fps = stream.average_rate or stream.guessed_rate or Fraction(25)
-        return VideoInfo(Fraction(fps), int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height)
+        fps = stream.average_rate or stream.guessed_rate
+        if not fps:
+            raise ValueError(f"{path} states no frame rate; re-mux it with one (e.g. ffmpeg -r 25 -i IN -c copy OUT)")
+        duration = container.duration / 1_000_000 if container.duration else None
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        return VideoInfo(Fraction(fps), int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height,
+                         duration, Fraction(stream.time_base) if stream.time_base else None)
 
 
-def iter_frame_chunks(path: Path, chunk_size: int) -> Iterator[List[np.ndarray]]:
-    """Decoded RGB frames [H, W, 3] uint8, ``chunk_size`` at a time, in order."""
+def iter_timed_chunks(path: Path, chunk_size: int) -> Iterator[Tuple[List[np.ndarray], List[Optional[Fraction]]]]:
+    """(RGB frames [H, W, 3] uint8, their timestamps in seconds from the first frame, None when a
+    frame has none), ``chunk_size`` frames at a time, in order."""
     av = _av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         chunk: List[np.ndarray] = []
+        times: List[Optional[Fraction]] = []
+        start = None
         for frame in container.decode(stream):
+            t = Fraction(frame.pts) * Fraction(frame.time_base) if frame.pts is not None and frame.time_base else None
+            if t is not None and start is None:
+                start = t
             chunk.append(frame.to_ndarray(format="rgb24"))
+            times.append(None if t is None else t - start)
             if len(chunk) == chunk_size:
-                yield chunk
-                chunk = []
+                yield chunk, times
+                chunk, times = [], []
         if chunk:
-            yield chunk
+            yield chunk, times
+
+
+def iter_frame_chunks(path: Path, chunk_size: int) -> Iterator[List[np.ndarray]]:
+    """Decoded RGB frames [H, W, 3] uint8, ``chunk_size`` at a time, in order."""
+    for chunk, _ in iter_timed_chunks(path, chunk_size):
+        yield chunk
+
+
+def check_complete(path: Path, info: VideoInfo, count: int, last_time: Optional[Fraction]) -> None:
+    """ValueError when a clip decoded to no frames, or ended before its container says it should
+    (fewer frames than stated, or its last frame well before the stated duration)."""
+    if count == 0:
+        raise ValueError("no frames decoded")
+    if info.frames and count < info.frames:
+        raise ValueError(f"{path.name} ends after {count} of the {info.frames} frames its container states (cut short?)")
+    if info.duration and last_time is not None:
+        end = float(last_time) + 1 / float(info.fps)
+        if end < info.duration - max(2 / float(info.fps), 0.05):
+            raise ValueError(f"{path.name} ends at {end:.2f} s ({count} frames) but its container states "
+                             f"{info.duration:.2f} s (cut short?)")
 
 
 def output_paths(out_dir: Path, video: Path, kinds: Sequence[str], name: Optional[str] = None) -> Dict[str, Path]:
@@ -92,10 +132,13 @@ class VideoOutputs:
 
     def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str], name: Optional[str] = None):
         self.final = output_paths(out_dir, video, kinds, name)
-        self.stem, self.info, self.count = name or video.stem, info, 0
+        self.stem, self.info, self.count = (name or video.stem).rsplit("/", 1)[-1], info, 0
         self.containers: Dict[str, object] = {}
         self.streams: Dict[str, object] = {}
+        self.time_base = Fraction(info.time_base) if info.time_base else 1 / Fraction(info.fps)
+        self.last_pts = -1
         try:
+            next(iter(self.final.values())).parent.mkdir(parents=True, exist_ok=True)
             for kind in kinds:
                 if kind == "png":
                     _partial(self.final[kind]).mkdir(parents=True, exist_ok=True)
@@ -121,28 +164,33 @@ class VideoOutputs:
             width, height = width + width % 2, height + height % 2
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p" if kind == "alpha" else "yuva420p"
-        stream.codec_context.time_base = 1 / self.info.fps
+        stream.codec_context.time_base = self.time_base
         self.streams[kind] = stream
 
-    def _encode(self, kind: str, array: np.ndarray, fmt: str) -> None:
+    def _encode(self, kind: str, array: np.ndarray, fmt: str, pts: int) -> None:
         av = _av()
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format=fmt)
-        frame.pts = self.count
-        frame.time_base = 1 / self.info.fps
+        frame.pts = pts
+        frame.time_base = self.time_base
         for packet in self.streams[kind].encode(frame):
             self.containers[kind].mux(packet)
 
-    def write(self, alpha: np.ndarray, rgba: np.ndarray) -> None:
-        """alpha [H, W] uint8 and rgba [H, W, 4] uint8 of the next frame."""
+    def write(self, alpha: np.ndarray, rgba: np.ndarray, time: Optional[Fraction] = None) -> None:
+        """alpha [H, W] uint8 and rgba [H, W, 4] uint8 of the next frame, shown at ``time`` seconds
+        from the start (default: the average frame rate's next slot)."""
         from PIL import Image
 
+        if time is None:
+            time = self.count / Fraction(self.info.fps)
+        pts = max(round(Fraction(time) / self.time_base), self.last_pts + 1)
+        self.last_pts = pts
         if "alpha" in self.streams:
             a = alpha
             if a.shape[0] % 2 or a.shape[1] % 2:
                 a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)), mode="edge")
-            self._encode("alpha", a, "gray")
+            self._encode("alpha", a, "gray", pts)
         if "rgba" in self.streams:
-            self._encode("rgba", rgba, "rgba")
+            self._encode("rgba", rgba, "rgba", pts)
         if "png" in self.final:
             Image.fromarray(rgba, "RGBA").save(_partial(self.final["png"]) / f"{self.stem}_{self.count:06d}.png")
         self.count += 1
@@ -179,19 +227,21 @@ def matte_video(pipe, context, video: Path, out_dir: Path, kinds: Sequence[str],
                 chunk_size: int = 4, estimate_colors: bool = True, on_frames=None, name: Optional[str] = None) -> int:
     """Matte every frame of ``video`` against ``context`` and write the outputs (named by ``name``,
     default the clip's stem); returns the frame count. ``on_frames(n)`` is called after each chunk
-    of n frames (progress). A clip that decodes to no frames raises ValueError and leaves no outputs."""
+    of n frames (progress). A clip that decodes to no frames, or ends before its container says it
+    should, raises ValueError and leaves no outputs."""
     info = probe(video)
     outputs = VideoOutputs(out_dir, video, info, kinds, name)
+    last = None
     try:
-        for frames in iter_frame_chunks(video, chunk_size):
+        for frames, times in iter_timed_chunks(video, chunk_size):
             alphas = pipe.matte(context, frames, resize_mode=resize_mode, chunk_size=chunk_size)
-            for frame, alpha in zip(frames, alphas):
+            for frame, alpha, time in zip(frames, alphas, times):
                 rgba = pipe.cutout(frame, alpha, estimate_colors=estimate_colors)
-                outputs.write(to_uint8(alpha), to_uint8(rgba))
+                outputs.write(to_uint8(alpha), to_uint8(rgba), time)
+                last = time
             if on_frames is not None:
                 on_frames(len(frames))
-        if outputs.count == 0:
-            raise ValueError("no frames decoded")
+        check_complete(video, info, outputs.count, last)
         outputs.close()
     except BaseException:
         outputs.abort()

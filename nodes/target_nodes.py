@@ -13,7 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..iconmatting_core import preprocess as pre
-from ..iconmatting_core.batch import IMAGE_EXTENSIONS, read_image
+from ..iconmatting_core.image_io import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.context import ReferenceContext
 from ..iconmatting_core.postprocess import similarity_preview
 from .common import (precision_hint, ALIASES, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,

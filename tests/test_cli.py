@@ -9,8 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iconmatting_core.__main__ import main, output_paths
+from iconmatting_core.__main__ import main
 from iconmatting_core.testing import tiny_config
+
+
+def _pair(out, name):
+    """The expected (alpha, rgba) files of an image target named ``name`` (written out, not from the code)."""
+    return out / f"{name}_alpha.png", out / f"{name}_rgba.png"
 
 
 def _write_inputs(tmp_path):
@@ -37,7 +42,7 @@ def test_matte_writes_alpha_and_rgba_and_resumes(tmp_path, tiny_dir, capsys):
     assert main(_args(tmp_path, tiny_dir, targets)) == 0
     out = tmp_path / "out"
     for i, (h, w) in enumerate([(64, 64), (80, 50), (40, 90)]):
-        a, rgba = output_paths(out, targets / f"t{i}.jpg")
+        a, rgba = _pair(out, f"t{i}")
         with Image.open(a) as im:
             assert im.mode == "L" and im.size == (w, h)
         with Image.open(rgba) as im:
@@ -45,12 +50,12 @@ def test_matte_writes_alpha_and_rgba_and_resumes(tmp_path, tiny_dir, capsys):
     err = capsys.readouterr().err
     assert "3 matted, 0 failed" in err and not (out / "failures.jsonl").exists()
 
-    stamp = output_paths(out, targets / "t0.jpg")[0].stat().st_mtime_ns
-    output_paths(out, targets / "t1.jpg")[1].unlink()  # resume: only t1 is redone
+    stamp = _pair(out, "t0")[0].stat().st_mtime_ns
+    _pair(out, "t1")[1].unlink()  # resume: only t1 is redone
     assert main(_args(tmp_path, tiny_dir, targets)) == 0
     assert "skipping 2 target(s)" in capsys.readouterr().err
-    assert output_paths(out, targets / "t0.jpg")[0].stat().st_mtime_ns == stamp
-    assert output_paths(out, targets / "t1.jpg")[1].exists()
+    assert _pair(out, "t0")[0].stat().st_mtime_ns == stamp
+    assert _pair(out, "t1")[1].exists()
 
 
 def test_one_failing_image_is_reported_and_skipped(tmp_path, tiny_dir, capsys):
@@ -59,7 +64,7 @@ def test_one_failing_image_is_reported_and_skipped(tmp_path, tiny_dir, capsys):
     assert main(_args(tmp_path, tiny_dir, targets)) == 1
     err = capsys.readouterr().err
     assert "broken.png: FAILED" in err and "3 matted, 1 failed" in err
-    assert output_paths(tmp_path / "out", targets / "t2.jpg")[0].exists()
+    assert _pair(tmp_path / "out", "t2")[0].exists()
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [f["path"] for f in failures] == [str(targets / "broken.png")] and "cannot identify image" in failures[0]["error"]
 
@@ -86,7 +91,8 @@ def test_bad_reference_mask_is_a_clear_error(tmp_path, tiny_dir, capsys):
 def test_no_targets(tmp_path, tiny_dir, capsys):
     _write_inputs(tmp_path)
     assert main(_args(tmp_path, tiny_dir, tmp_path / "nothing_*.png")) == 2
-    assert "no target images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing_*.png' matches no image or video" in err
 
 
 def test_convert_command(tmp_path, capsys):
@@ -138,42 +144,64 @@ def _save(array, path, orientation=None):
     return path
 
 
-def test_same_named_targets_get_distinct_stable_names(tmp_path, pipe, capsys):
+def test_names_do_not_change_as_a_job_grows_and_collisions_are_refused(tmp_path, pipe, capsys):
     from conftest import save_reference_and_targets
 
     save_reference_and_targets(tmp_path, 2, "a")  # a/t0.png, a/t1.png
-    (tmp_path / "b").mkdir()
     rng = np.random.default_rng(3)
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    _save((rng.random((40, 30, 3)) * 255).astype(np.uint8), tmp_path / "b" / "deep" / "t5.png")
     _save((rng.random((40, 30, 3)) * 255).astype(np.uint8), tmp_path / "b" / "t0.png")
     out = tmp_path / "out"
-    args = ["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
-            "--targets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]
-    assert main(args, pipe_factory=lambda: pipe) == 0
-    assert "3 matted, 0 failed" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["a_t0_alpha.png", "a_t0_rgba.png", "b_t0_alpha.png", "b_t0_rgba.png",
-                                                     "t1_alpha.png", "t1_rgba.png"]  # t1 collides with nothing
-    with Image.open(out / "a_t0_alpha.png") as a, Image.open(out / "b_t0_alpha.png") as b:
-        assert a.size == (60, 90) and b.size == (30, 40)
-    (out / "b_t0_rgba.png").unlink()  # resume: the same names again, only b/t0 is redone
-    assert main(args, pipe_factory=lambda: pipe) == 0
+    ref = ["--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png")]
+    assert main(["matte", *ref, "--targets", str(tmp_path / "a"), "--out", str(out)], pipe_factory=lambda: pipe) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
+    stamp = (out / "t0_alpha.png").stat().st_mtime_ns
+    capsys.readouterr()
+    # growing the job by b/deep/t5.png: a's outputs keep their names and are not redone; b's tree is mirrored
+    assert main(["matte", *ref, "--targets", str(tmp_path / "a"), str(tmp_path / "b" / "deep" / "t5.png"),
+                 "--out", str(out)], pipe_factory=lambda: pipe) == 0
     err = capsys.readouterr().err
-    assert "skipping 2 target(s)" in err and "1 matted" in err and (out / "b_t0_rgba.png").exists()
+    assert "skipping 2 target(s)" in err and "1 matted" in err
+    assert (out / "t0_alpha.png").stat().st_mtime_ns == stamp and (out / "t5_alpha.png").exists()
+    # a folder searched recursively mirrors its tree under --out
+    out2 = tmp_path / "out2"
+    assert main(["matte", *ref, "--targets", str(tmp_path / "b"), "--out", str(out2)], pipe_factory=lambda: pipe) == 0
+    assert sorted(str(p.relative_to(out2)) for p in out2.rglob("*.png")) == [
+        "deep/t5_alpha.png", "deep/t5_rgba.png", "t0_alpha.png", "t0_rgba.png"]
+    with Image.open(out2 / "deep" / "t5_alpha.png") as im:
+        assert im.size == (30, 40)
+    capsys.readouterr()
+    # a/t0.png and b/t0.png would both be t0: refused up front, one line, nothing written
+    assert main(["matte", *ref, "--targets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o3")],
+                pipe_factory=lambda: pipe) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would both write outputs named 't0'" in err and not (tmp_path / "o3").exists()
 
 
-def test_output_names_of_colliding_targets():
-    from iconmatting_core.batch import output_names
+def test_output_names_are_functions_of_each_files_own_path(tmp_path):
+    from iconmatting_core.job.targets import list_targets
 
-    targets = [Path("x/a/t0.png"), Path("x/a/t0.jpg"), Path("x/a/sub/t0.png"), Path("x/t1.png"), Path("y/T1.png"),
-               Path("x/t1.mp4"), Path("x/c.mp4"), Path("y/c.mov"), Path("a_t0_png.png")]
-    assert output_names(targets) == {
-        Path("x/a/t0.png"): "a_t0_png_2", Path("x/a/t0.jpg"): "a_t0_jpg", Path("x/a/sub/t0.png"): "sub_t0",
-        Path("x/t1.png"): "x_t1", Path("y/T1.png"): "y_T1",  # case-blind: one file on case-insensitive disks
-        Path("x/t1.mp4"): "t1",  # a video's outputs never meet an image's
-        Path("x/c.mp4"): "x_c", Path("y/c.mov"): "y_c", Path("a_t0_png.png"): "a_t0_png"}
+    x = tmp_path / "x"
+    for rel in ("a/t0.png", "a/t0.jpg", "a/sub/t0.png", "t1.png", "t1.mp4", "c.mp4", "notes.txt", "T2.PNG"):
+        (x / rel).parent.mkdir(parents=True, exist_ok=True)
+        (x / rel).write_bytes(b"")
+    found = list_targets([str(x)])
+    assert {str(t.path.relative_to(x)): t.name for t in found.targets} == {
+        "a/sub/t0.png": "a/sub/t0", "a/t0.jpg": "a/t0_jpg", "a/t0.png": "a/t0_png",  # same stem in one folder
+        "c.mp4": "c", "t1.mp4": "t1", "t1.png": "t1",  # a video's outputs never meet an image's
+        "T2.PNG": "T2"}
+    assert [str(t.path.relative_to(x)) for t in found.targets] == [
+        "T2.PNG", "c.mp4", "t1.mp4", "t1.png", "a/t0.jpg", "a/t0.png", "a/sub/t0.png"]  # sorted, folder by folder
+    assert dict(found.skipped_types) == {".txt": 1}
+    assert [t.name for t in list_targets([str(x / "a")], recursive=False).targets] == ["t0_jpg", "t0_png"]
+    assert [t.name for t in list_targets([str(x / "a" / "*.png")]).targets] == ["t0_png"]
+    assert [t.name for t in list_targets([str(x / "**" / "t0.png")]).targets] == ["a/sub/t0", "a/t0_png"]
+    assert [t.name for t in list_targets([str(x / "a" / "sub" / "t0.png")]).targets] == ["t0"]
 
 
 def test_exif_orientation_is_applied_to_references_masks_and_targets(tmp_path, pipe):
-    from iconmatting_core.batch import read_image, read_mask
+    from iconmatting_core.image_io import read_image, read_mask
 
     wide = np.zeros((20, 30, 3), np.uint8)
     wide[0, 0] = 255

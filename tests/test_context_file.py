@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_reference, make_targets, save_reference_and_targets
-from iconmatting_core.__main__ import main, output_paths
+from iconmatting_core.__main__ import main
 from iconmatting_core.context_file import (
     ContextFileError,
     fingerprint_label,
@@ -119,7 +119,7 @@ def test_encode_then_matte_with_context_equals_matte_with_reference(pipe, tmp_pa
                 pipe_factory=lambda: pipe) == 0
     assert main(["matte", *ref, "--targets", str(targets), "--out", str(tmp_path / "c")], pipe_factory=lambda: pipe) == 0
     for t in sorted(targets.iterdir()):
-        a, b, c = (output_paths(tmp_path / d, t)[0].read_bytes() for d in "abc")
+        a, b, c = ((tmp_path / d / f"{t.stem}_alpha.png").read_bytes() for d in "abc")
         assert a == b and a != c
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_reference, make_targets
-from iconmatting_core.__main__ import main, output_paths
+from iconmatting_core.__main__ import main
 from iconmatting_core.hub import SD_FILES, SD_REPO_ID, SDNotFoundError, find_or_download_sd
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -44,7 +44,7 @@ def test_matte_without_sd_uses_the_hub_cache_offline(tiny_dir, tmp_path, monkeyp
                  "--targets", str(tmp_path / "t.png"), "--out", str(tmp_path / "out"), "--device", "cpu",
                  "--matting-weights", str(tiny_dir / "head.safetensors"), "--models-dir", str(tmp_path / "models")])
     assert code == 0, capsys.readouterr().err
-    assert output_paths(tmp_path / "out", tmp_path / "t.png")[1].exists()
+    assert (tmp_path / "out" / "t_rgba.png").exists()
 
 
 def test_missing_files_offline_say_exactly_what_to_fetch(tiny_dir, tmp_path, monkeypatch):

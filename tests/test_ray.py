@@ -8,7 +8,7 @@ from conftest import save_reference_and_targets
 from PIL import Image
 from test_video import FPS, write_clip
 
-from iconmatting_core.__main__ import main, output_paths
+from iconmatting_core.__main__ import main
 from iconmatting_core.video import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
 
@@ -20,6 +20,11 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def output_paths(out, target):
+    """The expected (alpha, rgba) files of an image target given by itself (named by its stem)."""
+    return out / f"{target.stem}_alpha.png", out / f"{target.stem}_rgba.png"
 
 
 def _inputs(tmp_path):
@@ -41,6 +46,7 @@ def test_ray_engine_images_and_video_with_failures_and_resume(pipe, tiny_dir, tm
     assert main([*args, *ref]) == 1
     err = capsys.readouterr().err
     assert "broken.png: FAILED" in err and "4 matted, 1 failed" in err
+    assert "note: 1 clip(s) are matted by the local engine on this machine" in err
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["path"] for f in failures] == [str(tmp_path / "images" / "broken.png")]
     assert "cannot identify image" in failures[0]["error"]
@@ -94,18 +100,18 @@ def test_worker_with_other_weights_than_the_context_is_a_clear_error(tiny_dir, t
     assert not list(out.glob("*.png"))
 
 
-def test_same_named_targets_on_ray(pipe, tmp_path, capsys):
-    images = save_reference_and_targets(tmp_path, 2, "a")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "t0.png").write_bytes((images / "t1.png").read_bytes())
+def test_a_folder_tree_on_ray_is_mirrored(pipe, tmp_path, capsys):
+    images = save_reference_and_targets(tmp_path, 2, "tree")
+    (images / "b").mkdir()
+    (images / "b" / "t0.png").write_bytes((images / "t1.png").read_bytes())
     out = tmp_path / "out"
     assert main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"), "--targets",
-                 str(images), str(tmp_path / "b"), "--out", str(out), "--engine", "ray", "--workers", "1"],
-                pipe_factory=lambda: pipe) == 0
+                 str(images), "--out", str(out), "--engine", "ray", "--workers", "1"], pipe_factory=lambda: pipe) == 0
     assert "3 matted, 0 failed" in capsys.readouterr().err
-    assert sorted(p.name for p in out.glob("*_alpha.png")) == ["a_t0_alpha.png", "b_t0_alpha.png", "t1_alpha.png"]
-    with Image.open(out / "b_t0_alpha.png") as b, Image.open(out / "t1_alpha.png") as t1:
-        assert np.array_equal(np.asarray(b), np.asarray(t1))  # b/t0 is a copy of a/t1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*_alpha.png")) == [
+        "b/t0_alpha.png", "t0_alpha.png", "t1_alpha.png"]
+    with Image.open(out / "b" / "t0_alpha.png") as b, Image.open(out / "t1_alpha.png") as t1:
+        assert np.array_equal(np.asarray(b), np.asarray(t1))  # b/t0 is a copy of t1
 
 
 def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, monkeypatch, capsys):
@@ -136,5 +142,36 @@ def test_read_stage_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # shown turned 90 degrees clockwise
     Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif)
-    (row,) = read_targets({"target": np.array([str(tmp_path / "rotated.png")], dtype=object)}, chunk_size=2)
+    (row,) = read_targets({"target": np.array([str(tmp_path / "rotated.png")], dtype=object)})
     assert row["error"][0] == "" and np.array_equal(row["frame"][0], np.rot90(wide, -1))
+
+
+def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
+    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil  # requirements-dev.txt
+    code = ("import logging, time, ray, psutil\n"
+            "from iconmatting_core.ray_engine import _start_reaper\n"
+            "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)\n"
+            "time.sleep(2)\n"
+            "r = _start_reaper()\n"
+            "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
+            "time.sleep(300)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert len(pids) >= 3  # GCS, raylet, agents, workers
+    end = time.monotonic() + 30
+    while time.monotonic() < end and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        time.sleep(0.5)
+    left = [psutil.Process(p).name() for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not left

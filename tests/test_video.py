@@ -118,7 +118,7 @@ def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):
     from iconmatting_core import video
 
     clip = write_clip(tmp_path / "clip.mp4", frames=1)
-    monkeypatch.setattr(video, "iter_frame_chunks", lambda path, chunk_size: iter(()))  # decodes to nothing
+    monkeypatch.setattr(video, "iter_timed_chunks", lambda path, chunk_size: iter(()))  # decodes to nothing
     out = tmp_path / "out"
     assert main(["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     err = capsys.readouterr().err
@@ -126,12 +126,13 @@ def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl"]
 
 
-def test_same_named_clips_get_distinct_outputs(pipe, tmp_path):
+def test_same_named_clips_in_a_tree_get_mirrored_outputs(pipe, tmp_path):
     for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        write_clip(tmp_path / folder / "clip.mp4", frames=1)
+        (tmp_path / "clips" / folder).mkdir(parents=True)
+        write_clip(tmp_path / "clips" / folder / "clip.mp4", frames=1)
     out = tmp_path / "out"
-    assert main(["matte", *_reference(tmp_path), "--targets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+    assert main(["matte", *_reference(tmp_path), "--targets", str(tmp_path / "clips"), "--out", str(out),
                  "--video-out", "alpha,png"], pipe_factory=lambda: pipe) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a_clip_alpha.mp4", "a_clip_frames", "b_clip_alpha.mp4", "b_clip_frames"]
-    assert [p.name for p in (out / "b_clip_frames").iterdir()] == ["b_clip_000000.png"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "a", "a/clip_alpha.mp4", "a/clip_frames", "a/clip_frames/clip_000000.png",
+        "b", "b/clip_alpha.mp4", "b/clip_frames", "b/clip_frames/clip_000000.png"]

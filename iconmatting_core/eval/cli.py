@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..image_io import ImageReadError
 from .dataset import DatasetError, load_dataset
 from .protocols import DEFAULT_QUANTIZE, DEFAULT_REGION, PROTOCOLS
 from .report import format_table
@@ -100,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None, predict_fn: Optional[PredictFn] =
     regions = {p: args.region or [DEFAULT_REGION[p]] for p in protocols}
     try:
         dataset = load_dataset(args.data, args.json, require_trimap=any("unknown" in r for r in regions.values()))
-    except DatasetError as e:
+    except (DatasetError, ImageReadError) as e:
         raise SystemExit(f"error: {e}") from None
     if predict_fn is None:
         predict_fn = _load_predictor(args.predictor, args) if args.predictor else build_predict_fn(args)
@@ -120,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None, predict_fn: Optional[PredictFn] =
                 image_size=image_size, limit=args.limit, out_dir=out,
                 quantize=args.quantize or DEFAULT_QUANTIZE[protocol], progress=progress,
             )
-    except DatasetError as e:
+    except (DatasetError, ImageReadError) as e:
         raise SystemExit(f"error: {e}") from None
     print(format_table(results, per_group=args.per_group))
     return 0

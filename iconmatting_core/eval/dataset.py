@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..image_io import ImageReadError, read_image, read_matte, read_trimap  # noqa: F401 (public here too)
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp", ".tif", ".tiff")
 MATTE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG", ".bmp", ".tif", ".tiff")
 GROUP_FIELDS = ("class", "sub_class", "HalfOrFull")
@@ -113,35 +115,3 @@ def load_dataset(root, json_path=None, require_trimap: bool = False) -> ICM57Dat
             raise DatasetError(f"no trimap for image {name!r}: expected {root / 'trimap' / (name + '.png')}")
         groups.setdefault(group, []).append(Sample(name, group, image, alpha, trimap))
     return ICM57Dataset(root, jp, {k: groups[k] for k in sorted(groups)})
-
-
-def _open(path: Path):
-    from PIL import Image, ImageOps
-
-    try:
-        im = Image.open(path)
-        im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a data error
-        raise DatasetError(f"cannot read {path}: {e}") from None
-    return ImageOps.exif_transpose(im)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """RGB image file -> float32 ``[H, W, 3]`` in [0, 1]."""
-    return np.asarray(_open(path).convert("RGB"), dtype=np.float32) / 255.0
-
-
-def read_matte(path: Path) -> np.ndarray:
-    """Gray matte file -> float32 ``[H, W]`` in [0, 1] (8-bit / 255, 16-bit / 65535)."""
-    im = _open(path)
-    if im.mode.startswith("I;16"):
-        return np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
-    if im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        return np.clip(a / (65535.0 if a.max() > 255 else 255.0 if a.max() > 1 else 1.0), 0, 1)
-    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-
-
-def read_trimap(path: Path) -> np.ndarray:
-    """Trimap file -> uint8 ``[H, W]`` (0 / 128 / 255)."""
-    return np.asarray(_open(path).convert("L"), dtype=np.uint8)

@@ -1,0 +1,93 @@
+"""Options and set-up shared by the subcommands: model files, device, threads, number checks."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..hub import SD_REPO_ID
+from . import model_files
+from .model_files import MODELS_ENV
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Torch threads of the local engine: one core left for decoding, encoding and the system,
+    at most 8 (more rarely helps); 1 on a 1- or 2-core machine."""
+    return max(1, min(available_cores() - 1, 8))
+
+
+def set_threads(threads) -> int:
+    import torch
+
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matting-weights", help="IconMatting weights (icm.ckpt or its .safetensors conversion)")
+    p.add_argument("--sd", help=f"Stable Diffusion 2.1 checkpoint file or diffusers folder (default: the Hugging Face "
+                                f"cache of {SD_REPO_ID}, downloaded when missing)")
+    p.add_argument("--models-dir", help=f"where to look for model files (default ${MODELS_ENV} or ~/.cache/iconmatting/models)")
+    p.add_argument("--device", default="auto", help=f"{model_files.DEVICE_HELP} (default auto: CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: cores - 1, at most 8; results are the same up to float rounding)")
+
+
+def add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--reference", nargs="+", required=required, help="reference image(s)")
+    p.add_argument("--mask", nargs="+", required=required,
+                   help="foreground mask of each reference (white = foreground; or an image's alpha); one mask for all is fine")
+    p.add_argument("--pooling", default="mask", choices=["mask", "scribble"], help="'scribble' for strokes/points")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_pipe(args):
+    """(pipeline, weight files' names for context metadata); ModelFileError when the files are
+    missing or unusable. A test's ``args.pipe_factory`` replaces the files."""
+    factory = getattr(args, "pipe_factory", None)
+    if factory is not None:
+        return factory(), {}
+    model_files.check_device(args.device)
+    matting, sd = model_files.locate(args.matting_weights, args.sd, args.models_dir)
+    pipe = model_files.load(matting, sd, device=args.device, dtype=args.dtype)
+    return pipe, {"matting_weights": Path(matting).name, "sd": model_files.sd_label(sd)}
+
+
+def encode_reference(pipe, args, resize_mode: str):
+    """The context of --reference/--mask; ValueError (ImageReadError) for bad files."""
+    from ..image_io import read_image, read_mask
+
+    if len(args.mask) not in (1, len(args.reference)):
+        raise ValueError(f"got {len(args.reference)} reference images but {len(args.mask)} masks; give one mask per image")
+    images = [read_image(Path(p)) for p in args.reference]
+    masks = [read_mask(Path(p)) for p in args.mask]
+    return pipe.encode_reference(images, masks, pooling=args.pooling, resize_mode=resize_mode, seed=args.seed)

@@ -1,0 +1,76 @@
+"""The local engine: targets matted one after another in this process (images, then clips
+streamed frame chunk by frame chunk)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..image_io import png_bytes, read_image
+from ..video import matte_video, to_uint8
+from ..video import probe as probe_video
+from .outputs import Failures, JobStopped, Progress, error_text, output_paths, stop_reason, write_file
+from .targets import Target, split_targets
+
+
+def matte_images(pipe, context, images: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+                 failures: Failures) -> int:
+    """Matte image targets, writing ``<name>_alpha.png`` and ``<name>_rgba.png``; a target that
+    fails is recorded and skipped; an error every target would meet raises JobStopped. Returns
+    the number matted."""
+    matted = 0
+    bar = Progress(len(images), "matte", "img")
+    try:
+        for target in images:
+            try:
+                image = read_image(target.path)
+                alpha = pipe.matte(context, image, resize_mode=resize_mode)[0]
+                rgba = pipe.cutout(image, alpha, estimate_colors=estimate_colors)
+                alpha_path, rgba_path = output_paths(out_dir, target.name)
+                write_file(alpha_path, png_bytes(to_uint8(alpha), "L"))
+                write_file(rgba_path, png_bytes(to_uint8(rgba), "RGBA"))
+                matted += 1
+                bar.update(1, f"{target.path.name}: ok")
+            except Exception as exc:  # one bad image must not lose the others
+                reason = stop_reason(exc)
+                if reason is not None:
+                    raise JobStopped(reason) from None
+                failures.add(target, error_text(exc))
+                bar.log(f"{target.path.name}: FAILED: {error_text(exc)}")
+                bar.update(1, f"{target.path.name}: FAILED")
+    finally:
+        bar.close()
+    return matted
+
+
+def matte_clips(pipe, context, videos: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+                failures: Failures, video_outputs: Sequence[str], chunk_size: int) -> int:
+    """Matte clips one by one (see ``video.matte_video``); as :func:`matte_images`."""
+    matted = 0
+    for target in videos:
+        bar = None
+        try:
+            info = probe_video(target.path)
+            bar = Progress(info.frames or None, target.path.name, "frame")
+            frames = matte_video(pipe, context, target.path, out_dir, video_outputs, resize_mode, chunk_size,
+                                 estimate_colors, on_frames=bar.update, name=target.name)
+            matted += 1
+            bar.log(f"{target.path.name}: ok, {frames} frames at {float(info.fps):.3g} fps")
+        except Exception as exc:
+            reason = stop_reason(exc)
+            if reason is not None:
+                raise JobStopped(reason) from None
+            failures.add(target, error_text(exc))
+            print(f"{target.path.name}: FAILED: {error_text(exc)}", file=sys.stderr)
+        finally:
+            if bar is not None:
+                bar.close()
+    return matted
+
+
+def run_local(pipe, context, todo: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+              failures: Failures, video_outputs: Sequence[str], chunk_size: int) -> int:
+    images, videos = split_targets(todo)
+    matted = matte_images(pipe, context, images, out_dir, resize_mode, estimate_colors, failures) if images else 0
+    return matted + matte_clips(pipe, context, videos, out_dir, resize_mode, estimate_colors, failures,
+                                video_outputs, chunk_size)

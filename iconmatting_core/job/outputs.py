@@ -1,0 +1,214 @@
+"""Where a job's outputs go and how they are written: output paths, what is already done, safe
+writes (never a half file; a full disk stops the job), the failures manifest and progress lines."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from ..video import output_paths as video_output_paths
+from .targets import Target
+
+FAILURES_FILE = "failures.jsonl"
+PARTIAL = ".partial"
+_STOP_ERRNOS = {
+    getattr(errno, name): what for name, what in (("ENOSPC", "no space left on the disk"),
+                                                  ("EDQUOT", "disk quota exceeded"), ("EROFS", "the disk is read-only"))
+    if hasattr(errno, name)
+}
+
+
+class OutputError(OSError):
+    """The output folder cannot be written (a usage problem found before any model work)."""
+
+
+class JobStopped(RuntimeError):
+    """An error that every remaining target would meet too (disk full, read-only disk, out of GPU
+    memory): the job stops at once instead of failing target after target."""
+
+
+def output_paths(out_dir: Path, name: str) -> Tuple[Path, Path]:
+    """(alpha, rgba) PNG paths of an image target named ``name`` (see ``targets``)."""
+    return Path(out_dir) / f"{name}_alpha.png", Path(out_dir) / f"{name}_rgba.png"
+
+
+def target_outputs(out_dir: Path, target: Target, video_outputs: Sequence[str]) -> List[Path]:
+    if target.video:
+        return list(video_output_paths(out_dir, target.path, video_outputs, target.name).values())
+    return list(output_paths(out_dir, target.name))
+
+
+def is_done(out_dir: Path, target: Target, video_outputs: Sequence[str]) -> bool:
+    return all(p.exists() for p in target_outputs(out_dir, target, video_outputs))
+
+
+def stop_reason(exc: BaseException) -> Optional[str]:
+    """A one-line reason when ``exc`` would stop every remaining target too, else None."""
+    if isinstance(exc, JobStopped):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _STOP_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{_STOP_ERRNOS[exc.errno]}{where}; free space (or pick another --out) and re-run the same command to resume"
+    if is_out_of_memory(f"{type(exc).__name__}: {exc}"):
+        return OUT_OF_MEMORY
+    return None
+
+
+def is_out_of_memory(error: str) -> bool:
+    """Whether an error text (``Type: message``) is torch running out of GPU memory."""
+    return error.startswith("OutOfMemoryError") or "CUDA out of memory" in error or "CUDA error: out of memory" in error
+
+
+OUT_OF_MEMORY = ("out of GPU memory; close other GPU programs, or use --dtype fp16, a smaller --chunk-size, "
+                "or --device cpu, and re-run the same command to resume")
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write via a temporary ``.partial`` name, so an interrupted run never leaves a half file that
+    counts as done; the temporary file is removed when writing fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL)
+    try:
+        _write_bytes(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:  # the one place bytes reach the disk (tests inject faults here)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def check_writable(out_dir: Path, what: str = "--out") -> None:
+    """Create ``out_dir`` and check a file can be written in it; OutputError (one line) if not."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{what} {out_dir} is a file; give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".iconmatting-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{what} {out_dir} cannot be written ({exc.strerror or exc}); pick a writable folder") from None
+
+
+def remove_partials(out_dir: Path) -> int:
+    """Remove ``*.partial*`` files a job left in ``out_dir`` (a killed or stopped run); returns how many."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(out_dir):
+        for name in filenames + dirnames:
+            if PARTIAL in name:
+                p = Path(dirpath) / name
+                try:
+                    if p.is_dir():
+                        import shutil
+
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+class Failures:
+    """This run's failures: reported at the end and written to ``failures.jsonl`` in the output
+    folder (one JSON object per line: path, error). The file is rewritten by every run, so it
+    lists what is still failing; it is removed when nothing failed. When it cannot be written
+    (a full disk), the list is printed instead."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / FAILURES_FILE
+        self.items: List[Tuple[str, str]] = []
+
+    def add(self, target, error: str) -> None:
+        self.items.append((str(getattr(target, "path", target)), error))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def finish(self, stream=None) -> bool:
+        """Write (or remove) the manifest; False (after printing every failure) if it cannot be written."""
+        try:
+            if self.items:
+                write_file(self.path, "".join(json.dumps({"path": p, "error": e}) + "\n" for p, e in self.items).encode())
+            elif self.path.exists():
+                self.path.unlink()
+            return True
+        except OSError as exc:
+            stream = stream or sys.stderr
+            print(f"error: cannot write {self.path} ({exc.strerror or exc}); the failures were:", file=stream)
+            for p, e in self.items:
+                print(json.dumps({"path": p, "error": e}), file=stream)
+            return False
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+class Progress:
+    """Progress on stderr. On a terminal: a tqdm bar with rate and ETA (plain lines without tqdm).
+    Off a terminal (CI logs, ``> job.log``): one plain line every ``interval`` seconds and at the end,
+    never ``\\r`` updates.
+
+    ``update(n, note)`` advances by n items; ``log(line)`` prints a line; ``total`` may be None."""
+
+    def __init__(self, total: Optional[int], desc: str, unit: str = "img", interval: float = 5.0, stream=None):
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+        self.stream = stream or sys.stderr
+        self.started = self.last = time.monotonic()
+        self.interval, self.bar = interval, None
+        if getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            return (f"{self.desc}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
+                    f"{rate:.2f} {self.unit}/s, ETA {eta:.0f}s")
+        return f"{self.desc}: {self.done}, {rate:.2f} {self.unit}/s"
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def log(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.done:
+            print(self.line(), file=self.stream, flush=True)
