@@ -242,6 +242,7 @@ def run_comfy(
     extra_packs: Optional[List[Path]] = None,
     scripts: Optional[List[Any]] = None,
     comfy_args: Optional[List[str]] = None,
+    cpu: bool = True,
 ) -> Dict[str, Any]:
     """Load ``pack_dir`` as a custom node pack into a fresh ComfyUI process and run ``prompts``.
 
@@ -266,7 +267,8 @@ def run_comfy(
     ``run(ctx) -> dict``; ``ctx`` gives ComfyUI's folders, ``args``, ``run_prompt``,
     ``node_outputs`` and ``capture_log`` (see ``ScriptContext`` in ``_comfy_runner.py``). Results
     are reported under ``scripts``; a script that raises is reported there, not raised.
-    ``comfy_args``: extra ComfyUI command-line flags, e.g. ``["--fp32-text-enc"]``.
+    ``comfy_args``: extra ComfyUI command-line flags, e.g. ``["--fp32-text-enc"]``. ``cpu``: start ComfyUI
+    with ``--cpu`` (the default); False lets it pick its device (a GPU benchmark).
 
     Returns the runner's JSON report (see ``_comfy_runner.py``) plus ``returncode``,
     ``stdout_tail`` and ``stderr_tail``. Raises ``RuntimeError`` when the harness itself failed
@@ -294,6 +296,7 @@ def run_comfy(
             "extra_packs": [{"path": str(Path(p).resolve()), "name": Path(p).name} for p in extra_packs or ()],
             "scripts": [_script_spec(s) for s in scripts or ()],
             "comfy_args": list(comfy_args or ()),
+            "cpu": bool(cpu),
         }
         spec_path = work / "harness-spec.json"
         report_path = work / "harness-report.json"
