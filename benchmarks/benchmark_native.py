@@ -31,13 +31,17 @@ def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(),
     from comfy_harness import run_comfy
 
     with tempfile.TemporaryDirectory() as tmp:
+        # every allocation of 1 MiB or more its own mapping, returned on free: process RSS then follows the live
+        # tensors (glibc's default keeps freed blocks up to 32 MiB in its heap, hiding or inflating peaks)
         result = run_comfy(ROOT, [], pack_name="comfyui-iconmatting", timeout=3600, comfy_args=list(comfy_args), cpu=cpu,
+                           extra_env={"MALLOC_MMAP_THRESHOLD_": str(2**20)},
                            scripts=[{"path": str(SCRIPT), "args": {"image_size": image_size, "ensemble": ensemble,
                                                                    "targets": targets, "repeats": repeats,
                                                                    "dtypes": list(dtypes), "work": tmp}}])
     entry = result["scripts"][0]
     if entry.get("error") or "result" not in entry:
-        raise RuntimeError(entry.get("error") or f"the benchmark did not run: {result.get('stderr_tail', '')[-2000:]}")
+        raise RuntimeError(entry.get("error") or f"the benchmark did not run (ComfyUI exit status {result.get('returncode')}; "
+                           f"-9: killed, e.g. out of memory): {result.get('stderr_tail', '')[-2000:]}")
     return entry["result"], result.get("comfyui_version")
 
 

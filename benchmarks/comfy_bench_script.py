@@ -8,7 +8,6 @@ the ensemble copies, on that path's modules), per_target (s, match + decode), ex
 pass: peak minus memory before it; max_memory_allocated on CUDA, process RSS sampled every ms on the CPU),
 alphas compared between paths and between dtypes.
 """
-import copy
 import gc
 import importlib
 import os
@@ -93,7 +92,11 @@ def run(ctx):
     unet_cfg, vae_cfg = cfgmod.load_sd_config("unet"), cfgmod.load_sd_config("vae")
     unet = UNet2DConditionModel.from_config(unet_cfg).eval()
     vae = AutoencoderKL.from_config(vae_cfg).eval()
-    sd = testing.ldm_unet_state_dict(unet.state_dict(), unet_cfg)
+    # the single-file layout over the same UNet tensors (the converter copies; it renames meta tensors here)
+    weights = unet.state_dict()
+    keys = list(testing.ldm_unet_state_dict({k: v.to("meta") for k, v in weights.items()}, unet_cfg))
+    assert len(keys) == len(weights)
+    sd = dict(zip(keys, weights.values()))
     sd.update(testing.ldm_vae_state_dict(vae.state_dict(), vae_cfg))
     prompt = torch.randn(1, 77, 1024)
     head_path = a["work"] + "/head.safetensors"
@@ -119,10 +122,23 @@ def run(ctx):
         mm.unload_all_models()
         mm.soft_empty_cache()
         gc.collect()
-    if "fp16" in a["dtypes"] and "fp32" in a["dtypes"]:
-        out["fp16_vs_fp32_alpha_max_diff"] = {p: _max_diff(alphas[(p, "fp16")], alphas[(p, "fp32")]) for p in ("native", "diffusers")}
+    for half in ("fp16", "bf16"):
+        if half in a["dtypes"] and "fp32" in a["dtypes"]:
+            out[half + "_vs_fp32_alpha_max_diff"] = {p: _max_diff(alphas[(p, half)], alphas[(p, "fp32")])
+                                                     for p in ("native", "diffusers")}
     out["process_peak_rss_bytes"] = _peak_rss()
     return out
+
+
+def _copy_to(module, device, dtype):
+    """The module itself when already there; else a copy built tensor by tensor (never a second fp32 copy in RAM)."""
+    p = next(module.parameters())
+    if p.device == device and p.dtype == dtype:
+        return module
+    with torch.device("meta"):
+        twin = type(module).from_config(module.config)
+    twin.load_state_dict({k: v.to(device, dtype) for k, v in module.state_dict().items()}, assign=True)
+    return twin.eval()
 
 
 def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
@@ -137,8 +153,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=True, output_clip=False,
                                                            model_options={"dtype": dtype})[:3]
     native = host.IconMattingOnHost(model, None, cvae, head_path, dtype_name)
-    on_host = device.type == "cpu" and dtype == torch.float32  # the originals serve as they are
-    sdc = sd_loading.SDComponents(unet if on_host else copy.deepcopy(unet), vae if on_host else copy.deepcopy(vae), prompt)
+    sdc = sd_loading.SDComponents(_copy_to(unet, device, dtype), _copy_to(vae, device, dtype), prompt)
     reference = pipeline.IconMattingPipeline(
         pipeline.build_model(sdc, checkpoint.load_head(head_path)[0]).to(device=device, dtype=dtype))
     del sdc

@@ -122,7 +122,7 @@ def run(ctx):
                                                    output_model=False, te_model_options={"dtype": torch.float16})[1]
     fp32 = native.extractor.empty_prompt_embedding
     out["prompt_default_dtype"] = {
-        "weights": sorted({str(v.dtype) for v in clip16.cond_stage_model.state_dict().values() if v.is_floating_point()}),
+        "weights": [str(v.dtype) for v in clip16.cond_stage_model.state_dict().values() if v.is_floating_point()],
         "fp32_scale": float(fp32.abs().max()),
         "rounded_weights": _diff(empty_prompt._encode_empty(clip16), fp32),  # what ComfyUI's fp16 CLIP gives
         "pack": _diff(empty_prompt.empty_prompt_from_clip(clip16, model.model.model_config), fp32),
