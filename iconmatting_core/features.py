@@ -62,8 +62,10 @@ class SelfAttentionRecorder:
 
     def reset(self, images: int, copies: int):
         self.images, self.copies = images, copies
+        self.offset = 0  # index in the whole [B*E] batch of the first sample of the group running now
         self.sums: Dict[int, torch.Tensor] = {}
-        self.layers: Dict[int, int] = {}
+        self.layers: Dict[int, int] = {}  # layer calls per resolution (each group of copies calls every layer)
+        self.samples: Dict[int, int] = {}  # probability maps added per resolution, all images together
 
     def records(self, tokens: int) -> bool:
         return self.active and tokens in self.token_counts
@@ -73,7 +75,8 @@ class SelfAttentionRecorder:
         """q, k, v [B, T, heads*D] (projected) -> attention output [B, T, heads*D] in q's dtype.
 
         softmax(q k^T * scale) is computed in float32, one sample at a time (memory heads x T^2);
-        its mean over heads is added to the image's sum (copies of an image are adjacent in B).
+        its mean over heads is added to the image's sum (copies of an image are adjacent in B; B
+        may be a group of the copies, starting at sample ``self.offset`` of the whole batch).
         """
         res = self.token_counts[q.shape[1]]
         batch, tokens, _ = q.shape
@@ -85,10 +88,11 @@ class SelfAttentionRecorder:
         for i in range(batch):
             qh, kh, vh = (rearrange(t[i].float(), "t (h d) -> h t d", h=heads) for t in (q, k, v))
             probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
-            acc[i // self.copies] += probs.mean(dim=0)
+            acc[(self.offset + i) // self.copies] += probs.mean(dim=0)
             out[i] = rearrange(torch.matmul(probs, vh), "h t d -> t (h d)").to(q.dtype)
             del probs
         self.layers[res] = self.layers.get(res, 0) + 1
+        self.samples[res] = self.samples.get(res, 0) + batch
         return out
 
     def maps(self) -> Dict[int, torch.Tensor]:
@@ -97,7 +101,7 @@ class SelfAttentionRecorder:
         for res in self.token_counts.values():
             if res not in self.sums:
                 raise RuntimeError(f"no self-attention layer ran at {res}x{res} tokens")
-            out[res] = self.sums[res] / (self.layers[res] * self.copies)
+            out[res] = self.sums[res] / (self.samples[res] // self.images)  # layers x copies per image
         return out
 
 
@@ -150,6 +154,16 @@ class FeatureExtractor(nn.Module):
         with their own text encoder code, equal only to float rounding.)"""
         raise NotImplementedError
 
+    #: at most this many noised copies (of all images together) per UNet pass; None: as many as
+    #: :meth:`copies_per_pass` allows. Smaller groups give the same features to float rounding.
+    max_copies_per_pass: Optional[int] = None
+
+    def copies_per_pass(self, copies: int, with_attention: bool) -> int:
+        """How many of the ``copies`` noised latents (B*E) one UNet pass takes; the rest follow in
+        further passes. A host whose memory is short overrides this (the ComfyUI pack asks its
+        memory manager); by default all of them, or ``max_copies_per_pass``."""
+        return copies if self.max_copies_per_pass is None else self.max_copies_per_pass
+
     # --- shared steps ----------------------------------------------------------------------------
     def _noise(self, count: int, latent_shape, seed: int, stream: int) -> Tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device="cpu").manual_seed(2 * int(seed) + stream)
@@ -189,8 +203,15 @@ class FeatureExtractor(nn.Module):
         self.recorder.reset(batch, e)
         self.recorder.active = with_attention
         try:
-            captured = self.unet_up_features(latents, cond, with_attention)
-            ups = tuple(c.float().view(batch, e, *c.shape[1:]).mean(dim=1) for c in captured)
+            group = max(1, min(int(self.copies_per_pass(latents.shape[0], with_attention)), latents.shape[0]))
+            parts = []
+            for start in range(0, latents.shape[0], group):
+                self.recorder.offset = start
+                stop = start + group
+                parts.append([c.float() for c in self.unet_up_features(latents[start:stop], cond[start:stop], with_attention)])
+            captured = [torch.cat(level) if len(parts) > 1 else level[0] for level in zip(*parts)]
+            del parts
+            ups = tuple(c.view(batch, e, *c.shape[1:]).mean(dim=1) for c in captured)
             attention = self.recorder.maps() if with_attention else None
         finally:  # never keep device tensors alive past the call, also after an error
             self.recorder.active = False

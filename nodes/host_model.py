@@ -21,7 +21,8 @@ import comfy.ops
 from ..iconmatting_core.checkpoint import read_head_weights
 from ..iconmatting_core.matting_head import IconMattingHead
 from ..iconmatting_core.pipeline import IconMattingModel, IconMattingPipeline
-from .native_features import ComfyFeatureExtractor, empty_prompt_from_clip
+from .empty_prompt import empty_prompt_from_clip
+from .native_features import ComfyFeatureExtractor
 
 
 class _CastBatchNorm2d(torch.nn.BatchNorm2d, comfy.ops.CastWeightBiasOp):
@@ -100,7 +101,7 @@ class IconMattingOnHost:
                 raise ValueError(
                     f"{matting_path} carries no empty-prompt embedding. Connect the CLIP output of the SD 2.1 Load Checkpoint."
                 )
-            prompt = empty_prompt_from_clip(clip)
+            prompt = empty_prompt_from_clip(clip, getattr(model.model, "model_config", None))
         extractor = ComfyFeatureExtractor(model, vae, prompt, config)
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()

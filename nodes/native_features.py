@@ -12,6 +12,11 @@ on a *clone* of the user's MODEL (the generation graph is untouched):
 * an output-block patch that keeps the outputs of up blocks 0 and 1 (the ``h`` it sees before
   the first block of up blocks 1 and 2) and stops the UNet after the last block needed.
 
+Every other attention of the pass (self-attention at other resolutions, all cross-attention) goes
+through replace patches as well, to :func:`feature_attention`: torch's scaled-dot-product attention
+on the CPU (fast and memory-efficient there, unlike ComfyUI's sub-quadratic CPU default), the
+host's own choice on a GPU or when the user picked one with a flag.
+
 The UNet is called directly (``diffusion_model``) at the DDPM timestep with the DDPM-noised latent,
 exactly as the reference calls diffusers' UNet, not through ComfyUI's k-diffusion sampling wrapper.
 The VAE gives the posterior *sample* with the reference's noise (its encoder and ``quant_conv``
@@ -26,6 +31,7 @@ import torch
 
 import comfy.model_management as mm
 import comfy.supported_models
+from comfy.cli_args import args as comfy_args
 from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
@@ -64,6 +70,27 @@ def unet_layout(diffusion_model) -> Tuple[List[Tuple[str, int, int]], List[int]]
             up_ends.append(i)
             level -= 1
     return blocks, up_ends
+
+
+#: ComfyUI flags by which a user picks the UNet's attention; the pack then uses that choice everywhere
+ATTENTION_FLAGS = ("use_split_cross_attention", "use_quad_cross_attention", "use_pytorch_cross_attention",
+                   "use_sage_attention", "use_flash_attention")
+
+
+def feature_attention(device: torch.device):
+    """The attention for the layers IconMatting does not record: on the CPU, unless the user chose
+    one with a flag, torch's scaled-dot-product attention (a fused, memory-efficient kernel there;
+    ComfyUI's CPU default, sub-quadratic attention, is ~1.7x slower and holds query chunks x all keys);
+    else the host's choice (on NVIDIA by default also torch's SDPA; xformers, sage, flash if chosen)."""
+    host = comfy_attention.optimized_attention
+    chosen = any(getattr(comfy_args, flag, False) for flag in ATTENTION_FLAGS)
+    if device.type == "cpu" and not chosen and hasattr(comfy_attention, "attention_pytorch"):
+        return comfy_attention.attention_pytorch
+    return host
+
+
+def attention_name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 class ComfyFeatureExtractor(FeatureExtractor):
@@ -111,29 +138,84 @@ class ComfyFeatureExtractor(FeatureExtractor):
         self._stop_block = self._stop_at[True]
         self._captured: Dict[int, torch.Tensor] = {}
         self.patcher = model.clone()
-        recorded_blocks = [(name, index) for name, index, level in blocks if latent >> level in config.attention_resolutions]
-        for name, index in recorded_blocks:
+        all_blocks = [(name, index) for name, index, _ in blocks]
+        # the recorded blocks' self-attention goes to the recorder, every other attention to feature_attention
+        self._heads = {latent >> level: self._block_heads(base.diffusion_model, name, index) for name, index, level in blocks}
+        for name, index in all_blocks:
             self.patcher.set_model_attn1_replace(self._attn1, name, index)
+            self.patcher.set_model_attn2_replace(self._attn2, name, index)
         self.patcher.set_model_output_block_patch(self._output_block)
         # the UNet runs with these patches only: other extensions' patches on the user's MODEL (FreeU, ...)
         # are for generation and would change the features the head was trained on
         self._transformer_options = {
             "patches": {"output_block_patch": [self._output_block]},
-            "patches_replace": {"attn1": {block: self._attn1 for block in recorded_blocks}},
+            "patches_replace": {"attn1": {b: self._attn1 for b in all_blocks}, "attn2": {b: self._attn2 for b in all_blocks}},
         }
+        self.attention = feature_attention(self.device)
         self.companions: List = []  # other patchers to keep loaded with ours (the IconMatting head's)
 
-    def load_all(self, memory_required: int) -> None:
+    @staticmethod
+    def _block_heads(diffusion_model, name: str, index: int) -> int:
+        block = diffusion_model.middle_block if name == "middle" else getattr(diffusion_model, name + "_blocks")[index]
+        return max(m.n_heads for m in block.modules() if hasattr(m, "n_heads") and hasattr(m, "attn1"))
+
+    def load_all(self, memory_required: int, minimum_memory_required=None) -> None:
         """One load_models_gpu call for the UNet clone, the VAE and the companions, so that making
         room for one never offloads another that the same step needs."""
-        mm.load_models_gpu([self.patcher, self.vae.patcher, *self.companions], memory_required=int(memory_required))
+        mm.load_models_gpu([self.patcher, self.vae.patcher, *self.companions], memory_required=int(memory_required),
+                           minimum_memory_required=None if minimum_memory_required is None else int(minimum_memory_required))
+
+    # --- memory ----------------------------------------------------------------------------------
+    #: peak activations of the pass per noised copy, in bytes per latent pixel per byte of the UNet's
+    #: dtype (measured: SD 2.1's UNet up to up block 2 with memory-efficient attention, 768 px; the
+    #: level-0 feed-forward and the skip connections dominate)
+    ACTIVATION_BYTES_PER_LATENT_PIXEL = 5200
+
+    def pass_bytes(self, copies: int, with_attention: bool = True) -> int:
+        """Device memory of one UNet pass over ``copies`` noised latents beyond the weights: the
+        activations, and at the recorded layers one sample's float32 scores and probabilities
+        [heads, T, T] plus the per-image sums of the maps being recorded."""
+        latent = self.config.image_size // 8
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        activations = copies * latent * latent * elem * self.ACTIVATION_BYTES_PER_LATENT_PIXEL
+        if self.attention is comfy_attention.optimized_attention and not (
+            mm.xformers_enabled() or mm.pytorch_attention_flash_attention()
+        ):  # the host's chunked attention (sub-quadratic, split): its own, larger estimate
+            activations = max(activations, self.patcher.model.memory_required([copies, 4, latent, latent]))
+        if not with_attention:
+            return int(activations)
+        images = -(-copies // self.config.ensemble_size)
+        probs = max(2 * 4 * self._heads.get(r, 1) * (r * r) ** 2 for r in self.config.attention_resolutions)
+        sums = 4 * images * sum((r * r) ** 2 for r in self.config.attention_resolutions)
+        return int(activations + probs + sums)
+
+    def copies_per_pass(self, copies: int, with_attention: bool) -> int:
+        """All copies in one pass when the device has room for it (ComfyUI first offloads what it can
+        to make that room); else as many as fit, at least one."""
+        if self.max_copies_per_pass is not None:
+            return self.max_copies_per_pass
+        need = self.pass_bytes(copies, with_attention)
+        self.load_all(need, self.pass_bytes(1, with_attention))
+        free = mm.get_free_memory(self.device) - mm.extra_reserved_memory()
+        if free >= need:
+            return copies
+        one = self.pass_bytes(1, with_attention)
+        per_copy = max(1, self.pass_bytes(2, with_attention) - one)
+        group = max(1, 1 + int((free - one) // per_copy))
+        if group < copies:
+            log.info("IconMatting: %.1f GB free on %s, the pass needs %.1f GB: its %d noised copies run in groups of %d",
+                     free / 2**30, self.device, need / 2**30, copies, group)
+        return group
 
     # --- patches (run inside ComfyUI's UNet) -----------------------------------------------------
     def _attn1(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         if self.recorder.records(q.shape[1]):
             return self.recorder.attend(q, k, v, heads, extra_options["dim_head"] ** -0.5)
-        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        return self.attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+
+    def _attn2(self, q, k, v, extra_options):
+        return self.attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
 
     def _output_block(self, h, hsp, transformer_options):
         index = transformer_options["block"][1]
@@ -167,8 +249,7 @@ class ComfyFeatureExtractor(FeatureExtractor):
 
     def unet_up_features(self, latents, cond, with_attention):
         base = self.patcher.model
-        memory = base.memory_required(list(latents.shape)) + self.recorder_bytes(latents.shape[0])
-        self.load_all(memory)
+        self.load_all(self.pass_bytes(latents.shape[0], with_attention))
         device, dtype = self.device, self.dtype
         transformer_options = dict(self._transformer_options)  # the UNet writes its own keys into it
         t = torch.full((latents.shape[0],), float(self.config.timestep), device=device)
@@ -187,12 +268,6 @@ class ComfyFeatureExtractor(FeatureExtractor):
         finally:
             self._captured = {}
 
-    def recorder_bytes(self, copies: int) -> int:
-        """Device memory of the float32 attention maps being recorded and of one layer's probabilities."""
-        tokens = max(self.config.attention_resolutions) ** 2
-        heads = 20
-        return 4 * tokens * tokens * (len(self.config.attention_resolutions) * copies // self.config.ensemble_size + heads)
-
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
         def stored(weight):  # quantized (fp8) checkpoints hold a tensor subclass
             return weight.dequantize() if hasattr(weight, "dequantize") else weight
@@ -203,11 +278,3 @@ class ComfyFeatureExtractor(FeatureExtractor):
             "vae.encoder.conv_in.weight": stored(self.vae.first_stage_model.encoder.conv_in.weight),
         }
 
-
-def empty_prompt_from_clip(clip) -> torch.Tensor:
-    """ComfyUI's SD 2.x CLIP conditioning of "" ([1, 77, 1024] for SD 2.1): the penultimate layer
-    after the final layer norm, padded with id 0, as diffusers' SD 2.1 text encoder gives it."""
-    cond = clip.encode_from_tokens(clip.tokenize(""))
-    if isinstance(cond, (tuple, list)):
-        cond = cond[0]
-    return cond.float().cpu()

@@ -197,7 +197,8 @@ class _Comfy:
         work = self.work
         _prepare_work_dir(work, self.pack_dir, self.pack_name, self.spec.get("models_dir"),
                           self.spec.get("extra_packs"))
-        sys.argv = ["main.py", "--cpu", "--base-directory", str(work),
+        device = ["--cpu"] if self.spec.get("cpu", True) else []  # benchmarks/benchmark_gpu.py: the host's own device
+        sys.argv = ["main.py", *device, "--base-directory", str(work),
                     "--front-end-root", str(work / "frontend"),
                     "--database-url", "sqlite:///:memory:",
                     "--disable-api-nodes", "--dont-print-server", *self.spec.get("comfy_args", [])]

@@ -475,6 +475,7 @@ def run_comfy(
     scripts: Optional[List[Any]] = None,
     comfy_args: Optional[List[str]] = None,
     host: Union[ComfyHost, str, None] = None,
+    cpu: bool = True,
 ) -> Dict[str, Any]:
     """Load ``pack_dir`` as a custom node pack into a fresh ComfyUI process and run ``prompts``.
 
@@ -502,6 +503,7 @@ def run_comfy(
     ``comfy_args``: extra ComfyUI command-line flags, e.g. ``["--fp32-text-enc"]``.
     ``host``: the ComfyUI to run (a :class:`ComfyHost`, e.g. the ``comfy_host`` fixture, or a version
     in :data:`HOSTS`); default :data:`DEFAULT_HOST`.
+    ``cpu``: start ComfyUI with ``--cpu`` (the default); False lets it pick its device (a GPU benchmark).
 
     Returns the runner's JSON report (see ``_comfy_runner.py``) plus ``returncode``,
     ``stdout_tail`` and ``stderr_tail``. Raises ``RuntimeError`` when the harness itself failed
@@ -530,6 +532,7 @@ def run_comfy(
             "extra_packs": [{"path": str(Path(p).resolve()), "name": Path(p).name} for p in extra_packs or ()],
             "scripts": [_script_spec(s) for s in scripts or ()],
             "comfy_args": [*host.comfy_args, *(comfy_args or ())],
+            "cpu": bool(cpu),
         }
         spec_path = work / "harness-spec.json"
         report_path = work / "harness-report.json"

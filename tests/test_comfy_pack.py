@@ -207,6 +207,21 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
 
 
+def test_native_ensemble_runs_in_smaller_groups_when_memory_is_short_with_the_same_alpha(comfy_run):
+    out = comfy_run[0]["scripts"][0]["result"]
+    groups = out["groups"]
+    assert groups["copies"] == 4 and groups["passes"] == [3, 1]  # room for 3 copies: one image's copies split
+    assert groups["up1"] <= 1e-6 * out["feature_scale"] and groups["attention"] <= 1e-6 and groups["alpha"] <= 1e-6, groups
+
+
+def test_empty_prompt_under_the_default_fp16_text_encoder_equals_the_fp32_one(comfy_run):
+    """ComfyUI's CPU default stores the text encoder in fp16; the pack computes "" from the checkpoint's fp32 weights."""
+    p = comfy_run[0]["scripts"][0]["result"]["prompt_default_dtype"]
+    assert p["weights"].count("torch.float16") >= 0.9 * len(p["weights"]), p["weights"]  # the matrices at least
+    assert p["rounded_weights"] > 1e-4 * p["fp32_scale"], p  # what ComfyUI's own fp16 CLIP gives: measurably off
+    assert p["pack"] <= 1e-6 * p["fp32_scale"], p  # float32 rounding
+
+
 def test_a_model_that_is_not_sd2_is_refused(comfy_run):
     message = comfy_run[0]["scripts"][0]["result"]["sd1_refused"]
     assert message and "not Stable Diffusion 2.x" in message and "v2-1_768-ema-pruned.safetensors" in message

@@ -95,6 +95,39 @@ def run(ctx):
     out["alpha"] = max(_diff(a, b) for a, b in zip(results["native"][2], results["reference"][2]))
     out["alpha_shapes"] = [list(a.shape) for a in results["native"][2]]
 
+    # memory short: the ensemble copies run in smaller groups (ComfyUI's free memory said to hold a pass over
+    # three of the four copies: groups that split an image's copies), with the same features and alpha to float rounding
+    ext = native.extractor
+    passes = []
+    unet_pass = ext.unet_up_features
+    ext.unet_up_features = lambda latents, *a: passes.append(latents.shape[0]) or unet_pass(latents, *a)
+    saved_free = mm.get_free_memory
+    mm.get_free_memory = lambda *a, **k: mm.extra_reserved_memory() + ext.pass_bytes(3)
+    try:
+        f_group = ext(images, seed=5)
+        passes, group_passes = [], list(passes)
+        group_alpha = native_pipe.decode(native_pipe.match(results["native"][0], targets))
+    finally:
+        mm.get_free_memory = saved_free
+        del ext.unet_up_features
+    out["groups"] = {"passes": group_passes, "copies": images.shape[0] * ext.config.ensemble_size, "up1": _diff(f_group.up_features[1], f_native.up_features[1]),
+                     "attention": max(_diff(f_group.attention[r], f_native.attention[r]) for r in f_native.attention),
+                     "alpha": max(_diff(a, b) for a, b in zip(group_alpha, results["native"][2]))}
+
+    # ComfyUI's default text encoder dtype (fp16 on the CPU; this run has --fp32-text-enc): the same embedding
+    import comfy.sd
+    empty_prompt = _pack_module(".nodes.empty_prompt")
+    clip16 = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", ctx.args["ckpt"]), output_vae=False,
+                                                   output_model=False, te_model_options={"dtype": torch.float16})[1]
+    fp32 = native.extractor.empty_prompt_embedding
+    out["prompt_default_dtype"] = {
+        "weights": [str(v.dtype) for v in clip16.cond_stage_model.state_dict().values() if v.is_floating_point()],
+        "fp32_scale": float(fp32.abs().max()),
+        "rounded_weights": _diff(empty_prompt._encode_empty(clip16), fp32),  # what ComfyUI's fp16 CLIP gives
+        "pack": _diff(empty_prompt.empty_prompt_from_clip(clip16, model.model.model_config), fp32),
+    }
+    del clip16
+
     # what ComfyUI does to a model it can only partly load (--lowvram/--novram): weights stay offloaded
     # and every layer casts them per call; the head must give the same alpha that way
     cast = [m for m in native.model.head.modules() if hasattr(m, "comfy_cast_weights")]

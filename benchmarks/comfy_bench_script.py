@@ -1,0 +1,220 @@
+"""Runs inside a booted ComfyUI (``run_comfy(..., scripts=[...])``): IconMatting's native path (the pack on
+ComfyUI's own SD 2.1 objects) against the core's diffusers path, full-size SD 2.1 with random weights.
+
+Used by benchmarks/benchmark_native.py (CPU, fp32, interleaved timing) and benchmarks/benchmark_gpu.py
+(the host's GPU, fp16 and fp32). args: image_size, ensemble, targets, repeats, dtypes (["fp32", ...]),
+work (a scratch folder). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
+the ensemble copies, on that path's modules), per_target (s, match + decode), extra_peak_bytes (a target's
+pass: peak minus memory before it; max_memory_allocated on CUDA, process RSS sampled every ms on the CPU),
+alphas compared between paths and between dtypes.
+"""
+import gc
+import importlib
+import os
+import sys
+import threading
+import time
+
+import torch
+
+
+def _pack(suffix):
+    name = next(n for n in list(sys.modules) if n.endswith(".nodes.host_model"))
+    return importlib.import_module(name[: -len(".nodes.host_model")] + suffix)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Extra peak memory of a block: CUDA max_memory_allocated, else process RSS sampled every ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.extra = device, 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self.peak = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra = max(self.peak, _rss()) - self.base
+        return False
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_diff(a, b):
+    return max(float((p.float() - q.float()).abs().max()) for p, q in zip(a, b))
+
+
+def run(ctx):
+    import comfy.model_management as mm
+    from comfy.ldm.modules import attention as comfy_attention
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    native_features = _pack(".nodes.native_features")
+    cfgmod, testing, checkpoint, head_mod = (_pack(".iconmatting_core." + m) for m in (
+        "config", "testing", "checkpoint", "matting_head"))
+    a = ctx.args
+    size, ens, n = a["image_size"], a["ensemble"], a["targets"]
+    config = cfgmod.IconMattingConfig(image_size=size, ensemble_size=ens)
+    torch.manual_seed(0)
+    unet_cfg, vae_cfg = cfgmod.load_sd_config("unet"), cfgmod.load_sd_config("vae")
+    unet = UNet2DConditionModel.from_config(unet_cfg).eval()
+    vae = AutoencoderKL.from_config(vae_cfg).eval()
+    # the single-file layout over the same UNet tensors (the converter copies; it renames meta tensors here)
+    weights = unet.state_dict()
+    keys = list(testing.ldm_unet_state_dict({k: v.to("meta") for k, v in weights.items()}, unet_cfg))
+    assert len(keys) == len(weights)
+    sd = dict(zip(keys, weights.values()))
+    sd.update(testing.ldm_vae_state_dict(vae.state_dict(), vae_cfg))
+    prompt = torch.randn(1, 77, 1024)
+    head_path = a["work"] + "/head.safetensors"
+    checkpoint.save_head(head_mod.IconMattingHead(config), head_path, prompt)
+    device = mm.get_torch_device()
+    out = {"device": str(device), "torch": torch.__version__, "host_attention": native_features.attention_name(
+        comfy_attention.optimized_attention), "feature_attention": native_features.attention_name(
+        native_features.feature_attention(device)), "runs": {}}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(size, size, 3, generator=gen)
+    mask = torch.zeros(size, size)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    targets = torch.rand(n, size, size, 3, generator=gen)
+    x = torch.rand(1, 3, size, size, generator=gen) * 2 - 1
+    lat = torch.randn(ens, 4, size // 8, size // 8, generator=gen)
+    alphas = {}
+    inputs = (ref, mask, targets, x, lat, prompt, head_path)
+    for dtype_name in a["dtypes"]:
+        out["runs"][dtype_name] = _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas)
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        gc.collect()
+    for half in ("fp16", "bf16"):
+        if half in a["dtypes"] and "fp32" in a["dtypes"]:
+            out[half + "_vs_fp32_alpha_max_diff"] = {p: _max_diff(alphas[(p, half)], alphas[(p, "fp32")])
+                                                     for p in ("native", "diffusers")}
+    out["process_peak_rss_bytes"] = _peak_rss()
+    return out
+
+
+def _copy_to(module, device, dtype):
+    """The module itself when already there; else a copy built tensor by tensor (never a second fp32 copy in RAM)."""
+    p = next(module.parameters())
+    if p.device == device and p.dtype == dtype:
+        return module
+    with torch.device("meta"):
+        twin = type(module).from_config(module.config)
+    twin.load_state_dict({k: v.to(device, dtype) for k, v in module.state_dict().items()}, assign=True)
+    return twin.eval()
+
+
+def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
+    """Both paths in one dtype: builds them, times them interleaved, measures a target's pass; frees them on return."""
+    import comfy.sd
+
+    host = _pack(".nodes.host_model")
+    pipeline, checkpoint, sd_loading = (_pack(".iconmatting_core." + m) for m in ("pipeline", "checkpoint", "sd_loading"))
+    ref, mask, targets, x, lat, prompt, head_path = inputs
+    ens, n, repeats = a["ensemble"], a["targets"], a["repeats"]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=True, output_clip=False,
+                                                           model_options={"dtype": dtype})[:3]
+    native = host.IconMattingOnHost(model, None, cvae, head_path, dtype_name)
+    sdc = sd_loading.SDComponents(_copy_to(unet, device, dtype), _copy_to(vae, device, dtype), prompt)
+    reference = pipeline.IconMattingPipeline(
+        pipeline.build_model(sdc, checkpoint.load_head(head_path)[0]).to(device=device, dtype=dtype))
+    del sdc
+    ext_n, ext_d = native.extractor, reference.model.extractor
+    run = {"native_unet_dtype": str(ext_n.dtype), "native_vae_dtype": str(cvae.vae_dtype), "diffusers_dtype": str(dtype)}
+
+    def floor_native():
+        ext_n.load_all(ext_n.pass_bytes(ens, False))
+        _sync(device)
+        t = time.perf_counter()
+        ext_n.posterior(x)
+        ext_n.patcher.model.diffusion_model(lat.to(device, ext_n.dtype), torch.full((ens,), 200.0, device=device),
+                                            context=prompt.expand(ens, -1, -1).to(device, ext_n.dtype))
+        _sync(device)
+        return time.perf_counter() - t
+
+    def floor_diffusers():
+        ext_d._stop_after = 99  # the whole UNet, as a plain SD forward
+        try:
+            _sync(device)
+            t = time.perf_counter()
+            ext_d.posterior(x)
+            ext_d.unet(lat.to(device, dtype), 200, encoder_hidden_states=prompt.expand(ens, -1, -1).to(device, dtype))
+            _sync(device)
+            return time.perf_counter() - t
+        finally:
+            ext_d._stop_after = 2
+
+    with torch.no_grad():
+        paths = {"native": (floor_native, native.pipeline), "diffusers": (floor_diffusers, lambda: reference)}
+        contexts = {}
+        for name, (floor, get_pipe) in paths.items():  # warm-up, and the reference encoded once per path
+            floor()
+            pipe = get_pipe()
+            contexts[name] = pipe.encode_reference(ref, mask)
+            with PeakMemory(device) as peak:  # one target's pass, alone
+                pipe.matte(contexts[name], targets[:1])
+            run[name] = {"extra_peak_bytes": peak.extra}
+        for _ in range(repeats):  # interleaved, so that a busy machine slows both paths alike
+            for name, (floor, get_pipe) in paths.items():
+                f = floor()
+                pipe = get_pipe()
+                _sync(device)
+                t = time.perf_counter()
+                result = pipe.matte(contexts[name], targets)
+                _sync(device)
+                per_target = (time.perf_counter() - t) / n
+                r = run[name]
+                r["floor"] = min(r.get("floor", f), f)
+                r["per_target"] = min(r.get("per_target", per_target), per_target)
+                alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
+        for name in paths:
+            run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]
+    run["alpha_max_diff"] = _max_diff(alphas[("native", dtype_name)], alphas[("diffusers", dtype_name)])
+    return run
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        return 0
