@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert the released icm.ckpt to .safetensors")
     c.add_argument("src")
     c.add_argument("dst")
+    __import__("iconmatting_core.training.cli", fromlist=["add_parser"]).add_parser(sub)  # train (training/cli.py)
     return parser
 
 
@@ -312,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None, pipe_factory=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "convert":
         return run_convert(args)
+    if args.command == "train":  # training/cli.py
+        return __import__("iconmatting_core.training.cli", fromlist=["run"]).run(args)
     if args.command == "encode":
         return run_encode(args, pipe_factory)
     return run_matte(args, pipe_factory)
