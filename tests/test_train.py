@@ -265,4 +265,27 @@ def test_two_processes_give_the_head_of_one_with_the_same_global_batch(tiny, tmp
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert main(_train_argv(tiny, tmp_path / "one", *common, "--batch-size", "4")) == 0
-    _heads_equal(tmp_path / "ddp" / "head.safetensors", tmp_path / "one" / "head.safetensors", exact=False)
+    ddp_head, one_head = load_file(str(tmp_path / "ddp" / "head.safetensors")), load_file(str(tmp_path / "one" / "head.safetensors"))
+    init = load_file(str(tiny["init"]))
+    # Adam turns float-rounding differences of the gradient (DDP's all-reduce sums in another order) into
+    # differences far below its step (lr = 1e-3 per step, 2 steps): 1% of it here. One exception: the
+    # conv bias right before a BatchNorm, whose exact gradient is 0, so Adam's steps follow rounding noise
+    # (bounded by lr per step).
+    zero_gradient = {"detail.alpha_head.0.bias"}
+    for k, v in ddp_head.items():
+        if not v.dtype.is_floating_point:
+            assert torch.equal(v, one_head[k]), k  # num_batches_tracked: rank 0's BatchNorm group
+            continue
+        bound = 2e-3 if k in zero_gradient else 2e-5
+        assert (v - one_head[k]).abs().max() <= bound, k
+        if k not in zero_gradient and k.endswith("weight") and "conv" in k:
+            assert (v - init[k]).abs().max() > 1e-3, k  # it did train
+
+
+def test_benchmark_smoke_mode(capsys):
+    import runpy
+
+    bench = runpy.run_path(str(REPO / "benchmarks" / "benchmark_train.py"), run_name="benchmark_train")
+    assert bench["main"](["--device", "cpu", "--image-size", "128", "--tiny", "--steps", "1", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "steps/s:" in out and "SD features" in out and "head fwd+bwd+step" in out and "peak memory" in out, out

@@ -114,6 +114,7 @@ def _train(args, data, val, config) -> int:
     import torch.distributed as dist
 
     from ..checkpoint import CheckpointError, load_head
+    from ..eval import DatasetError
     from ..features import SDFeatureExtractor
     from ..matting_head import IconMattingHead
     from ..sd_loading import load_sd_components
@@ -157,7 +158,7 @@ def _train(args, data, val, config) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ResumeError as exc:
+    except (ResumeError, DatasetError) as exc:  # a checkpoint or a data file unusable mid-run
         return _error(str(exc))
     finally:
         if world > 1 and dist.is_initialized():

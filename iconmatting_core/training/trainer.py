@@ -95,16 +95,18 @@ class HeadStep(nn.Module):
             sim = inter_image_similarity(head, t, corr[i:i + 1])
             guidance.append(intra_image_propagation(head, sim, {r: a[i:i + 1] for r, a in attention.items()}))
         preds = []
+        norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for g0 in range(0, len(tokens), self.bn_group):
             g1 = min(len(tokens), g0 + self.bn_group)
-            saved = None if g0 == 0 else {k: v.clone() for k, v in head.named_buffers()}
-            levels = [torch.cat([g[j] for g in guidance[g0:g1]]) for j in range(len(guidance[0]))]
-            fused = head.fusion([ups0[g0:g1], ups1[g0:g1]], levels)
-            preds.append(head.detail(fused, images[g0:g1]))
-            if saved is not None:
-                with torch.no_grad():
-                    for k, v in head.named_buffers():
-                        v.copy_(saved[k])
+            for m in norms:  # batch statistics as usual; only group 0 updates the running ones
+                m.track_running_stats = g0 == 0
+            try:
+                levels = [torch.cat([g[j] for g in guidance[g0:g1]]) for j in range(len(guidance[0]))]
+                fused = head.fusion([ups0[g0:g1], ups1[g0:g1]], levels)
+                preds.append(head.detail(fused, images[g0:g1]))
+            finally:
+                for m in norms:
+                    m.track_running_stats = True
         return torch.cat(preds)
 
 
