@@ -77,6 +77,29 @@ def test_derived_trimap_band_around_a_hard_edge():
     assert band.sum() == 9 and band[3:6, 3:6].all()
 
 
+def test_trimap_files_are_thresholded_at_85_and_170():
+    from iconmatting_core.training.data import trimap_unknown
+
+    t = np.array([[0, 84, 85, 128, 169, 170, 255]], dtype=np.uint8)
+    assert trimap_unknown(t)[0].tolist() == [[0, 0, 1, 1, 1, 0, 0]]
+
+
+def test_alpha_files_gray_masks_and_cutouts(tmp_path):
+    from iconmatting_core.training.data import _read
+
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[0, 1, :3] = 255  # an opaque RGBA mask: its gray values
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "mask.png")
+    assert np.asarray(_read(tmp_path / "mask.png", "F")).tolist() == [[0, 1, 0], [0, 0, 0]]
+    rgba[..., 3] = 0
+    rgba[1, 2, 3] = 51  # a cut-out: its alpha channel
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    assert np.asarray(_read(tmp_path / "cutout.png", "F")).tolist() == [[0, 0, 0], [0, 0, np.float32(0.2)]]
+    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(tmp_path / "deep.png")
+    assert np.asarray(_read(tmp_path / "deep.png", "F")).tolist() == [[0, 1]]
+
+
 # --------------------------------------------------------------------------- data
 
 def _disc(h, w, rng):

@@ -10,7 +10,8 @@ Layouts (``--data DIR``):
       DIR/<group>/alphas/<stem>.png      # alpha matte, or a binary mask (white = foreground)
       DIR/<group>/trimaps/<stem>.png     # optional
 
-  images and alphas are matched by file stem.
+  images and alphas are matched by file stem. An alpha file is read as gray (16-bit PNGs / 65535),
+  except an RGBA/LA cut-out whose alpha channel is not all opaque: its alpha channel.
 
 Trimaps: a trimap file is thresholded as the authors' ``ToTensor`` does (< 85 background,
 >= 170 foreground, else unknown). Without one, the unknown region is derived from the alpha after
@@ -183,8 +184,8 @@ def _read(path: Path, mode: str):
     elif im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float32)
         a = a / (65535.0 if a.max() > 255 else 255.0 if a.max() > 1 else 1.0)
-    elif im.mode in ("RGBA", "LA"):
-        a = np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0
+    elif im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() != (255, 255):
+        a = np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0  # a cut-out: its alpha channel
     else:
         a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     return Image.fromarray(np.clip(a, 0, 1).astype(np.float32), mode="F")
