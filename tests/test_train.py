@@ -312,3 +312,43 @@ def test_benchmark_smoke_mode(capsys):
     assert bench["main"](["--device", "cpu", "--image-size", "128", "--tiny", "--steps", "1", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "steps/s:" in out and "SD features" in out and "head fwd+bwd+step" in out and "peak memory" in out, out
+
+
+def test_one_training_step_gives_the_authors_updated_head():
+    """Same head, batch and (fixed, SD-free) features: our head step equals one step of the authors'
+    InContextDecoder + LossFunction2 + Adam (tests/fixtures/train_step, made by their code)."""
+    from iconmatting_core.checkpoint import ours_to_reference
+    from iconmatting_core.config import IconMattingConfig
+    from iconmatting_core.context import region_tokens
+    from iconmatting_core.preprocess import Placement
+    from iconmatting_core.testing import tiny_head
+    from iconmatting_core.training.trainer import HeadStep
+
+    here = Path(__file__).parent / "fixtures" / "train_step"
+    x, theirs = load_file(str(here / "inputs.safetensors")), load_file(str(here / "updated.safetensors"))
+    expected = json.loads((here / "expected.json").read_text())
+    config = IconMattingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in expected["config"].items()})
+    head = tiny_head(config, seed=3).train()
+    full = Placement(128, 128, 128, 128)
+    tokens = [region_tokens(x["ref_feature"][i], (x["guidance"][i, 0] > 0.5).float(), full, 128, "mask") for i in range(2)]
+    pred = HeadStep(head, 2)(tokens, x["ft_cor"], x["ft_4"], x["ft_8"], {4: x["attn_4"], 8: x["attn_8"]}, x["images"])
+    unknown = (x["trimap"] == 0.5).float()
+    terms = L.recipe_losses(unknown, pred, x["alpha"])
+    loss = sum(terms.values())
+    assert float(loss.detach()) == pytest.approx(expected["loss"], rel=1e-6)
+    for k, v in terms.items():
+        assert float(v.detach()) == pytest.approx(expected["terms"][k], rel=1e-6), k
+    opt = torch.optim.Adam(head.parameters(), lr=expected["lr"], weight_decay=0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    ours = {k[len("in_context_decoder."):]: v for k, v in ours_to_reference(head.state_dict()).items()}
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        if k == "detail_decoder.matting_head.matting_convs.0.bias":  # conv bias before BatchNorm: exact gradient 0
+            assert (ours[k] - v).abs().max() <= expected["lr"], k  # so Adam's step follows rounding noise
+        else:
+            # Adam's first step moves every weight by ~lr x sign(gradient): a wrong gradient shows in most
+            # elements. Rounding (thread count, summation order) can only tip the few whose gradient is ~0.
+            off = (ours[k] - v).abs()
+            assert off.max() <= 2 * expected["lr"] and (off > 1e-6).float().mean() <= 1e-3, k
