@@ -1,4 +1,4 @@
-"""Command line: ``python -m iconmatting_core {encode,matte,convert} ...``: argument parsing and
+"""Command line: ``python -m iconmatting_core {encode,matte,convert,train} ...``: argument parsing and
 dispatch only. Each subcommand is a module with ``add_parser(subparsers)`` and ``run(args) -> exit
 status``; adding one is one entry in :data:`COMMANDS`.
 
@@ -13,7 +13,6 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS = (".job.encode", ".job.matte", ".job.convert", ".training.cli")
-OPTIONAL = {".training.cli"}  # listed before its module lands; left out while it is absent
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,11 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _commands():
     for name in COMMANDS:
-        try:
-            yield importlib.import_module(name, __package__)
-        except ModuleNotFoundError as exc:
-            if name not in OPTIONAL or not f"{__package__}{name}".startswith(str(exc.name)):
-                raise
+        yield importlib.import_module(name, __package__)
 
 
 def build_parser() -> argparse.ArgumentParser:
