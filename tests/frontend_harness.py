@@ -46,7 +46,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from api_to_ui import widget_names  # noqa: E402
-from comfy_harness import comfy_root, stub_dir  # noqa: E402
+from comfy_harness import (DEFAULT_HOST, ComfyHost, _build_atomically, _pip, cache_dir,  # noqa: E402
+                           comfy_host)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -60,6 +61,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 VIEWPORT = {"width": 1600, "height": 900}
+#: The newest ``comfyui-frontend-package`` on PyPI (checked 2026-12): the templates must open readable in
+#: it too, with its Vue nodes ("Nodes 2.0") on and off.
+NEWEST_FRONTEND = "1.58.1"
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 DIFFUSERS_PREFIX = "[diffusers] "
 
@@ -69,13 +73,13 @@ def chromium_path() -> Optional[str]:
     return os.environ.get(CHROMIUM_ENV) or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def pinned_frontend_version() -> str:
-    """The ``comfyui-frontend-package`` version ComfyUI's requirements.txt pins."""
-    text = (comfy_root() / "requirements.txt").read_text()
-    match = re.search(r"^comfyui-frontend-package==(\S+)", text, re.M)
-    if not match:
-        raise RuntimeError("ComfyUI's requirements.txt pins no comfyui-frontend-package version")
-    return match.group(1)
+def pinned_frontend_version(host: Optional[ComfyHost] = None) -> str:
+    """The ``comfyui-frontend-package`` version the host's requirements.txt pins."""
+    host = host or comfy_host(DEFAULT_HOST)
+    version = host.pinned("comfyui-frontend-package")
+    if not version:
+        raise RuntimeError(f"ComfyUI {host}'s requirements.txt pins no comfyui-frontend-package version")
+    return version
 
 
 def unavailable_reason() -> Optional[str]:
@@ -104,16 +108,37 @@ def require_browser() -> None:
     pytest.skip(f"real-browser test needs the README's set-up: {reason}")
 
 
-def frontend_static_dir() -> Path:
-    """The installed frontend's static files, after checking it is the version ComfyUI pins."""
-    import comfyui_frontend_package
-    from importlib.metadata import version
+def frontend_static_dir(host: Optional[ComfyHost] = None, version: Optional[str] = None) -> Path:
+    """The static files of ``comfyui-frontend-package`` ``version`` (default: the one the host pins).
 
-    pinned, installed = pinned_frontend_version(), version("comfyui-frontend-package")
-    if installed != pinned:
-        raise RuntimeError(f"comfyui-frontend-package {installed} is installed but ComfyUI pins {pinned}: "
-                           f"pip install comfyui-frontend-package=={pinned} (requirements-dev.txt)")
-    return Path(comfyui_frontend_package.__file__).parent / "static"
+    The host's pinned frontend is the venv's (0.3.75: requirements-dev.txt) or the host's own copy
+    (``ComfyHost.frontend_dir``); any other version (e.g. :data:`NEWEST_FRONTEND`) is installed once,
+    without dependencies, into the test cache (``pip install --target``), beside the venv's.
+    """
+    from importlib.metadata import version as installed_version
+
+    host = host or comfy_host(DEFAULT_HOST)
+    pinned = pinned_frontend_version(host)
+    version = version or pinned
+    if version == pinned and host.frontend_dir is not None:
+        return Path(host.frontend_dir) / "comfyui_frontend_package" / "static"
+    if version == pinned:
+        import comfyui_frontend_package
+
+        installed = installed_version("comfyui-frontend-package")
+        if installed != pinned:
+            raise RuntimeError(f"comfyui-frontend-package {installed} is installed but ComfyUI {host} pins {pinned}: "
+                               f"pip install comfyui-frontend-package=={pinned} (requirements-dev.txt)")
+        return Path(comfyui_frontend_package.__file__).parent / "static"
+    folder = cache_dir() / f"frontend-{version}"
+    if not (folder / "COMPLETE").is_file():
+        def build(staging: Path) -> None:
+            _pip(["install", "--no-deps", "--quiet", "--target", str(staging), f"comfyui-frontend-package=={version}"],
+                 f"comfyui-frontend-package=={version}")
+            (staging / "COMPLETE").write_text(f"comfyui-frontend-package=={version}\n")
+
+        _build_atomically(folder, build)
+    return folder / "comfyui_frontend_package" / "static"
 
 
 # --- ComfyUI's web server -----------------------------------------------------------------------
@@ -127,7 +152,12 @@ class ComfyServer:
     """ComfyUI's ``main.py`` with its web server, in a subprocess; use as a context manager."""
 
     def __init__(self, work: Path, pack_dir: Path = ROOT, pack_name: str = PACK_NAME,
-                 extra_packs: Optional[List[Path]] = None, startup_timeout: float = 120):
+                 extra_packs: Optional[List[Path]] = None, startup_timeout: float = 120,
+                 host: Optional[ComfyHost] = None, frontend: Optional[str] = None):
+        """``host``: the ComfyUI to run (default 0.3.75); ``frontend``: a comfyui-frontend-package
+        version to serve (default: the one the host pins)."""
+        self.host = host or comfy_host(DEFAULT_HOST)
+        self.frontend = frontend or pinned_frontend_version(self.host)
         self.work, self.pack_dir, self.pack_name = Path(work), Path(pack_dir), pack_name
         self.extra_packs = [Path(p) for p in (TEST_PACKS if extra_packs is None else extra_packs)]
         self.startup_timeout = startup_timeout
@@ -144,11 +174,12 @@ class ComfyServer:
             if not link.is_symlink():
                 link.symlink_to(path.resolve(), target_is_directory=path.is_dir())
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.work), "--front-end-root", str(frontend_static_dir()),
+               "--base-directory", str(self.work),
+               "--front-end-root", str(frontend_static_dir(self.host, self.frontend)),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch"]
-        env = dict(os.environ, PYTHONPATH=str(stub_dir()), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=self.host.pythonpath, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfy_root(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.host.root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
@@ -362,9 +393,38 @@ class ComfyApp:
                 canvas.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: data}));
         }""", [json.dumps(workflow), filename])
         ids = sorted(n["id"] for n in workflow["nodes"])
-        self.page.wait_for_function("ids => JSON.stringify(app.graph.nodes.map(n => n.id).sort((a, b) => a - b)) "
-                                    "=== JSON.stringify(ids)", arg=ids, timeout=timeout_ms)
+        self.wait_for_graph(ids, timeout_ms)
         self.page.wait_for_load_state("networkidle", timeout=timeout_ms)
+
+    def wait_for_graph(self, ids: List[int], timeout_ms: int = 20000) -> None:
+        """Wait until the canvas holds exactly the nodes ``ids`` (frontends >= 1.4x keep ids as strings)."""
+        self.page.wait_for_function("ids => JSON.stringify(app.graph.nodes.map(n => Number(n.id)).sort((a, b) => a - b)) "
+                                    "=== JSON.stringify(ids)", arg=sorted(ids), timeout=timeout_ms)
+
+    def set_setting(self, key: str, value) -> None:
+        self.page.evaluate("([k, v]) => app.extensionManager.setting.set(k, v)", [key, value])
+
+    def open_template(self, module: str, name: str, ids: List[int], timeout_ms: int = 20000) -> None:
+        """Open workflow ``name`` from the template browser's ``module`` category, as a user does."""
+        self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        self.page.locator('[role=dialog]').get_by_text(module, exact=True).first.click(timeout=timeout_ms)
+        card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
+        card.scroll_into_view_if_needed(timeout=timeout_ms)
+        card.click(timeout=timeout_ms)
+        self.wait_for_graph(ids, timeout_ms)
+        self.page.wait_for_load_state("networkidle", timeout=timeout_ms)
+        self.page.wait_for_timeout(500)  # the camera is set on the next frame
+
+    def vue_nodes(self) -> Dict[str, dict]:
+        """Vue nodes ("Nodes 2.0") on screen: per node id, its DOM box [x0, y0, x1, y1] and the texts
+        cut by their box (shown with an ellipsis: wider than the element that clips them)."""
+        return self.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-node-id]')].map(el => {
+            const r = el.getBoundingClientRect();
+            const cut = [...el.querySelectorAll('*')].filter(e => e.children.length === 0 && e.innerText?.trim()
+                && e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible')
+                .map(e => e.innerText.trim());
+            return [el.dataset.nodeId, {box: [r.left, r.top, r.right, r.bottom], cut}];
+        }))""")
 
     def dialogs(self) -> List[str]:
         """Texts of the dialogs on screen (missing nodes, missing models, errors, ...)."""
@@ -373,15 +433,19 @@ class ComfyApp:
             .map(d => d.innerText.trim().slice(0, 500))""")
 
     def graph_view(self) -> dict:
-        """The canvas after loading: zoom, whether litegraph draws low-quality boxes, node boxes on screen."""
+        """The canvas after loading: zoom, whether litegraph draws low-quality boxes, node boxes and
+        title bars on the canvas, and the canvas's place on the page (``canvas_box``)."""
         return self.page.evaluate("""() => {
-            const c = app.canvas, ds = c.ds, el = c.canvas;
+            const c = app.canvas, ds = c.ds, el = c.canvas, T = LiteGraph.NODE_TITLE_HEIGHT;
+            const screen = ([x, y]) => [(x + ds.offset[0]) * ds.scale, (y + ds.offset[1]) * ds.scale];
             const box = n => {
-                const [x, y] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
-                return [x, y, x + n.size[0] * ds.scale, y + (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale];
+                const [x, y] = screen([n.pos[0], n.pos[1] - T]);
+                return [x, y, x + n.size[0] * ds.scale, y + (n.size[1] + T) * ds.scale];
             };
-            return {scale: ds.scale, low_quality: c.low_quality, width: el.clientWidth, height: el.clientHeight,
-                    nodes: Object.fromEntries(app.graph.nodes.map(n => [n.id, {type: n.type, box: box(n),
+            const r = el.getBoundingClientRect();
+            return {scale: ds.scale, low_quality: !!c.low_quality, width: el.clientWidth, height: el.clientHeight,
+                    canvas_box: [r.left, r.top, r.right, r.bottom], title_height: T * ds.scale,
+                    nodes: Object.fromEntries(app.graph.nodes.map(n => [n.id, {type: n.type, title: n.title, box: box(n),
                         errors: !!n.has_errors}]))};
         }""")
 
@@ -417,7 +481,7 @@ class ComfyApp:
         """Open the template browser on ``module``'s category; per template: the card's text lines
         (title, description) and its thumbnail's size (0 when none loaded)."""
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        self.page.get_by_text(module, exact=True).first.click(timeout=timeout_ms)
+        self.page.locator('[role=dialog]').get_by_text(module, exact=True).first.click(timeout=timeout_ms)
         cards = {}
         for name in names:
             card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
@@ -455,6 +519,32 @@ class ComfyApp:
             return el.toDataURL('image/png');
         }""", 24)
         return base64.b64decode(data_url.split(",", 1)[1])
+
+
+# --- reading the screen ---------------------------------------------------------------------------
+def overlaps(boxes: Dict[str, List[float]], tolerance: float = 1.0) -> List[Tuple[str, str, float]]:
+    """Pairs of boxes [x0, y0, x1, y1] that overlap by more than ``tolerance`` px each way, with the
+    overlap's height."""
+    found, ids = [], sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            w, h = min(ax1, bx1) - max(ax0, bx0), min(ay1, by1) - max(ay0, by0)
+            if w > tolerance and h > tolerance:
+                found.append((a, b, round(h, 1)))
+    return found
+
+
+def text_drawn(screenshot: np.ndarray, box: List[float], min_fraction: float = 0.01) -> bool:
+    """Whether a region of a screenshot (``box`` [x0, y0, x1, y1] in px) holds drawn text: enough
+    pixels far from the region's own background (its median colour). A node drawn as a blank box
+    (litegraph's low-quality mode) has a flat title bar."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    region = screenshot[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0), :3].astype(np.int16)
+    if region.size == 0:
+        return False
+    far = np.abs(region - np.median(region.reshape(-1, 3), axis=0)).sum(-1) > 90
+    return far.mean() >= min_fraction
 
 
 # --- templates: thumbnails for ComfyUI's template browser ------------------------------------------
