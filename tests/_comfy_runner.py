@@ -1,7 +1,7 @@
 """Subprocess side of ``comfy_harness.run_comfy``: boot a real ComfyUI headless, run prompts.
 
-Usage: ``python _comfy_runner.py SPEC.json REPORT.json`` with the ComfyUI root as cwd and a
-``torchvision`` stub on ``PYTHONPATH`` (``comfy_harness`` does both). SPEC holds ``comfy_root``,
+Usage: ``python _comfy_runner.py SPEC.json REPORT.json`` with the ComfyUI root as cwd and the
+host's stand-ins (``torchvision``, ``torchaudio``) on ``PYTHONPATH`` (``comfy_harness`` does both). SPEC holds ``comfy_root``,
 ``pack_dir``, ``models_dir`` (or null), ``work_dir``, ``prompts`` and ``timeout``, and optionally
 ``extra_packs`` ([{``path``, ``name``}], symlinked into ``custom_nodes/`` beside the pack),
 ``scripts`` ([{``path``, ``args``}]) and ``comfy_args`` (extra ComfyUI command-line flags).
@@ -60,6 +60,7 @@ that needs this repository's packages appends the repository root itself.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -269,7 +270,8 @@ class _Comfy:
         async def json_body():
             return body
 
-        request = types.SimpleNamespace(match_info=match_info or {}, json=json_body,
+        # 0.28 reads request.headers (e.g. Comfy-Usage-Source) in POST /prompt: a client sending none.
+        request = types.SimpleNamespace(match_info=match_info or {}, json=json_body, headers={}, query={},
                                         rel_url=types.SimpleNamespace(query={}))
         response = self.loop.run_until_complete(handler(request))
         return response.status, json.loads(response.text)
@@ -412,7 +414,7 @@ class _Comfy:
         out = {}
         for node_id in prompt:
             try:
-                entry = caches.outputs.get(node_id)
+                entry = self.cache_get(caches.outputs, node_id)
             except Exception as exc:
                 out[node_id] = {"error": repr(exc)}
                 continue
@@ -420,6 +422,13 @@ class _Comfy:
                 out[node_id] = describe(getattr(entry, "outputs", entry))
         return out
 
+
+    def cache_get(self, cache, node_id: str):
+        """``cache.get(node_id)``; awaited where the host's cache is async (0.28)."""
+        entry = cache.get(node_id)
+        if inspect.isawaitable(entry):
+            entry = self.loop.run_until_complete(entry)
+        return entry
 
     def extra_packs_report(self) -> list:
         out = []
@@ -482,7 +491,7 @@ class ScriptContext:
         if not self._comfy.executors:
             return None
         try:
-            entry = self._comfy.executors[-1].caches.outputs.get(str(node_id))
+            entry = self._comfy.cache_get(self._comfy.executors[-1].caches.outputs, str(node_id))
         except (AssertionError, AttributeError):  # the cache is set up only once a prompt executes
             return None
         return None if entry is None else getattr(entry, "outputs", entry)

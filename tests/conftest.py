@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,8 +8,54 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from comfy_harness import HOSTS  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+#: CI=true: a test that cannot run (a missing package, tool, fixture or network) fails instead of skipping.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+CI_SKIP_PREFIX = "skipped under CI=true, where every test must run: "
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skip_in_ci(report) -> None:
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = CI_SKIP_PREFIX + _skip_reason(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The one place of the rule "CI cannot pass by skipping": under CI=true a skipped test (a
+    ``pytest.skip``/``importorskip`` in the test or in a fixture, e.g. a ComfyUI host that cannot be
+    prepared) is reported as failed, with its skip reason."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (``pytest.importorskip`` at module level):
+    under CI=true it is a collection error."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.fixture(scope="session", params=HOSTS, ids=[f"comfy{v}" for v in HOSTS])
+def comfy_host(request):
+    """A ComfyUI host (``comfy_harness.ComfyHost``), once per version in ``comfy_harness.HOSTS``: every
+    test using it (directly or through a fixture) runs on each host. Skips with a one-line reason when
+    the host cannot be prepared here (a failure under CI=true)."""
+    from comfy_harness import comfy_host as prepare
+
+    return prepare(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Self-check of the ComfyUI test harness with a throwaway node pack.
 
-Boots the real ComfyUI 0.3.75 (CPU, headless) twice: once with a working dummy pack and a few
+Boots each real ComfyUI host (CPU, headless) twice: once with a working dummy pack and a few
 prompts (success, a node that raises, a prompt that fails validation, a model loaded through
 ComfyUI's model management), once with a pack whose import fails. The first run downloads and
 caches ComfyUI (see ``comfy_harness.comfy_root``); later runs take a few seconds each.
@@ -110,18 +110,18 @@ PROMPT_MODEL = {"1": {"class_type": "DummyModelLoader", "inputs": {}}}
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, comfy_host):
     pack = tmp_path_factory.mktemp("packs") / "dummy_pack"
     pack.mkdir()
     (pack / "__init__.py").write_text(DUMMY_PACK)
     models = tmp_path_factory.mktemp("models")
     work = tmp_path_factory.mktemp("comfy_work")
     return run_comfy(pack, [PROMPT_OK, PROMPT_RAISES, PROMPT_INVALID, PROMPT_MODEL],
-                     models_dir=models, work_dir=work)
+                     models_dir=models, work_dir=work, host=comfy_host)
 
 
-def test_pack_imports_and_registers_nodes(report):
-    assert report["comfyui_version"] == "0.3.75"
+def test_pack_imports_and_registers_nodes(report, comfy_host):
+    assert report["comfyui_version"] == comfy_host.version  # the host asked for is the one that ran
     pack = report["pack"]
     assert pack["import_failed"] is False, pack["import_log"]
     assert pack["nodes"] == ["DummyFail", "DummyInvert", "DummyModelLoader"]
@@ -201,11 +201,11 @@ def test_models_dir_is_comfyui_models_dir(report):
     assert checkpoints[0] == str(Path(folders["models_dir"]) / "checkpoints")
 
 
-def test_import_failure_is_reported(tmp_path):
+def test_import_failure_is_reported(tmp_path, comfy_host):
     pack = tmp_path / "broken_pack"
     pack.mkdir()
     (pack / "__init__.py").write_text("raise ImportError('missing thing y')\n")
-    report = run_comfy(pack, [])
+    report = run_comfy(pack, [], host=comfy_host)
     assert report["pack"]["import_failed"] is True
     assert report["pack"]["nodes"] == []
     assert any("missing thing y" in line for line in report["pack"]["import_log"])

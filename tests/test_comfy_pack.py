@@ -1,7 +1,7 @@
-"""The node pack inside a real ComfyUI (0.3.75): V3 registration, the shipped workflows on the host's own
+"""The node pack inside a real ComfyUI (each host in comfy_harness.HOSTS): V3 registration, the shipped workflows on the host's own
 SD 2.x (stock Load Checkpoint), equivalence with the core's diffusers path, errors, memory management.
 
-One ComfyUI process runs everything (module fixture). SD 2.x is a tiny random-weight single file in the
+One ComfyUI process per host runs everything (module fixture). SD 2.x is a tiny random-weight single file in the
 real layout, loaded by ComfyUI's own CheckpointLoaderSimple (tests/comfy_tiny_sd2 teaches ComfyUI its
 sizes); it is named like the real file, so the workflows run as shipped but for the matting weights.
 """
@@ -87,7 +87,7 @@ def node_id(prompt, class_type):
 
 
 @pytest.fixture(scope="module")
-def comfy_run(tmp_path_factory):
+def comfy_run(tmp_path_factory, comfy_host):
     base = tmp_path_factory.mktemp("comfy")
     models = make_models(base / "models")
     work = base / "work"
@@ -117,7 +117,7 @@ def comfy_run(tmp_path_factory):
     pairs["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "iconmatting/pairs"}}
     prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs]
     result = run_comfy(
-        ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
+        ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900, host=comfy_host,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
         scripts=[{"path": str(EQUIVALENCE_SCRIPT), "args": {"ckpt": SD_FILE, "head": str(models / "iconmatting" / HEAD_FILE)}},
                  {"path": str(NO_MODELS_SCRIPT), "args": {"empty": str(base / "empty_models"),

@@ -21,14 +21,14 @@ WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, comfy_host):
     """The app open in Chromium, and every workflow prepared: (app, {file name: (workflow, problems)}, work)."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
     work = tmp_path_factory.mktemp("frontend")
     prepare_user(work)
-    with ComfyServer(work) as server, sync_playwright() as playwright:
+    with ComfyServer(work, host=comfy_host) as server, sync_playwright() as playwright:
         object_info = server.get("/object_info")
         # Models and input files are in place before the app loads its model lists.
         prepared = {path.name: prepare_workflow(json.loads(path.read_text()), object_info, work)

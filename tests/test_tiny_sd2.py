@@ -30,9 +30,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checks(tiny_checkpoint) -> dict:
+def checks(tiny_checkpoint, comfy_host) -> dict:
     report = run_comfy(ROOT, [], models_dir=tiny_checkpoint.parents[1], pack_name="comfyui-iconmatting",
-                       extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],
+                       extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
                        scripts=[{"path": CHECKS, "args": {"checkpoint": CHECKPOINT, "repo_root": str(ROOT)}}])
     assert report["extra_packs"][0]["import_failed"] is False, report["extra_packs"]
     (script,) = report["scripts"]

@@ -4,7 +4,6 @@ own SD 2.x objects (Load Checkpoint) against the core's diffusers path on the sa
 args: ``ckpt`` (file name in models/checkpoints), ``head`` (path of the head .safetensors).
 Returns max abs differences per quantity, and whether the user's MODEL was left untouched.
 """
-import copy
 import sys
 
 import torch
@@ -114,8 +113,8 @@ def run(ctx):
     import comfy.supported_models
 
     saved = model.model.model_config
-    fake = copy.copy(saved)
-    fake.__class__ = comfy.supported_models.SD15
+    fake = object.__new__(comfy.supported_models.SD15)  # not copy.copy: 0.28's BASE.__getattr__ answers None
+    fake.__dict__.update(saved.__dict__)                # for __setstate__ too
     model.model.model_config = fake
     try:
         host.IconMattingOnHost(model, clip, vae, ctx.args["head"], "fp32")
