@@ -19,12 +19,11 @@ the right ``models/`` folder and points the widget at it. :data:`TINY_MODELS` is
 that says, per (node type, widget), which folder and which tiny model; a model widget not listed
 there fails the test with a message saying to add it.
 
-``python tests/frontend_harness.py thumbnails`` renders each ``workflows/*.json`` in the real
-frontend and writes the template browser's thumbnail ``workflows/<name>.jpg`` beside it.
+``python tests/frontend_harness.py templates`` regenerates each ``workflows/<name>.json`` from its API
+twin (with ComfyUI 0.28.2's ``/object_info``) and its template card ``workflows/<name>.jpg``.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -278,12 +277,34 @@ def _input_folder(input_dir: Path, value: str) -> str:
     return value
 
 
+def _input_video(input_dir: Path, value: str) -> str:
+    """A 4-frame 64x48 clip at 8 fps (a square moving over noise)."""
+    import av
+
+    if not (input_dir / value).exists():
+        rng = np.random.default_rng(7)
+        input_dir.mkdir(parents=True, exist_ok=True)
+        with av.open(str(input_dir / value), "w") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for k in range(4):
+                frame = (rng.random((48, 64, 3)) * 120).astype(np.uint8)
+                frame[12:36, 8 + 6 * k: 32 + 6 * k] = (230, 200, 40)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    return value
+
+
 #: (node type, widget name) -> writes the input file(s) the widget names under ``input/`` (once)
 #: and returns the widget value (unchanged).
 TEST_INPUTS: Dict[Tuple[str, str], Callable[[Path, str], str]] = {
     ("LoadImage", "image"): _input_image,
     ("IconMattingLoadImageFolder", "folder"): _input_folder,
+    ("LoadVideo", "file"): _input_video,
 }
+#: Model files no tiny stand-in exists for: left missing, so the frontend's missing-model panel must
+#: offer their download (the workflows declare it). SAM 3.1 (core SAM3_Detect's weights).
+LEFT_MISSING = {"sam3.1_multiplex_fp16.safetensors"}
 
 
 def prepare_workflow(workflow: dict, object_info: dict, work: Path) -> Tuple[dict, List[str]]:
@@ -310,7 +331,7 @@ def prepare_workflow(workflow: dict, object_info: dict, work: Path) -> Tuple[dic
             key = (node["type"], name)
             if key in TEST_INPUTS:
                 node["widgets_values"][i] = TEST_INPUTS[key](work / "input", value)
-            elif names_a_model(value):
+            elif names_a_model(value) and value not in LEFT_MISSING:
                 if key not in TINY_MODELS:
                     problems.append(f"node {node['id']} ({node['type']}) widget {name!r} names the model "
                                     f"{value!r}: add {key!r} to TINY_MODELS in tests/frontend_harness.py")
@@ -517,24 +538,6 @@ class ComfyApp:
     def screenshot(self, path) -> None:
         self.page.screenshot(path=str(path))
 
-    def render_graph(self) -> bytes:
-        """PNG of the canvas alone (no app chrome) with the whole graph fitted in, details drawn."""
-        data_url = self.page.evaluate("""margin => {
-            const c = app.canvas, el = c.canvas, nodes = app.graph.nodes, T = LiteGraph.NODE_TITLE_HEIGHT;
-            const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - T));
-            const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-            const scale = Math.min((el.width - 2 * margin) / (x1 - x0), (el.height - 2 * margin) / (y1 - y0));
-            c.min_font_size_for_lod = 0;  // draw titles and widgets at any zoom
-            c.show_info = false;
-            c.ds.scale = scale;
-            c.ds.offset = [(el.width - scale * (x1 - x0)) / 2 / scale - x0, (el.height - scale * (y1 - y0)) / 2 / scale - y0];
-            c.deselectAll?.();
-            c.setDirty(true, true);
-            c.draw(true, true);
-            return el.toDataURL('image/png');
-        }""", 24)
-        return base64.b64decode(data_url.split(",", 1)[1])
-
 
 # --- reading the screen ---------------------------------------------------------------------------
 def overlaps(boxes: Dict[str, List[float]], tolerance: float = 1.0) -> List[Tuple[str, str, float]]:
@@ -562,39 +565,28 @@ def text_drawn(screenshot: np.ndarray, box: List[float], min_fraction: float = 0
     return far.mean() >= min_fraction
 
 
-# --- templates: thumbnails for ComfyUI's template browser ------------------------------------------
-THUMBNAIL_SIZE = 512
+# --- templates: UI files and cards for ComfyUI's template browser ---------------------------------
+#: The host whose /object_info the UI files are written from: the newest, which has every node the
+#: workflows use (SAM 3 and the video nodes); the browser test loads them in both hosts' frontends.
+TEMPLATE_HOST = "0.28.2"
 
 
 def write_templates(workflows_dir: Path = WORKFLOWS) -> List[Path]:
     """Regenerate each ``workflows/<name>.json`` from ``workflows/api/<name>.json`` (tools/api_to_ui.py,
-    with the test ComfyUI's object_info) and render its thumbnail ``workflows/<name>.jpg``."""
-    from io import BytesIO
-
-    from playwright.sync_api import sync_playwright
-
+    with the test ComfyUI's object_info) and its template card ``workflows/<name>.jpg``
+    (tools/template_cards.py)."""
     import api_to_ui
+    import template_cards
 
     written = []
-    with tempfile.TemporaryDirectory(prefix="iconmatting-templates-") as tmp, ComfyServer(Path(tmp)) as server:
-        prepare_user(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="iconmatting-templates-") as tmp, \
+            ComfyServer(Path(tmp), host=comfy_host(TEMPLATE_HOST)) as server:
         object_info = server.get("/object_info")
-        with sync_playwright() as playwright:
-            browser = launch_browser(playwright)
-            app = ComfyApp(browser, server, viewport={"width": 1400, "height": 1400})
-            app.open()
-            for api_path in sorted((workflows_dir / "api").glob("*.json")):
-                ui = api_to_ui.convert(json.loads(api_path.read_text()), object_info)
-                ui_path = workflows_dir / api_path.name
-                api_to_ui.write(ui, ui_path)
-                app.drop_workflow(ui, ui_path.name)
-                png = Image.open(BytesIO(app.render_graph())).convert("RGB")
-                thumb = png.resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.LANCZOS)
-                thumb_path = ui_path.with_suffix(".jpg")
-                thumb.save(thumb_path, "JPEG", quality=85, optimize=True)
-                written += [ui_path, thumb_path]
-            browser.close()
-    return written
+        for api_path in sorted((workflows_dir / "api").glob("*.json")):
+            ui_path = workflows_dir / api_path.name
+            api_to_ui.write(api_to_ui.convert(json.loads(api_path.read_text()), object_info), ui_path)
+            written.append(ui_path)
+    return written + template_cards.write_cards(workflows_dir)
 
 
 if __name__ == "__main__":
