@@ -459,6 +459,18 @@ class ComfyApp:
             return [el.dataset.nodeId, {box: [r.left, r.top, r.right, r.bottom], cut}];
         }))""")
 
+    def missing_models_panel(self, timeout_ms: int = 10000) -> str:
+        """Open the frontend's missing-models panel from its error toast ("Show missing models" in 1.45,
+        "View details" in 1.58) and return the page's text with it open ("" when no toast offers it)."""
+        button = self.page.get_by_role("button", name=re.compile(r"^(Show missing models|View details)$"))
+        try:
+            button.first.wait_for(timeout=timeout_ms)
+        except Exception:
+            return ""
+        button.first.click()
+        self.page.get_by_text(re.compile("Missing Models", re.I)).first.wait_for(timeout=timeout_ms)
+        return self.page.inner_text("body")
+
     def dialogs(self) -> List[str]:
         """Texts of the dialogs on screen (missing nodes, missing models, errors, ...)."""
         return self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]
@@ -532,8 +544,16 @@ class ComfyApp:
         return cards
 
     def close_dialogs(self) -> None:
+        """Close what dialogs show (Escape, then their close buttons), as a user does."""
         self.page.keyboard.press("Escape")
         self.page.wait_for_timeout(200)
+        for _ in range(3):
+            if not self.dialogs():
+                return
+            self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]
+                .flatMap(d => [...d.querySelectorAll('.p-dialog-close-button, button[aria-label=Close], button[aria-label=close]')])
+                .forEach(b => b.click())""")
+            self.page.wait_for_timeout(300)
 
     def screenshot(self, path) -> None:
         self.page.screenshot(path=str(path))
