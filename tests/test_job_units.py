@@ -242,3 +242,55 @@ def test_target_errors_word_for_word(tmp_path):
         with pytest.raises(TargetError) as err:
             list_targets(specs, out)
         assert str(err.value) == message
+
+
+def test_progress_with_a_controlled_clock(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(outputs.time, "monotonic", lambda: clock[0])
+    stream = io.StringIO()
+    bar = outputs.Progress(10, "matte", stream=stream)  # default: img, every 5 s
+    clock[0] = 102.0
+    bar.update()  # 2 s after the start: nothing yet
+    bar.update(3)
+    assert stream.getvalue() == ""
+    clock[0] = 105.0
+    bar.update()  # 5 s: a line; 5 done in 5 s
+    assert stream.getvalue() == "matte: 5/10 (50%), 1.00 img/s, ETA 5s\n"
+    clock[0] = 109.0
+    bar.update(3)  # 4 s after the last line: nothing
+    clock[0] = 110.0
+    bar.update()
+    assert stream.getvalue().splitlines()[-1] == "matte: 9/10 (90%), 0.90 img/s, ETA 1s"
+    clock[0] = 110.5
+    bar.update()
+    bar.close()
+    assert stream.getvalue().splitlines()[-1] == "matte: 10/10 (100%), 0.95 img/s, ETA 0s"
+    assert len(stream.getvalue().splitlines()) == 3
+    first = outputs.Progress(4, "x", stream=io.StringIO())
+    assert first.line() == "x: 0/4 (0%), 0.00 img/s, ETA nans"  # no time has passed
+
+
+def test_more_output_details(tmp_path):
+    from iconmatting_core.job.targets import Target
+
+    assert outputs.is_out_of_memory("RuntimeError: CUDA error: out of memory")
+    assert outputs.stop_reason(RuntimeError("CUDA error: out of memory")) == (
+        "out of GPU memory; close other GPU programs, or use --dtype fp16, a smaller --chunk-size, or --device cpu, "
+        "and re-run the same command to resume")
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    assert outputs.stop_reason(OutOfMemoryError("allocating 2 GiB")) == outputs.OUT_OF_MEMORY
+    f = outputs.Failures(tmp_path)
+    f.add(Target(Path("/d/x.png"), "x"), "E: x")
+    assert f.items == [("/d/x.png", "E: x")]
+    outputs.write_file(tmp_path / "a" / "b" / "c.png", b"1")  # parents made
+    assert (tmp_path / "a" / "b" / "c.png").read_bytes() == b"1"
+    outputs.check_writable(tmp_path / "a")  # an existing folder is fine, and left as it was
+    assert sorted(os.listdir(tmp_path / "a")) == ["b"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(outputs.OutputError) as err:
+        outputs.check_writable(tmp_path / "file" / "sub", "the folder of encode --out")
+    assert str(err.value) == (f"the folder of encode --out {tmp_path / 'file' / 'sub'} cannot be written (Not a directory); "
+                              "pick a writable folder")
