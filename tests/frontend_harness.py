@@ -470,7 +470,10 @@ class ComfyApp:
             return ""
         button.first.click()
         self.page.get_by_text(re.compile("Missing Models", re.I)).first.wait_for(timeout=timeout_ms)
-        return self.page.inner_text("body")
+        text = self.page.inner_text("body")
+        self.page.get_by_role("button", name="Toggle properties panel").click()  # closed again
+        self.page.wait_for_timeout(300)
+        return text
 
     def dialogs(self) -> List[str]:
         """Texts of the dialogs on screen (missing nodes, missing models, errors, ...)."""

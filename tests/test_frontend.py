@@ -48,39 +48,47 @@ def _ids(workflow: dict):
     return [int(n["id"]) for n in workflow["nodes"]]
 
 
-def _start_app(config, tmp_path_factory):
-    """The app open in Chromium, and every workflow prepared: (app, {file name: (workflow, problems)}, work)."""
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for every app of this module (Playwright's sync API allows one instance at a time)."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as playwright:
+        chromium = launch_browser(playwright)
+        yield chromium
+        chromium.close()
+
+
+def _start_app(config, browser, tmp_path_factory):
+    """The app open in Chromium, and every workflow prepared: (app, {file name: (workflow, problems)}, work)."""
     version, frontend = config
     host = comfy_host(version)
     work = tmp_path_factory.mktemp("frontend")
     prepare_user(work)
-    with ComfyServer(work, host=host, frontend=frontend) as server, sync_playwright() as playwright:
+    with ComfyServer(work, host=host, frontend=frontend) as server:
         object_info = server.get("/object_info")
         # Models and input files are in place before the app loads its model lists.
         prepared = {path.name: prepare_workflow(json.loads(path.read_text()), object_info, work)
                     for path in WORKFLOW_FILES}
-        browser = launch_browser(playwright)
         comfy = ComfyApp(browser, server, viewport={"width": VIEW_WIDTH, "height": VIEW_HEIGHT})
         comfy.open()
         comfy.startup_errors = comfy.unexpected_errors()
         comfy.has_sam3 = "SAM3_Detect" in object_info
         yield comfy, prepared, work
-        browser.close()
+        comfy.context.close()
 
 
 @pytest.fixture(scope="module", params=PINNED, ids=[_config_id(c) for c in PINNED])
-def app(request, tmp_path_factory):
+def app(request, browser, tmp_path_factory):
     """Each host with the frontend it pins: workflows run, cards, readable templates."""
-    yield from _start_app(request.param, tmp_path_factory)
+    yield from _start_app(request.param, browser, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=NEWEST, ids=[_config_id(c) for c in NEWEST])
-def newest_app(request, tmp_path_factory):
+def newest_app(request, browser, tmp_path_factory):
     """The newest frontend on PyPI (layout only: templates readable, Vue nodes)."""
-    yield from _start_app(request.param, tmp_path_factory)
+    yield from _start_app(request.param, browser, tmp_path_factory)
 
 
 def test_there_are_workflows():
@@ -126,7 +134,6 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
         text = comfy.missing_models_panel()
         comfy.screenshot(work / f"{Path(name).stem}-missing-models.png")
         assert "checkpoints" in text and "Download" in text and all(m[:12] in text for m in missing), text[-1500:]
-        comfy.open()  # a fresh page for the next workflow (the panel narrows the canvas)
     # Readable as opened: litegraph draws details (not blank boxes), and every node is on screen,
     # clear of the side bar and the top bars (tools/api_to_ui.py's extra.ds).
     assert not view["low_quality"], f"{name} opens at zoom {view['scale']:.2f}: nodes render as blank boxes"
