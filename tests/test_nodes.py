@@ -184,6 +184,12 @@ def test_folder_loader_refuses_bad_folders_at_validation(pack, input_dir, value,
     assert isinstance(message, str) and expected in message
 
 
+def test_folder_loader_accepts_a_folder_of_images_at_validation(pack, input_dir):
+    (input_dir / "photos" / "sub").mkdir(parents=True)
+    save_png(input_dir / "photos" / "sub" / "a.png", pixels(6, 2, 2))
+    assert pack.target_nodes.IconMattingLoadImageFolder.validate_inputs(" photos/sub ") is True
+
+
 def test_folder_loader_validation_without_the_key_is_a_message_not_a_crash(pack, input_dir):
     assert "No image folder given" in pack.target_nodes.IconMattingLoadImageFolder.validate_inputs()
 
@@ -301,7 +307,12 @@ def test_match_refuses_an_unknown_resize_mode(pack, host_model):
 def test_decode_cleans_edge_colours_only_when_asked(pack, host_model, matched):
     target, match, _ = matched
     node = pack.output_nodes.IconMattingDecodeAlpha
-    alphas, raw = node.execute(host_model, match, False).result
+    asked = []
+    decoding_only = types.SimpleNamespace(  # decoding needs only the head placed, not the SD models
+        model=host_model.model, extractor=host_model.extractor,
+        pipeline=lambda features=True: asked.append(features) or host_model.pipeline())
+    alphas, raw = node.execute(decoding_only, match, False).result
+    assert asked == [False]
     _, cleaned = node.execute(host_model, match, True).result
     alpha = alphas[0][0]
     assert alphas[0].shape == (1, 48, 64) and raw[0].shape == cleaned[0].shape == (1, 48, 64, 4)

@@ -65,6 +65,8 @@ def test_composite_output_has_the_cut_out_size_and_the_background_covers_it():
 def test_backgrounds_pair_one_for_all_or_one_each():
     assert pair_backgrounds(3, 1) == [0, 0, 0]
     assert pair_backgrounds(3, 3) == [0, 1, 2]
+    assert pair_backgrounds(2, 2) == [0, 1]
+    assert pair_backgrounds(1, 1) == [0]
     with pytest.raises(ValueError, match="Got 2 backgrounds for 3 cut-outs"):
         pair_backgrounds(3, 2)
 
