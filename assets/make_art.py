@@ -1,5 +1,5 @@
-"""Regenerate with: python assets/make_art.py. Icon (400x400) and banner (21:9) for the Comfy Registry: a drawn scene -> its matte -> the cut-out on
-a transparency checkerboard, the reference mark as a dashed outline."""
+"""Regenerate with: python assets/make_art.py. Icon (400x400) and banner (21:9) for the Comfy Registry:
+a drawn scene -> its matte -> the cut-out on a transparency checkerboard, the reference mark as a dashed outline."""
 import math
 from pathlib import Path
 import numpy as np

@@ -179,7 +179,9 @@ def _read_header(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise ContextFileError(f"cannot read context file {path}: {type(exc).__name__}: {exc}. Is it a context file written by `encode`?") from exc
+        raise ContextFileError(
+            f"cannot read context file {path}: {type(exc).__name__}: {exc}. Is it a context file written by `encode`?"
+        ) from exc
     if METADATA_KEY not in meta:
         raise ContextFileError(f"{path} is not an IconMatting context file (no {METADATA_KEY!r} metadata); make one with `encode`.")
     text = meta[METADATA_KEY]

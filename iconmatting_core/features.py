@@ -257,6 +257,36 @@ class _RecordingAttnProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+def _no_owner() -> None:
+    return None
+
+
+class _CaptureHook:
+    """Forward hook on up block ``index``: keeps blocks 0 and 1's outputs and stops the UNet after
+    the last block needed, only while its extractor runs. It holds its extractor weakly (the UNet
+    must not keep its borrower alive) and pickles it strongly (a pipeline sent to another process,
+    e.g. a Ray worker, keeps working)."""
+
+    def __init__(self, extractor: "SDFeatureExtractor", index: int):
+        self.owner, self.index = weakref.ref(extractor), index
+
+    def __getstate__(self):
+        return {"extractor": self.owner(), "index": self.index}
+
+    def __setstate__(self, state):
+        extractor = state["extractor"]
+        self.owner, self.index = (_no_owner if extractor is None else weakref.ref(extractor)), state["index"]
+
+    def __call__(self, _module, _inputs, output):
+        ext = self.owner()
+        if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
+            return
+        if self.index < 2:
+            ext._captured[self.index] = output
+        if self.index >= ext._stop_after:
+            raise StopUNet()
+
+
 _BORROWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """UNet -> its open SDFeatureExtractors and the flags its caller had set (restored by the last close)."""
 
@@ -345,18 +375,8 @@ class SDFeatureExtractor(FeatureExtractor):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _make_hook(self, index: int):
-        owner = weakref.ref(self)  # the UNet must not keep its borrower alive
-
-        def hook(_module, _inputs, output):
-            ext = owner()
-            if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
-                return
-            if index < 2:
-                ext._captured[index] = output
-            if index >= ext._stop_after:
-                raise StopUNet()
-        return hook
+    def _make_hook(self, index: int) -> "_CaptureHook":
+        return _CaptureHook(self, index)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -60,11 +60,13 @@ class IconMattingLoad(io.ComfyNode):
             description="IconMatting on the SD 2.1 model of a Load Checkpoint node (v2-1_768-ema-pruned.safetensors): "
             "ComfyUI loads, offloads and optimises it as any model.",
             inputs=[
-                io.Model.Input("model", tooltip="MODEL output of Load Checkpoint with Stable Diffusion 2.1 (768-v): the frozen feature extractor."),
+                io.Model.Input("model", tooltip="MODEL output of Load Checkpoint with Stable Diffusion 2.1 (768-v): "
+                               "the frozen feature extractor."),
                 io.Clip.Input("clip", tooltip="CLIP output of the same Load Checkpoint: gives SD 2.1's empty-prompt conditioning."),
                 io.Vae.Input("vae", tooltip="VAE output of the same Load Checkpoint."),
                 io.Combo.Input("matting_model", options=weights, default=weights[0],
-                               tooltip="IconMatting weights in ComfyUI/models/iconmatting: icm.ckpt as released, or a .safetensors conversion."),
+                               tooltip="IconMatting weights in ComfyUI/models/iconmatting: icm.ckpt as released, "
+                               "or a .safetensors conversion."),
                 advanced(io.Combo.Input("dtype", options=DTYPES, default="auto",
                                         tooltip="Precision of the matting head. auto: fp32 on the CPU; on a GPU the half precision "
                                         "ComfyUI picks for it (fp16 or bf16). The SD model keeps the precision ComfyUI loaded it in.")),

@@ -70,7 +70,8 @@ def _rewrite(tmp_path, name, edit=None, tokens=None, raw=None):
 
 
 @pytest.mark.parametrize("name, edit, tokens, raw, message", [
-    ("newer", lambda h: h.update(format_version=3), None, None, "has context format version 3; this version of iconmatting_core reads up to 2"),
+    ("newer", lambda h: h.update(format_version=3), None, None,
+     "has context format version 3; this version of iconmatting_core reads up to 2"),
     ("zero", lambda h: h.update(format_version=0), None, None, "format_version is 0, not a format number"),
     ("boolv", lambda h: h.update(format_version=True), None, None, "format_version is True, not a format number"),
     ("noversion", lambda h: h.pop("format_version"), None, None, "format_version is None, not a format number"),

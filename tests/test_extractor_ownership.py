@@ -89,3 +89,20 @@ def test_an_unclosed_extractor_does_not_keep_the_unet_alive(tiny_dir):
     del ext, sd
     gc.collect()
     assert alive() is None and alive not in list(features._BORROWED.keys())
+
+
+@torch.no_grad()
+def test_an_extractor_sent_to_another_process_still_records_its_features(tiny_dir):
+    """A pipeline pickled for a worker (Ray sends the test's pipelines this way) keeps its hooks."""
+    import pickle
+
+    sd = load_sd_components(tiny_dir / "sd")
+    cfg = tiny_config()
+    ext = SDFeatureExtractor(sd.unet, sd.vae, sd.empty_prompt_embedding, cfg)
+    images = torch.rand(1, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    here = ext(images, seed=3)
+    there = pickle.loads(pickle.dumps(ext))(images, seed=3)
+    for a, b in zip(here.up_features, there.up_features):
+        assert torch.equal(a, b)
+    for r in cfg.attention_resolutions:
+        assert torch.equal(here.attention[r], there.attention[r])

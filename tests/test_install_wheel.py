@@ -66,8 +66,11 @@ def test_the_wheel_holds_the_library_and_declares_the_command_and_extras(install
 
     _, wheel = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names} == {"iconmatting_core", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert {n.split("/")[0] for n in names} == {"iconmatting_core", dist_info}
     assert "iconmatting_core/sd_configs/unet_config.json" in names  # package data
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "iconmatting_core").rglob("*.py")}
+    assert sources - set(names) == set()  # every module, subpackages (job/, eval/, training/) included
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "iconmatting = iconmatting_core.__main__:main" in entry

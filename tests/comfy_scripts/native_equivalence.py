@@ -110,7 +110,8 @@ def run(ctx):
     finally:
         mm.get_free_memory = saved_free
         del ext.unet_up_features
-    out["groups"] = {"passes": group_passes, "copies": images.shape[0] * ext.config.ensemble_size, "up1": _diff(f_group.up_features[1], f_native.up_features[1]),
+    out["groups"] = {"passes": group_passes, "copies": images.shape[0] * ext.config.ensemble_size,
+                     "up1": _diff(f_group.up_features[1], f_native.up_features[1]),
                      "attention": max(_diff(f_group.attention[r], f_native.attention[r]) for r in f_native.attention),
                      "alpha": max(_diff(a, b) for a, b in zip(group_alpha, results["native"][2]))}
 
