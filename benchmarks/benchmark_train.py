@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import PeakMemory  # noqa: E402
 
 from iconmatting_core.config import IconMattingConfig, load_sd_config  # noqa: E402
-from iconmatting_core.features import SDFeatureExtractor  # noqa: E402
+from iconmatting_core.sd_features import SDFeatureExtractor  # noqa: E402
 from iconmatting_core.matting_head import IconMattingHead  # noqa: E402
 from iconmatting_core.pipeline import resolve_device  # noqa: E402
 from iconmatting_core.training.data import load_train_data  # noqa: E402

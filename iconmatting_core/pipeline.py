@@ -23,7 +23,8 @@ from . import preprocess as pre
 from .checkpoint import CheckpointError, load_head
 from .config import OVERFLOW_ADVICE, IconMattingConfig
 from .context import ReferenceContext, build_context
-from .features import REFERENCE_NOISE, SDFeatureExtractor
+from .features import REFERENCE_NOISE
+from .sd_features import SDFeatureExtractor
 from .matching import MatchResult, match_features
 from .matting_head import IconMattingHead
 from .postprocess import rgba_cutout

@@ -1,7 +1,7 @@
 """SDFeatureExtractor borrows the caller's UNet and VAE and gives them back as it found them."""
 import torch
 
-from iconmatting_core.features import SDFeatureExtractor
+from iconmatting_core.sd_features import SDFeatureExtractor
 from iconmatting_core.sd_loading import load_sd_components
 from iconmatting_core.testing import tiny_config
 
@@ -81,14 +81,14 @@ def test_an_unclosed_extractor_does_not_keep_the_unet_alive(tiny_dir):
     import gc
     import weakref
 
-    from iconmatting_core import features
+    from iconmatting_core import sd_features
 
     sd = load_sd_components(tiny_dir / "sd")
     ext = SDFeatureExtractor(sd.unet, sd.vae, sd.empty_prompt_embedding, tiny_config())
     alive = weakref.ref(sd.unet)
     del ext, sd
     gc.collect()
-    assert alive() is None and alive not in list(features._BORROWED.keys())
+    assert alive() is None and alive not in list(sd_features._BORROWED.keys())
 
 
 @torch.no_grad()

@@ -276,7 +276,7 @@ def test_empty_prompt_matches_transformers_clip_when_available():
 def test_model_rejects_mismatched_parts(tiny_dir):
     sd = load_sd_components(tiny_dir / "sd")
     with pytest.raises(ValueError, match="different IconMattingConfig"):
-        from iconmatting_core.features import SDFeatureExtractor
+        from iconmatting_core.sd_features import SDFeatureExtractor
         from iconmatting_core.pipeline import IconMattingModel
 
         IconMattingModel(SDFeatureExtractor(sd.unet, sd.vae, sd.empty_prompt_embedding, tiny_config(timestep=100)), tiny_head())

@@ -115,7 +115,7 @@ def _train(args, data, val, config) -> int:
 
     from ..checkpoint import CheckpointError, load_head
     from ..eval import DatasetError
-    from ..features import SDFeatureExtractor
+    from ..sd_features import SDFeatureExtractor
     from ..matting_head import IconMattingHead
     from ..sd_loading import load_sd_components
     from .state import ResumeError

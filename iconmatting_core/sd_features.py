@@ -1,0 +1,210 @@
+"""Stage 2 on diffusers modules: :class:`SDFeatureExtractor`, the :class:`~.features.FeatureExtractor`
+over a diffusers SD 2.1 UNet and VAE (library, command line, training).
+
+It borrows the caller's modules and gives them back as it found them: its attention-processor
+wrappers and forward hooks do nothing while another extractor (or the caller) runs the UNet,
+``close()`` unwraps and unhooks, and the last extractor to close restores the caller's
+``requires_grad`` and train/eval flags.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from .config import IconMattingConfig
+from .features import FeatureExtractor, SelfAttentionRecorder, StopUNet
+
+
+class _RecordingAttnProcessor:
+    """Wraps a diffusers attention processor: self-attention at a recorded resolution is computed
+    by the recorder (once, probabilities recorded); everything else runs the original processor."""
+
+    def __init__(self, inner, recorder: SelfAttentionRecorder):
+        self.inner = inner
+        self.recorder = recorder
+
+    @staticmethod
+    def _plain(attn) -> bool:
+        """True for SD's transformer self-attention (no norms, residual or rescaling inside)."""
+        return (
+            getattr(attn, "group_norm", None) is None
+            and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "norm_q", None) is None
+            and not getattr(attn, "residual_connection", False)
+            and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+        )
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and hidden_states.ndim == 3
+            and self.recorder.records(hidden_states.shape[1])
+            and self._plain(attn)
+        ):
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            out = self.recorder.attend(q, k, v, attn.heads, attn.scale)
+            return attn.to_out[1](attn.to_out[0](out))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def _no_owner() -> None:
+    return None
+
+
+class _CaptureHook:
+    """Forward hook on up block ``index``: keeps blocks 0 and 1's outputs and stops the UNet after
+    the last block needed, only while its extractor runs. It holds its extractor weakly (the UNet
+    must not keep its borrower alive) and pickles it strongly (a pipeline sent to another process,
+    e.g. a Ray worker, keeps working)."""
+
+    def __init__(self, extractor: "SDFeatureExtractor", index: int):
+        self.owner, self.index = weakref.ref(extractor), index
+
+    def __getstate__(self):
+        return {"extractor": self.owner(), "index": self.index}
+
+    def __setstate__(self, state):
+        extractor = state["extractor"]
+        self.owner, self.index = (_no_owner if extractor is None else weakref.ref(extractor)), state["index"]
+
+    def __call__(self, _module, _inputs, output):
+        ext = self.owner()
+        if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
+            return
+        if self.index < 2:
+            ext._captured[self.index] = output
+        if self.index >= ext._stop_after:
+            raise StopUNet()
+
+
+_BORROWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""UNet -> its open SDFeatureExtractors and the flags its caller had set (restored by the last close)."""
+
+
+def _module_flags(unet: nn.Module, vae: nn.Module):
+    """requires_grad of every parameter and train/eval of every submodule; the UNet itself only by
+    value (a weak dictionary's value must not hold its key)."""
+    return (
+        unet.training,
+        [(p, p.requires_grad) for m in (unet, vae) for p in m.parameters()],
+        [(m, m.training) for m in (*list(unet.modules())[1:], *vae.modules())],
+    )
+
+
+def _restore_flags(unet: nn.Module, flags) -> None:
+    unet_training, params, modes = flags
+    unet.training = unet_training
+    for p, flag in params:
+        p.requires_grad_(flag)
+    for m, training in modes:
+        m.training = training
+
+
+class SDFeatureExtractor(FeatureExtractor):
+    """Frozen diffusers SD UNet + VAE encoder + the empty-prompt embedding buffer.
+
+    It borrows the caller's modules and gives them back as it found them on :meth:`close` (or at
+    the end of a ``with`` block): it wraps the UNet's self-attention processors and adds forward
+    hooks to up blocks 0-2, and freezes both modules (``requires_grad`` off, eval mode); close
+    unwraps exactly its own processors and removes its hooks, and the last extractor over a UNet
+    to close restores the flags the caller had set. The VAE is used
+    as given (``load_model`` drops the decoder of the VAE it loads itself). The wrappers and hooks
+    act only while this extractor runs, so several extractors may share one UNet.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
+        super().__init__(config, empty_prompt_embedding, vae.config.scaling_factor)
+        self.unet = unet
+        self.vae = vae
+        users = _BORROWED.setdefault(unet, {"extractors": weakref.WeakSet(), "flags": None})
+        if not users["extractors"]:  # the first borrower keeps the flags as the caller had them
+            users["flags"] = _module_flags(unet, vae)
+        users["extractors"].add(self)
+        self.requires_grad_(False)
+        self.eval()
+        self._wrapped = []  # (attention module, our processor)
+        for name, module in self.unet.named_modules():
+            if name.endswith("attn1") and hasattr(module, "processor"):
+                wrapper = _RecordingAttnProcessor(module.processor, self.recorder)
+                module.set_processor(wrapper)
+                self._wrapped.append((module, wrapper))
+        self._captured: Dict[int, torch.Tensor] = {}
+        self._stop_after = 2
+        self._running = False
+        self._hooks = [block.register_forward_hook(self._make_hook(i)) for i, block in enumerate(self.unet.up_blocks[:3])]
+        self.closed = False
+
+    def close(self) -> None:
+        """Give the UNet and VAE back as they were: own processors unwrapped (wherever another
+        extractor's wrapper now sits around them), hooks removed, requires_grad/train flags restored."""
+        if self.closed:
+            return
+        for module, wrapper in self._wrapped:
+            if module.processor is wrapper:
+                module.set_processor(wrapper.inner)
+                continue
+            outer = module.processor
+            while isinstance(outer, _RecordingAttnProcessor) and outer.inner is not wrapper:
+                outer = outer.inner
+            if isinstance(outer, _RecordingAttnProcessor):
+                outer.inner = wrapper.inner
+        for handle in self._hooks:
+            handle.remove()
+        users = _BORROWED.get(self.unet)
+        if users is not None and self in users["extractors"]:
+            users["extractors"].discard(self)
+            if not users["extractors"]:  # the last borrower gives the flags back
+                _restore_flags(self.unet, users.pop("flags"))
+                del _BORROWED[self.unet]
+        self._wrapped, self._hooks = [], []
+        self.closed = True
+
+    def __enter__(self) -> "SDFeatureExtractor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _make_hook(self, index: int) -> "_CaptureHook":
+        return _CaptureHook(self, index)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def posterior(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def unet_up_features(self, latents, cond, with_attention):
+        t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
+        if self.closed:
+            raise RuntimeError("this SDFeatureExtractor is closed: build a new one over the UNet")
+        self._captured = {}
+        self._stop_after = 2 if with_attention else 1
+        self._running = True
+        try:
+            try:
+                self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype))
+            except StopUNet:
+                pass
+            if 1 not in self._captured:
+                raise RuntimeError("UNet did not run its up blocks 0 and 1")
+            return self._captured[0], self._captured[1]
+        finally:
+            self._running = False
+            self._captured = {}
+
+    def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
+        return {
+            "unet.conv_in.weight": self.unet.conv_in.weight,
+            "vae.encoder.conv_in.weight": self.vae.encoder.conv_in.weight,
+        }
