@@ -271,9 +271,10 @@ def _without_native_log_lines():
     sys.stderr.flush()
     os.dup2(write_end, 2)
     os.close(write_end)
+    out = os.dup(saved)  # the pump's own copy of the real stderr, taken before the body can end
 
     def pump():
-        with os.fdopen(read_end, "rb") as src, os.fdopen(os.dup(saved), "wb", buffering=0) as dst:
+        with os.fdopen(read_end, "rb") as src, os.fdopen(out, "wb", buffering=0) as dst:
             for line in src:
                 if not _NATIVE_LOG_LINE.match(line):
                     dst.write(line)

@@ -352,7 +352,8 @@ def _prepare_source_host(version: str) -> ComfyHost:
 
         def build(staging: Path) -> None:
             with tarfile.open(tarball) as tf:
-                tf.extractall(staging, filter="data")
+                # the "data" filter (no links out, no devices) where this Python has it (3.11.4+, 3.12)
+                tf.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
             if not (staging / "ComfyUI" / "main.py").is_file():
                 raise RuntimeError(f"{tarball} holds no ComfyUI/main.py")
             _write_stubs(staging / "stubs", _STUBS[version])

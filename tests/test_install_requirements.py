@@ -67,7 +67,8 @@ def _host_env(version: str) -> Path:
     install = ["install", "--quiet", "--no-deps", "--only-binary", ":all:", "-r", pins]
     uv = Path(sys.executable).with_name("uv")  # requirements-dev.txt: ten times faster than pip here
     if uv.is_file():
-        _run([uv, "pip", *install, "--python", python], f"install ComfyUI {version}'s pinned packages ({pins.name})")
+        # --system-certs: the platform certificate store, as pip uses (a proxy's own CA included)
+        _run([uv, "pip", *install, "--system-certs", "--python", python], f"install ComfyUI {version}'s pinned packages ({pins.name})")
     else:
         _run([python, "-m", "pip", *install, "--disable-pip-version-check"],
              f"install ComfyUI {version}'s pinned packages ({pins.name})")
