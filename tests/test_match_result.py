@@ -1,0 +1,86 @@
+"""MatchResult bookkeeping and the padded-cell map, on plain tensors (no model, fast).
+
+Expected values are literals or slices written here, never taken from the code under test.
+"""
+import pytest
+import torch
+
+from iconmatting_core.matching import TOKEN_CHUNK, MatchResult, _padded_cells
+from iconmatting_core.preprocess import Placement
+
+
+def result(n, start=0, mode="pad"):
+    """n targets whose tensors/sources/placements all carry their index (start, start+1, ...)."""
+    idx = torch.arange(start, start + n, dtype=torch.float32)
+    return MatchResult(
+        fused=idx[:, None, None, None].expand(n, 2, 3, 3).clone(),
+        similarity=(idx + 100)[:, None, None, None].expand(n, 1, 3, 3).clone(),
+        sources=[f"src{i}" for i in range(start, start + n)],
+        placements=[Placement(64, 64, 10 + i, 20 + i) for i in range(start, start + n)],
+        **({} if mode is None else {"resize_mode": mode}),
+    )
+
+
+def test_default_resize_mode_is_pad_and_len_counts_targets():
+    r = result(3, mode=None)
+    assert r.resize_mode == "pad"
+    assert len(r) == 3
+    assert TOKEN_CHUNK == 4096
+
+
+@pytest.mark.parametrize("mode", ["pad", "stretch"])
+def test_concat_keeps_order_and_mode(mode):
+    joined = MatchResult.concat([result(2, 0, mode), result(1, 2, mode), result(2, 3, mode)])
+    assert len(joined) == 5
+    assert joined.resize_mode == mode
+    assert joined.fused[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert joined.similarity[:, 0, 0, 0].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0]
+    assert joined.sources == ["src0", "src1", "src2", "src3", "src4"]
+    assert joined.placements == [Placement(64, 64, 10 + i, 20 + i) for i in range(5)]
+    assert MatchResult.concat([result(1, 7, mode)]).sources == ["src7"]
+
+
+def test_concat_refuses_mixed_modes_and_nothing_exactly():
+    with pytest.raises(ValueError, match=r"^cannot concatenate match results made with different resize modes$"):
+        MatchResult.concat([result(1), result(1, 1, "stretch")])
+    with pytest.raises(ValueError, match=r"^no match results to concatenate$"):
+        MatchResult.concat([])
+
+
+def test_slice_cuts_every_field_alike():
+    part = result(5, mode="stretch").slice(1, 4)
+    assert len(part) == 3
+    assert part.resize_mode == "stretch"
+    assert part.fused[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0]
+    assert part.similarity[:, 0, 0, 0].tolist() == [101.0, 102.0, 103.0]
+    assert part.sources == ["src1", "src2", "src3"]
+    assert part.placements == [Placement(64, 64, 11, 21), Placement(64, 64, 12, 22), Placement(64, 64, 13, 23)]
+
+
+def test_to_casts_fused_only_and_keeps_the_rest():
+    r = result(2, mode="stretch")
+    moved = r.to("cpu", torch.float64)
+    assert moved.fused.dtype == torch.float64 and moved.similarity.dtype == torch.float32
+    assert moved.fused[:, 0, 0, 0].tolist() == [0.0, 1.0]
+    assert moved.similarity[:, 0, 0, 0].tolist() == [100.0, 101.0]
+    assert moved.sources == ["src0", "src1"] and moved.resize_mode == "stretch"
+    assert moved.placements == r.placements
+    assert r.to("cpu").fused.dtype == torch.float32
+
+
+def test_padded_cells_none_when_all_image_else_the_complement():
+    assert _padded_cells(None, 4) is None
+    assert _padded_cells(torch.ones(2, 4, 4, dtype=torch.bool), 4) is None
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, :, 3] = False  # last column padding
+    want = torch.zeros(1, 4, 4, dtype=torch.bool)
+    want[0, :, 3] = True
+    assert torch.equal(_padded_cells(valid, 4), want)
+
+
+def test_padded_cells_on_a_coarser_grid_count_a_cell_with_any_image_child():
+    valid = torch.zeros(1, 4, 4, dtype=torch.bool)
+    valid[0, :3, :1] = True  # image in rows 0-2 of column 0
+    # 2x2 grid: cell (r, c) covers rows 2r..2r+1, cols 2c..2c+1; image in (0,0) and (1,0)
+    want = torch.tensor([[[False, True], [False, True]]])
+    assert torch.equal(_padded_cells(valid, 2), want)
