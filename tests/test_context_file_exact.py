@@ -200,3 +200,27 @@ def test_other_weights_message_word_for_word(tmp_path):
     with pytest.raises(ContextFileError) as err:
         load_context(q, expected_fingerprint="OTHER")
     assert f"(fingerprint {label('FP')}) than the ones loaded now" in str(err.value)
+
+
+def test_dataclasses_in_extra_metadata_are_stored_by_their_to_dict(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Note:
+        text: str
+
+        def to_dict(self):
+            return {"note": self.text.upper()}
+
+    p = save_context(tmp_path / "n.safetensors", _context(), "FP", {"n": Note("hi"), "plain": [tiny_config().image_size]})
+    assert read_context_metadata(p)["extra"] == {"n": {"note": "HI"}, "plain": [128]}
+
+
+def test_same_weights_absolute_tolerance_is_1e6_near_zero():
+    from iconmatting_core.context_file import same_weights
+
+    def fp(values):
+        return "sig1:abc:" + np.array(values, np.float16).tobytes().hex()
+
+    assert same_weights(fp([0.0, 1.0]), fp([0.9e-6, 1.0]))
+    assert not same_weights(fp([0.0, 1.0]), fp([1.6e-6, 1.0]))  # float16 holds 1.6e-6 as ~1.61e-6

@@ -84,3 +84,8 @@ def test_padded_cells_on_a_coarser_grid_count_a_cell_with_any_image_child():
     # 2x2 grid: cell (r, c) covers rows 2r..2r+1, cols 2c..2c+1; image in (0,0) and (1,0)
     want = torch.tensor([[[False, True], [False, True]]])
     assert torch.equal(_padded_cells(valid, 2), want)
+
+
+def test_concat_can_be_called_on_an_instance_too():
+    r = result(1, 4)
+    assert r.concat([r, result(1, 5)]).sources == ["src4", "src5"]
