@@ -89,3 +89,23 @@ def test_padded_cells_on_a_coarser_grid_count_a_cell_with_any_image_child():
 def test_concat_can_be_called_on_an_instance_too():
     r = result(1, 4)
     assert r.concat([r, result(1, 5)]).sources == ["src4", "src5"]
+
+
+@torch.no_grad()
+def test_guidance_weights_of_padded_keys_are_zero_even_for_a_nonzero_similarity():
+    """intra_image_propagation on its own: a similarity that is not 0 on padding still gives padded key cells
+    weight 0 (through match_features the similarity is already 0 there)."""
+    from iconmatting_core import preprocess as pre
+    from iconmatting_core.matching import intra_image_propagation
+    from iconmatting_core.testing import tiny_config, tiny_head
+
+    head = tiny_head(tiny_config(), seed=3)
+    g = torch.Generator().manual_seed(4)
+    placements = [pre.placement_for(40, 128, 128, "pad"), pre.placement_for(128, 70, 128, "pad")]
+    valid = pre.valid_cells(placements, 128, 8)
+    attention = {r: torch.rand(2, r * r, r * r, generator=g) for r in (4, 8)}
+    got = intra_image_propagation(head, torch.ones(2, 1, 8, 8), attention, valid=valid)
+    for out, (res, layer) in zip(got, head.guidance_layers().items()):
+        keys = torch.stack([pre.content_cells(p, 128, res) for p in placements]).reshape(2, 1, res * res)
+        weighted = (attention[res] * keys).reshape(2, res, res, res * res)  # similarity 1 on image keys, 0 on padding
+        assert torch.allclose(out, layer(weighted), atol=1e-6), res
