@@ -109,3 +109,16 @@ def test_guidance_weights_of_padded_keys_are_zero_even_for_a_nonzero_similarity(
         keys = torch.stack([pre.content_cells(p, 128, res) for p in placements]).reshape(2, 1, res * res)
         weighted = (attention[res] * keys).reshape(2, res, res, res * res)  # similarity 1 on image keys, 0 on padding
         assert torch.allclose(out, layer(weighted), atol=1e-6), res
+
+
+def test_wrong_valid_map_message_word_for_word():
+    from iconmatting_core.features import ImageFeatures
+    from iconmatting_core.matching import match_features
+    from iconmatting_core.testing import tiny_config, tiny_head
+
+    head = tiny_head(tiny_config(), seed=3)
+    up = (torch.zeros(1, 64, 4, 4), torch.zeros(1, 64, 8, 8))
+    attention = {r: torch.full((1, r * r, r * r), 1.0 / (r * r)) for r in (4, 8)}
+    with pytest.raises(ValueError) as err:
+        match_features(head, torch.randn(3, 64), ImageFeatures(up, attention), valid=torch.ones(1, 8, 4, dtype=torch.bool))
+    assert str(err.value) == "valid must be a bool map [B, h, w] = [1, 8, 8] of the target cells that hold image, got [1, 8, 4]"
