@@ -122,3 +122,20 @@ def test_wrong_valid_map_message_word_for_word():
     with pytest.raises(ValueError) as err:
         match_features(head, torch.randn(3, 64), ImageFeatures(up, attention), valid=torch.ones(1, 8, 4, dtype=torch.bool))
     assert str(err.value) == "valid must be a bool map [B, h, w] = [1, 8, 8] of the target cells that hold image, got [1, 8, 4]"
+
+
+@torch.no_grad()
+def test_features_are_cast_to_the_head_dtype():
+    """float32 features and attention on a float64 head: cast to float64 (the same as float64 up-features given)."""
+    from iconmatting_core.features import ImageFeatures
+    from iconmatting_core.matching import match_features
+    from iconmatting_core.testing import tiny_config, tiny_head
+
+    head = tiny_head(tiny_config(), seed=3).double()
+    g = torch.Generator().manual_seed(6)
+    up = (torch.randn(1, 64, 4, 4, generator=g), torch.randn(1, 64, 8, 8, generator=g))
+    attention = {r: torch.rand(1, r * r, r * r, generator=g) for r in (4, 8)}
+    tokens = torch.randn(3, 64, generator=g)
+    fused, _ = match_features(head, tokens, ImageFeatures(up, attention))
+    want, _ = match_features(head, tokens, ImageFeatures(tuple(f.double() for f in up), attention))
+    assert fused.dtype == torch.float64 and torch.equal(fused, want)
