@@ -15,9 +15,7 @@ architecture and cost as the real ones; no download). Prints per batch of target
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,44 +28,7 @@ from iconmatting_core.matting_head import IconMattingHead  # noqa: E402
 from iconmatting_core.pipeline import IconMattingPipeline, build_model, resolve_device, resolve_dtype  # noqa: E402
 from iconmatting_core.sd_loading import SDComponents  # noqa: E402
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak device memory (CUDA) or resident set (CPU) while the block runs, above its start."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self.peak = _rss_bytes()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.used = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.running = False
-            self.thread.join()
-            self.used = max(self.peak, _rss_bytes()) - self.start
-        return False
+from comfy_bench_script import PeakMemory  # noqa: E402  (benchmarks/: one memory meter for every benchmark)
 
 
 def _sync(device):
@@ -155,7 +116,7 @@ def main(argv=None):
             _sync(device)
             per_target = (time.perf_counter() - t) / n
         saving = (per_target + encode) / per_target
-        print(f"{n:>8} {per_target:>9.3f} {per_target / floor:>7.2f} {saving:>16.2f} {mem.used / 2**20:>9.0f}")
+        print(f"{n:>8} {per_target:>9.3f} {per_target / floor:>7.2f} {saving:>16.2f} {mem.extra / 2**20:>9.0f}")
 
 
 if __name__ == "__main__":
