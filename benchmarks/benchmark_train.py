@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import PeakMemory  # noqa: E402
+from comfy_bench_script import PeakMemory  # noqa: E402
 
 from iconmatting_core.config import IconMattingConfig, load_sd_config  # noqa: E402
 from iconmatting_core.sd_features import SDFeatureExtractor  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     print(f"steps/s: {args.steps / total:.3f} ({total / args.steps:.3f} s/step over {args.steps} steps)")
     print("share of a step: " + ", ".join(f"{k} {v / step:.1%}" for k, v in
                                            (("data wait", t["data"]), ("SD features", t["sd"]), ("head fwd+bwd+step", t["head"]))))
-    print(f"peak memory: {mem.used / 2**20:.0f} MiB ({'max allocated' if device.type == 'cuda' else 'RSS'} above start)")
+    print(f"peak memory: {mem.extra / 2**20:.0f} MiB ({'max allocated' if device.type == 'cuda' else 'RSS'} above start)")
     return 0
 
 
