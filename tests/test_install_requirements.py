@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import HOSTS, cache_dir
+from comfy_harness import _NETWORK_ERROR_MARKERS, HOSTS, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_ENVS = Path(__file__).with_name("host_envs")
@@ -31,9 +31,6 @@ HOST_ENVS = Path(__file__).with_name("host_envs")
 HOST_IMPORTS = ("import numpy, PIL.Image, safetensors.numpy, einops, tokenizers, huggingface_hub, yaml\n"
                 "import transformers\n"
                 "from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast\n")
-_NETWORK = ("NewConnectionError", "Failed to establish a new connection", "Network is unreachable",
-            "Temporary failure in name resolution", "Name or service not known", "ConnectTimeoutError",
-            "ReadTimeoutError", "No route to host", "Could not fetch URL")
 
 
 def _run(cmd, what, **kwargs) -> subprocess.CompletedProcess:
@@ -41,7 +38,7 @@ def _run(cmd, what, **kwargs) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kwargs)
     if proc.returncode != 0:
         output = proc.stdout + proc.stderr
-        if any(marker.lower() in output.lower() for marker in _NETWORK):
+        if any(marker.lower() in output.lower() for marker in _NETWORK_ERROR_MARKERS):
             pytest.skip(f"no network: cannot {what}")
         raise AssertionError(f"{what} failed ({proc.returncode}):\n{output[-4000:]}")
     return proc
