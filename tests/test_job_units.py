@@ -294,3 +294,31 @@ def test_more_output_details(tmp_path):
         outputs.check_writable(tmp_path / "file" / "sub", "the folder of encode --out")
     assert str(err.value) == (f"the folder of encode --out {tmp_path / 'file' / 'sub'} cannot be written (Not a directory); "
                               "pick a writable folder")
+
+
+def test_progress_rate_and_eta_are_computed_not_guessed(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(outputs.time, "monotonic", lambda: clock[0])
+    bar = outputs.Progress(10, "matte", stream=io.StringIO())
+    clock[0] = 8.0
+    bar.done = 2  # 0.25 img/s: 8 left take 32 s
+    assert bar.line() == "matte: 2/10 (20%), 0.25 img/s, ETA 32s"
+    clock[0] = 0.5
+    bar.done = 1  # under a second is still a rate: 2 img/s, 9 left in 4.5 s
+    assert bar.line() == "matte: 1/10 (10%), 2.00 img/s, ETA 4s"
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = outputs.Progress(3, "matte", "img", interval=3600, stream=stream)
+    assert type(bar.bar).__name__ == "tqdm"
+    for name in ("a.png", "b.png", "c.png"):
+        bar.update(1, note=name)
+    bar.log("a line")
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" in text and "3/3" in text and "c.png" in text and "a line\n" in text
