@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # iconmatting_core; tiny_models and test_video (test helpers)
 
 
 def _rss_mb() -> float:
@@ -35,7 +35,7 @@ def _peak_mb() -> float:
 
 
 def _models(work: Path):
-    from iconmatting_core.testing import save_tiny_head, save_tiny_sd_folder
+    from tiny_models import save_tiny_head, save_tiny_sd_folder
 
     if not (work / "head.safetensors").exists():
         save_tiny_sd_folder(work / "sd")
@@ -60,7 +60,6 @@ def video_child(work: Path, frames: int, width: int, height: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_video import write_clip
 
     from iconmatting_core.__main__ import main

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models (--tiny)
 
 from comfy_bench_script import PeakMemory  # noqa: E402
 
@@ -56,7 +57,7 @@ def build(args, device):
 
     torch.manual_seed(0)
     if args.tiny:
-        from iconmatting_core.testing import tiny_config, tiny_unet_config, tiny_vae_config
+        from tiny_models import tiny_config, tiny_unet_config, tiny_vae_config
 
         config = tiny_config(image_size=args.image_size)
         unet, vae = UNet2DConditionModel.from_config(tiny_unet_config()), AutoencoderKL.from_config(tiny_vae_config())

@@ -14,13 +14,27 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pack(suffix):
     name = next(n for n in list(sys.modules) if n.endswith(".nodes.host_model"))
     return importlib.import_module(name[: -len(".nodes.host_model")] + suffix)
+
+
+def _ldm_keys():
+    """tests/ldm_keys.py (diffusers -> single-file key names): a test helper, not part of the pack, imported from
+    this repository (its root and tests/ appended to ``sys.path``, so ComfyUI's own modules keep precedence)."""
+    for path in (str(ROOT), str(ROOT / "tests")):
+        if path not in sys.path:
+            sys.path.append(path)
+    import ldm_keys
+
+    return ldm_keys
 
 
 def _rss() -> int:
@@ -83,8 +97,8 @@ def run(ctx):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     native_features = _pack(".nodes.native_features")
-    cfgmod, testing, checkpoint, head_mod = (_pack(".iconmatting_core." + m) for m in (
-        "config", "testing", "checkpoint", "matting_head"))
+    cfgmod, checkpoint, head_mod = (_pack(".iconmatting_core." + m) for m in ("config", "checkpoint", "matting_head"))
+    ldm_keys = _ldm_keys()
     a = ctx.args
     size, ens, n = a["image_size"], a["ensemble"], a["targets"]
     config = cfgmod.IconMattingConfig(image_size=size, ensemble_size=ens)
@@ -94,10 +108,10 @@ def run(ctx):
     vae = AutoencoderKL.from_config(vae_cfg).eval()
     # the single-file layout over the same UNet tensors (the converter copies; it renames meta tensors here)
     weights = unet.state_dict()
-    keys = list(testing.ldm_unet_state_dict({k: v.to("meta") for k, v in weights.items()}, unet_cfg))
+    keys = list(ldm_keys.ldm_unet_state_dict({k: v.to("meta") for k, v in weights.items()}, unet_cfg))
     assert len(keys) == len(weights)
     sd = dict(zip(keys, weights.values()))
-    sd.update(testing.ldm_vae_state_dict(vae.state_dict(), vae_cfg))
+    sd.update(ldm_keys.ldm_vae_state_dict(vae.state_dict(), vae_cfg))
     prompt = torch.randn(1, 77, 1024)
     head_path = a["work"] + "/head.safetensors"
     checkpoint.save_head(head_mod.IconMattingHead(config), head_path, prompt)

@@ -61,7 +61,7 @@ def comfy_host(request):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny SD diffusers folder + head weights, written once per session."""
-    from iconmatting_core.testing import save_tiny_head, save_tiny_sd_folder
+    from tiny_models import save_tiny_head, save_tiny_sd_folder
 
     d = tmp_path_factory.mktemp("tiny_models")
     save_tiny_sd_folder(d / "sd", seed=0)

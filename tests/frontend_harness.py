@@ -224,7 +224,7 @@ def names_a_model(value) -> bool:
 
 def _tiny_head(models: Path) -> str:
     """Tiny matting-head weights sized for :func:`_tiny_sd2_checkpoint`'s UNet (128-channel up blocks)."""
-    from iconmatting_core.testing import save_tiny_head, tiny_config
+    from tiny_models import save_tiny_head, tiny_config
 
     if not (models / "iconmatting" / "tiny-icm.safetensors").is_file():
         save_tiny_head(models / "iconmatting" / "tiny-icm.safetensors", tiny_config(unet_feature_channels=(128, 128)))
@@ -235,7 +235,7 @@ def _tiny_sd2_checkpoint(models: Path) -> str:
     """A tiny SD 2.x single file for ComfyUI's Load Checkpoint (needs :data:`TEST_PACKS` loaded), under
     the real SD 2.1 file's name: the workflows declare that file (with its download address), and the
     frontend's missing-models check must find it present."""
-    from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
     name = "v2-1_768-ema-pruned.safetensors"
     if not (models / "checkpoints" / name).is_file():

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from iconmatting_core.__main__ import main
-from iconmatting_core.testing import tiny_config
+from tiny_models import tiny_config
 
 
 def _pair(out, name):
@@ -97,7 +97,7 @@ def test_no_targets(tmp_path, tiny_dir, capsys):
 
 def test_convert_command(tmp_path, capsys):
     from iconmatting_core.checkpoint import load_head
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "icm.ckpt", layout="reference")
     # the tiny config is not the released one: convert reports the mismatch clearly
@@ -109,7 +109,7 @@ def test_convert_command(tmp_path, capsys):
 
 
 def test_convert_writes_a_normal_file_mode(tmp_path):
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "ours.safetensors")
     old = os.umask(0o022)
@@ -123,7 +123,7 @@ def test_convert_writes_a_normal_file_mode(tmp_path):
 def test_launcher_converts_from_another_working_directory(tmp_path):
     """`python <pack>/iconmatting.py convert ...` from e.g. the ComfyUI root, where
     `python -m iconmatting_core` would not find the package."""
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "ours.safetensors")
     launcher = Path(__file__).resolve().parents[1] / "iconmatting.py"
@@ -235,7 +235,7 @@ def test_a_run_with_nothing_left_to_do_drops_stale_failures(tmp_path, pipe, caps
 
 def test_written_files_get_their_mode_without_touching_the_umask(tmp_path, pipe, monkeypatch):
     """os.umask can only be read by setting it, a race with ComfyUI's other threads creating files."""
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "ours.safetensors")
     from conftest import save_reference_and_targets

@@ -46,14 +46,15 @@ def combo_options(spec):
 
 
 def tiny_head_config():
-    from iconmatting_core.testing import tiny_config
+    from tiny_models import tiny_config
 
     return tiny_config(unet_feature_channels=(128, 128))  # the up-block channels of the tiny comfy SD 2.x UNet
 
 
 def make_models(models: Path) -> Path:
     """models/checkpoints/<SD 2.1 name> (tiny SD 2.x single file) + models/iconmatting/icm.safetensors."""
-    from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint, save_tiny_head
+    from tiny_models import save_tiny_head
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
     save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / SD_FILE)
     save_tiny_head(models / "iconmatting" / HEAD_FILE, tiny_head_config())

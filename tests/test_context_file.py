@@ -18,7 +18,7 @@ from iconmatting_core.context_file import (
     save_context,
 )
 from iconmatting_core.pipeline import IconMattingModel, IconMattingPipeline
-from iconmatting_core.testing import tiny_head
+from tiny_models import tiny_head
 
 
 def test_saved_context_equals_recomputed_bit_for_bit(pipe, tmp_path):

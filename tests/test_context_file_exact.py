@@ -15,7 +15,7 @@ from iconmatting_core.config import IconMattingConfig
 from iconmatting_core.context import ReferenceContext
 from iconmatting_core.context_file import ContextFileError, load_context, model_fingerprint, read_context_metadata, \
     save_context, tensor_sha256
-from iconmatting_core.testing import tiny_config
+from tiny_models import tiny_config
 
 KEY = "iconmatting_context"  # the metadata key, written out
 TAIL = "; the file is damaged or was not written by `encode`. Encode the reference again."

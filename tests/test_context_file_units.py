@@ -21,7 +21,7 @@ from iconmatting_core.context_file import (
     save_context,
     tensor_sha256,
 )
-from iconmatting_core.testing import tiny_config
+from tiny_models import tiny_config
 
 
 def _context(n=(3, 2)):

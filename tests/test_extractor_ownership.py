@@ -3,7 +3,7 @@ import torch
 
 from iconmatting_core.sd_features import SDFeatureExtractor
 from iconmatting_core.sd_loading import load_sd_components
-from iconmatting_core.testing import tiny_config
+from tiny_models import tiny_config
 
 
 def snapshot(unet, vae):

@@ -306,7 +306,7 @@ def test_an_sd1_shaped_unet_is_refused(tmp_path, tiny_dir, capsys):
 
     from diffusers import UNet2DConditionModel
 
-    from iconmatting_core.testing import tiny_unet_config
+    from tiny_models import tiny_unet_config
 
     sd1 = tmp_path / "sd1"
     shutil.copytree(tiny_dir / "sd", sd1)

@@ -128,7 +128,7 @@ def test_a_version_1_file_without_checksums_still_loads(good, tmp_path, pipe):
 
 def test_wrong_weights_message_names_both_weight_files(good, pipe):
     from iconmatting_core.pipeline import IconMattingModel, IconMattingPipeline
-    from iconmatting_core.testing import tiny_head
+    from tiny_models import tiny_head
 
     other = IconMattingPipeline(IconMattingModel(pipe.model.extractor, tiny_head(pipe.config, seed=7)))
     with pytest.raises(ContextFileError) as err:

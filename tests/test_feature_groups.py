@@ -2,7 +2,7 @@
 attention maps and alpha as one pass over all of them, to float rounding."""
 import torch
 
-from iconmatting_core.testing import tiny_pipeline
+from tiny_models import tiny_pipeline
 
 
 def _run(pipe, group, passes):

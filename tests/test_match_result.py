@@ -97,7 +97,7 @@ def test_guidance_weights_of_padded_keys_are_zero_even_for_a_nonzero_similarity(
     weight 0 (through match_features the similarity is already 0 there)."""
     from iconmatting_core import preprocess as pre
     from iconmatting_core.matching import intra_image_propagation
-    from iconmatting_core.testing import tiny_config, tiny_head
+    from tiny_models import tiny_config, tiny_head
 
     head = tiny_head(tiny_config(), seed=3)
     g = torch.Generator().manual_seed(4)
@@ -114,7 +114,7 @@ def test_guidance_weights_of_padded_keys_are_zero_even_for_a_nonzero_similarity(
 def test_wrong_valid_map_message_word_for_word():
     from iconmatting_core.features import ImageFeatures
     from iconmatting_core.matching import match_features
-    from iconmatting_core.testing import tiny_config, tiny_head
+    from tiny_models import tiny_config, tiny_head
 
     head = tiny_head(tiny_config(), seed=3)
     up = (torch.zeros(1, 64, 4, 4), torch.zeros(1, 64, 8, 8))
@@ -129,7 +129,7 @@ def test_features_are_cast_to_the_head_dtype():
     """float32 features and attention on a float64 head: cast to float64 (the same as float64 up-features given)."""
     from iconmatting_core.features import ImageFeatures
     from iconmatting_core.matching import match_features
-    from iconmatting_core.testing import tiny_config, tiny_head
+    from tiny_models import tiny_config, tiny_head
 
     head = tiny_head(tiny_config(), seed=3).double()
     g = torch.Generator().manual_seed(6)

@@ -9,7 +9,7 @@ import torch
 from conftest import make_reference
 from iconmatting_core import preprocess as pre
 from iconmatting_core.matching import MatchResult, inter_image_similarity, match_features
-from iconmatting_core.testing import tiny_config, tiny_head
+from tiny_models import tiny_config, tiny_head
 
 SIZE = 128  # tiny model: similarity grid 8
 

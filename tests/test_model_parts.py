@@ -14,7 +14,7 @@ from iconmatting_core.pipeline import IconMattingPipeline, build_model, load_mod
 from iconmatting_core.postprocess import box_blur, estimate_foreground, rgba_cutout
 from iconmatting_core.preprocess import placement_for, prepare_image, prepare_mask, restore_alpha, to_rgb
 from iconmatting_core.sd_loading import load_sd_components
-from iconmatting_core.testing import save_tiny_head, tiny_config, tiny_head, tiny_text_state_dict
+from tiny_models import save_tiny_head, tiny_config, tiny_head, tiny_text_state_dict
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_noise_schedule_matches_diffusers_ddim():
 
 
 def test_empty_prompt_same_in_hf_and_open_clip_layouts():
-    from iconmatting_core.testing import tiny_open_clip_text_state_dict
+    from tiny_models import tiny_open_clip_text_state_dict
 
     e_hf = encode_empty_prompt(tiny_text_state_dict(seed=1), "hf", num_heads=2)
     e_oc = encode_empty_prompt(tiny_open_clip_text_state_dict(seed=1), "open_clip", num_heads=2)
@@ -259,7 +259,7 @@ def test_empty_prompt_same_in_hf_and_open_clip_layouts():
 
 def test_empty_prompt_matches_transformers_clip_when_available():
     transformers = pytest.importorskip("transformers")
-    from iconmatting_core.testing import TINY_TEXT
+    from tiny_models import TINY_TEXT
 
     cfg = transformers.CLIPTextConfig(**{k: v for k, v in TINY_TEXT.items()}, pad_token_id=0)
     model = transformers.CLIPTextModel(cfg).eval()
@@ -396,7 +396,7 @@ def test_overflowing_features_are_an_error_not_a_nan_matte(pipe, monkeypatch):
 def test_sd1_diffusers_folder_is_refused(tmp_path):
     import json
 
-    from iconmatting_core.testing import save_tiny_sd_folder
+    from tiny_models import save_tiny_sd_folder
 
     root = save_tiny_sd_folder(tmp_path / "sd1")
     cfg_path = root / "text_encoder" / "config.json"

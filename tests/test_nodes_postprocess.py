@@ -111,7 +111,7 @@ def test_head_weights_with_nan_are_a_broken_file_not_an_overflow(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from iconmatting_core.checkpoint import CheckpointError, read_head_weights
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     path = tmp_path / "head.safetensors"
     save_tiny_head(path)

@@ -8,7 +8,7 @@ from iconmatting_core import preprocess as pre
 from iconmatting_core.context import cell_mask, cell_selection
 from iconmatting_core.features import ImageFeatures
 from iconmatting_core.matching import inter_image_similarity, intra_image_propagation, match_features
-from iconmatting_core.testing import tiny_config, tiny_head
+from tiny_models import tiny_config, tiny_head
 
 SIZE = 128  # tiny model: similarity grid 8 (16 px cells), attention grids 4 (32 px) and 8 (16 px)
 

@@ -82,7 +82,7 @@ def test_ray_engine_images_and_video_with_failures_and_resume(pipe, tiny_dir, tm
 
 
 def test_worker_with_other_weights_than_the_context_is_a_clear_error(tiny_dir, tmp_path, capsys):
-    from iconmatting_core.testing import save_tiny_head
+    from tiny_models import save_tiny_head
 
     save_reference_and_targets(tmp_path, 1)
     other = save_tiny_head(tmp_path / "other.safetensors", seed=1)

@@ -1,7 +1,7 @@
 """Stable Diffusion from one original-layout (LDM/CompVis) checkpoint file, as v2-1_768-ema-pruned.safetensors.
 
 Tiny random diffusers models are written back into the LDM key layout by the small converter of
-``iconmatting_core.testing`` (the inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
+``tests/ldm_keys.py`` (the inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
 ``load_sd_components``: every weight, the UNet output and the empty-prompt embedding must come back exactly.
 """
 import re
@@ -15,9 +15,9 @@ from iconmatting_core.checkpoint import CheckpointError
 from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
-from iconmatting_core.testing import (
-    TINY_TEXT, ldm_unet_state_dict, ldm_vae_state_dict, randomise, tiny_head, tiny_open_clip_text_state_dict,
-    tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
+from ldm_keys import ldm_unet_state_dict, ldm_vae_state_dict
+from tiny_models import (
+    TINY_TEXT, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
 )
 
 TINY_CONFIGS = dict(unet_config=tiny_unet_config(), vae_config=tiny_vae_config(), text_encoder_config=TINY_TEXT)

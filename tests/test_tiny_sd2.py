@@ -13,7 +13,7 @@ import pytest
 from comfy_harness import run_comfy
 from iconmatting_core.clip_text import OPEN_CLIP_PREFIX
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX
-from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint
+from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SD2_PACK = Path(__file__).with_name("comfy_tiny_sd2")

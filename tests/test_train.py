@@ -191,7 +191,7 @@ def test_reference_draw_follows_the_authors_rule(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from iconmatting_core.testing import save_tiny_head, save_tiny_sd_folder
+    from tiny_models import save_tiny_head, save_tiny_sd_folder
 
     root = tmp_path_factory.mktemp("train")
     return {"sd": save_tiny_sd_folder(root / "sd"), "init": save_tiny_head(root / "init.safetensors"),
@@ -326,7 +326,7 @@ def test_one_training_step_gives_the_authors_updated_head():
     from iconmatting_core.config import IconMattingConfig
     from iconmatting_core.context import region_tokens
     from iconmatting_core.preprocess import Placement
-    from iconmatting_core.testing import tiny_head
+    from tiny_models import tiny_head
     from iconmatting_core.training.trainer import HeadStep
 
     here = Path(__file__).parent / "fixtures" / "train_step"

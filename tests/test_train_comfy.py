@@ -16,7 +16,8 @@ TRAINED = "my_trained_head.safetensors"
 def _train_tiny_head(models: Path, tmp: Path) -> Path:
     from iconmatting_core.sd_features import SDFeatureExtractor
     from iconmatting_core.sd_loading import load_sd_components
-    from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint, tiny_comfy_sd2_configs, tiny_head
+    from tiny_models import tiny_head
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint, tiny_comfy_sd2_configs
     from iconmatting_core.training.data import load_train_data
     from iconmatting_core.training.trainer import Trainer, TrainSettings
 

@@ -204,7 +204,8 @@ def read_video(path: Path):
 
 @pytest.fixture(scope="module")
 def host_run(comfy_host, tmp_path_factory):
-    from iconmatting_core.testing import save_tiny_comfy_sd2_checkpoint, save_tiny_head, tiny_config
+    from tiny_models import save_tiny_head, tiny_config
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
     base = tmp_path_factory.mktemp(f"workflows-{comfy_host}")
     models, work = base / "models", base / "work"

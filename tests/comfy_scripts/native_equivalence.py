@@ -5,8 +5,11 @@ args: ``ckpt`` (file name in models/checkpoints), ``head`` (path of the head .sa
 Returns max abs differences per quantity, and whether the user's MODEL was left untouched.
 """
 import sys
+from pathlib import Path
 
 import torch
+
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _pack_module(suffix):
@@ -17,6 +20,18 @@ def _pack_module(suffix):
         if name.endswith(".nodes.host_model"):
             return importlib.import_module(name[: -len(".nodes.host_model")] + suffix)
     raise RuntimeError("the IconMatting pack is not loaded")
+
+
+def _test_helpers():
+    """tests/tiny_models.py and tests/tiny_sd2_checkpoint.py: not part of the pack, imported from this repository
+    (its root and tests/ appended to ``sys.path``, so ComfyUI's own modules, e.g. nodes.py, keep precedence)."""
+    for path in (str(TESTS.parent), str(TESTS)):
+        if path not in sys.path:
+            sys.path.append(path)
+    import tiny_models
+    import tiny_sd2_checkpoint
+
+    return tiny_models, tiny_sd2_checkpoint
 
 
 def _diff(a, b):
@@ -31,7 +46,7 @@ def run(ctx):
     host = _pack_module(".nodes.host_model")
     pipeline_mod = _pack_module(".iconmatting_core.pipeline")
     sd_loading = _pack_module(".iconmatting_core.sd_loading")
-    testing = _pack_module(".iconmatting_core.testing")
+    tiny_models, tiny_sd2_checkpoint = _test_helpers()
     checkpoint = _pack_module(".iconmatting_core.checkpoint")
 
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ctx.args["ckpt"])[:3]
@@ -52,7 +67,7 @@ def run(ctx):
     native = host.IconMattingOnHost(model, clip, vae, ctx.args["head"], "fp32")
     native_pipe = native.pipeline()
     sd = sd_loading.load_sd_components(folder_paths.get_full_path("checkpoints", ctx.args["ckpt"]),
-                                       **testing.tiny_comfy_sd2_configs())
+                                       **tiny_sd2_checkpoint.tiny_comfy_sd2_configs())
     head, _ = checkpoint.load_head(ctx.args["head"])
     reference_pipe = pipeline_mod.IconMattingPipeline(pipeline_mod.build_model(sd, head))
 
@@ -160,12 +175,10 @@ def run(ctx):
 
     # the Load node on the host's objects: weights for other UNet widths are refused with one line before any
     # feature pass; a LoRA-patched MODEL runs with its warning in the node's UI output
-    from pathlib import Path
-
     load_node = _pack_module(".nodes.model_nodes").IconMattingLoad
     head_path = Path(ctx.args["head"])
     other = head_path.with_name("other_widths.safetensors")
-    testing.save_tiny_head(other, testing.tiny_config(unet_feature_channels=(64, 64)))
+    tiny_models.save_tiny_head(other, tiny_models.tiny_config(unet_feature_channels=(64, 64)))
     try:
         load_node.execute(model, clip, vae, other.name)
         out["other_widths"] = None

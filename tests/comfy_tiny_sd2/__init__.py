@@ -1,6 +1,6 @@
 """Test-only ComfyUI custom node module: teaches ComfyUI's stock checkpoint loader the tiny SD 2.x file.
 
-``iconmatting_core.testing.save_tiny_comfy_sd2_checkpoint`` writes an SD 2.x single file with tiny
+``save_tiny_comfy_sd2_checkpoint`` (tests/tiny_sd2_checkpoint.py) writes an SD 2.x single file with tiny
 sizes. ComfyUI picks a model class by matching the UNet config it reads off the key shapes against
 ``comfy.supported_models.models``; no stock class has these sizes, so importing this module (as a
 custom node folder, e.g. ``run_comfy(..., extra_packs=[tests/comfy_tiny_sd2])``) inserts
@@ -27,11 +27,12 @@ import comfy.supported_models
 from comfy import supported_models_base
 from comfy.text_encoders import sd2_clip
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.append(str(_REPO_ROOT))  # appended: ComfyUI's own modules (e.g. nodes.py) keep precedence
+_TESTS = Path(__file__).resolve().parents[1]
+for _path in (str(_TESTS.parent), str(_TESTS)):  # the repository (iconmatting_core) and tests/ (tiny_sd2_checkpoint)
+    if _path not in sys.path:
+        sys.path.append(_path)  # appended: ComfyUI's own modules (e.g. nodes.py) keep precedence
 
-from iconmatting_core.testing import tiny_comfy_clip_sizes, tiny_comfy_unet_config  # noqa: E402
+from tiny_sd2_checkpoint import tiny_comfy_clip_sizes, tiny_comfy_unet_config  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

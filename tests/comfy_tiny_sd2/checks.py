@@ -58,10 +58,11 @@ def control_log(ctx, name: str) -> list:
 
 @torch.no_grad()
 def run(ctx) -> dict:
-    if ctx.args["repo_root"] not in sys.path:
-        sys.path.append(ctx.args["repo_root"])
+    for path in (ctx.args["repo_root"], ctx.args["repo_root"] + "/tests"):  # iconmatting_core, tiny_sd2_checkpoint
+        if path not in sys.path:
+            sys.path.append(path)
     from iconmatting_core.sd_loading import load_sd_components
-    from iconmatting_core.testing import tiny_comfy_sd2_configs
+    from tiny_sd2_checkpoint import tiny_comfy_sd2_configs
 
     name = ctx.args["checkpoint"]
     report, (model, clip, vae) = load_report(ctx, name)
