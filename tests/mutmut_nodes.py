@@ -48,6 +48,14 @@ def preload():
     """Import the heavy libraries once; each mutant's tests run in a forked child (``fork_pytest``),
     which imports this repository's modules (the mutated one included) afresh."""
     sys.path.insert(0, str(Path("tests").resolve()))
+    # pytest imports the repository's __init__.py as the top-level module "__init__" (its folder's name
+    # is no identifier); with comfy importable that module tries its relative import of the nodes and
+    # every test errors at setup. Import it now, while comfy is not importable, as a plain run does.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("__init__", Path("__init__.py").resolve())
+    sys.modules["__init__"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["__init__"])
     import diffusers  # noqa: F401
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
@@ -95,11 +103,22 @@ def already_done():
     return done
 
 
+def run_tests(name):
+    """Exit code of the tests of module ``name`` (as the driver runs them), and the last line they printed."""
+    if FORK:
+        return fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", 600), ""
+    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=600)
+    return proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
 def main(files):
     done = already_done()
     for name in files:
         path = Path(name)
         source = path.read_text()
+        code, tail = run_tests(name)
+        if code != 0:  # a failing baseline would count every mutant as killed
+            sys.exit(f"The tests of {name} fail without any mutation (exit code {code}) {tail}")
         skip = skipped_lines(name, source)
         for mutation in list_mutations(Context(source=source, mutation_id=ALL, filename=name)):
             if mutation.line_number in skip or (name, mutation.line_number + 1, mutation.index) in done:
@@ -109,11 +128,7 @@ def main(files):
                 continue
             path.write_text(mutated)
             try:
-                if FORK:
-                    code, tail = fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", 600), ""
-                else:
-                    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=600)
-                    code, tail = proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+                code, tail = run_tests(name)
                 status = {0: "survived", 1: "killed"}.get(code, "killed (timeout)" if code == -9 else f"error {code}")
             except subprocess.TimeoutExpired:
                 status, tail = "killed (timeout)", ""
