@@ -159,6 +159,10 @@ def test_load_context_of_a_missing_file(pack, context_dir):
     ("/c/a holds context fields this version does not know (x); update the pack or encode again.",
      f"/c/a holds context fields this version does not know (x); update the pack or encode the reference again ({ENCODE}, "
      f"then {SAVE})."),
+    ("/c/a: the metadata is not valid JSON (JSONDecodeError); the file is damaged or was not written by `encode`. "
+     "Encode the reference again.",
+     "/c/a: the metadata is not valid JSON (JSONDecodeError); the file is damaged or was not written by "
+     f"{SAVE}. Encode the reference again ({ENCODE}, then {SAVE})."),
     ("Load the weights it was made with, or encode the reference again with these weights.",
      f"Load the weights it was made with, or encode the reference again ({ENCODE}, then {SAVE})."),
 ])
@@ -166,3 +170,13 @@ def test_context_file_errors_name_the_nodes(pack, message, expected):
     error = pack.core.context_file.ContextFileError(message)
     assert pack.context_nodes.node_context_message(error) == expected
 
+
+def test_load_context_of_a_damaged_file_names_the_nodes(pack, context_dir):
+    from safetensors.torch import save_file
+
+    context_dir.mkdir()
+    save_file({"tokens": torch.zeros(1, 8)}, str(context_dir / "bad.safetensors"), metadata={"iconmatting_context": "{not json"})
+    with pytest.raises(ValueError) as info:
+        pack.context_nodes.IconMattingLoadContext.execute(stand_in_model(), "bad.safetensors")
+    assert str(info.value) == (f"{context_dir / 'bad.safetensors'}: the metadata is not valid JSON (JSONDecodeError); the file "
+                               f"is damaged or was not written by {SAVE}. Encode the reference again ({ENCODE}, then {SAVE}).")
