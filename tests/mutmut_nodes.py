@@ -24,10 +24,10 @@ from mutmut import ALL, Context, list_mutations, mutate
 PYTEST = f"{sys.executable} -m pytest -q -x -p no:cacheprovider"
 TESTS = {
     "iconmatting_core/postprocess.py": "tests/test_nodes_postprocess.py",
-    "nodes/common.py": "tests/test_nodes.py",
+    "nodes/common.py": "tests/test_nodes_common.py tests/test_model_nodes.py tests/test_context_nodes.py tests/test_nodes.py",
     "nodes/model_nodes.py": "tests/test_model_nodes.py tests/test_nodes.py "
                             "-k 'model_nodes or load_validation or unet_widths or patched or registered'",
-    "nodes/context_nodes.py": "tests/test_nodes.py -k 'encode or context or registered'",
+    "nodes/context_nodes.py": "tests/test_context_nodes.py tests/test_nodes.py -k 'encode or context or registered'",
     "nodes/target_nodes.py": "tests/test_nodes.py -k 'folder or match or registered'",
     "nodes/output_nodes.py": "tests/test_nodes.py -k 'composite or decode or registered'",
 }
