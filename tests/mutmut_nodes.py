@@ -10,7 +10,8 @@ Run from a scratch copy of the repository (files are rewritten while it runs)::
     ICONMATTING_TINY_MODELS=<dir with head.safetensors and sd/> python tests/mutmut_nodes.py FILE... > results.jsonl
 
 ``MUTMUT_NODES_FORK=1``: import torch, diffusers and ComfyUI once and run each mutant's tests in a
-forked child (much faster; Linux only).
+forked child (much faster; Linux only). ``MUTMUT_NODES_TIMEOUT``: seconds a mutant's tests may run
+(default 600); past it the mutant counts as killed (timeout), e.g. a loop that no longer ends.
 """
 import ast
 import json
@@ -107,8 +108,8 @@ def already_done():
 def run_tests(name):
     """Exit code of the tests of module ``name`` (as the driver runs them), and the last line they printed."""
     if FORK:
-        return fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", 600), ""
-    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=600)
+        return fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", TIMEOUT), ""
+    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=TIMEOUT)
     return proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
 
 
@@ -141,6 +142,7 @@ def main(files):
 
 
 FORK = os.environ.get("MUTMUT_NODES_FORK") == "1"
+TIMEOUT = int(os.environ.get("MUTMUT_NODES_TIMEOUT", "600"))
 
 if __name__ == "__main__":
     sys.dont_write_bytecode = True
