@@ -29,8 +29,9 @@ def node_context_message(exc: ContextFileError) -> str:
     text = re.sub(r"Make one with `[^`]*`\.?", CONTEXT_HINT, text)
     text = re.sub(r"Is it a context file written by `encode`\?", f"Is it a context file? {CONTEXT_HINT}", text)
     text = re.sub(r"make one with `encode`\.?", f"make one with {SAVE_NODE}.", text)
-    text = re.sub(r"encode the reference again(?: with these weights)?\.?|encode again\.?",
-                  f"encode the reference again ({ENCODE_NODE}, then {SAVE_NODE}).", text)
+    text = re.sub(r"was not written by `encode`", f"was not written by {SAVE_NODE}", text)
+    text = re.sub(r"([Ee])ncode the reference again(?: with these weights)?\.?|encode again\.?",
+                  lambda m: f"{m.group(1) or 'e'}ncode the reference again ({ENCODE_NODE}, then {SAVE_NODE}).", text)
     return text
 
 

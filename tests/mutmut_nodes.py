@@ -10,7 +10,8 @@ Run from a scratch copy of the repository (files are rewritten while it runs)::
     ICONMATTING_TINY_MODELS=<dir with head.safetensors and sd/> python tests/mutmut_nodes.py FILE... > results.jsonl
 
 ``MUTMUT_NODES_FORK=1``: import torch, diffusers and ComfyUI once and run each mutant's tests in a
-forked child (much faster; Linux only).
+forked child (much faster; Linux only). ``MUTMUT_NODES_TIMEOUT``: seconds a mutant's tests may run
+(default 600); past it the mutant counts as killed (timeout), e.g. a loop that no longer ends.
 """
 import ast
 import json
@@ -24,9 +25,10 @@ from mutmut import ALL, Context, list_mutations, mutate
 PYTEST = f"{sys.executable} -m pytest -q -x -p no:cacheprovider"
 TESTS = {
     "iconmatting_core/postprocess.py": "tests/test_nodes_postprocess.py",
-    "nodes/common.py": "tests/test_nodes.py",
-    "nodes/model_nodes.py": "tests/test_nodes.py -k 'load or head or patched or registered or missing_file'",
-    "nodes/context_nodes.py": "tests/test_nodes.py -k 'encode or context or registered'",
+    "nodes/common.py": "tests/test_nodes_common.py tests/test_model_nodes.py tests/test_context_nodes.py tests/test_nodes.py",
+    "nodes/model_nodes.py": "tests/test_model_nodes.py tests/test_nodes.py "
+                            "-k 'model_nodes or load_validation or unet_widths or patched or registered'",
+    "nodes/context_nodes.py": "tests/test_context_nodes.py tests/test_nodes.py -k 'encode or context or registered'",
     "nodes/target_nodes.py": "tests/test_nodes.py -k 'folder or match or registered'",
     "nodes/output_nodes.py": "tests/test_nodes.py -k 'composite or decode or registered'",
 }
@@ -48,6 +50,14 @@ def preload():
     """Import the heavy libraries once; each mutant's tests run in a forked child (``fork_pytest``),
     which imports this repository's modules (the mutated one included) afresh."""
     sys.path.insert(0, str(Path("tests").resolve()))
+    # pytest imports the repository's __init__.py as the top-level module "__init__" (its folder's name
+    # is no identifier); with comfy importable that module tries its relative import of the nodes and
+    # every test errors at setup. Import it now, while comfy is not importable, as a plain run does.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("__init__", Path("__init__.py").resolve())
+    sys.modules["__init__"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["__init__"])
     import diffusers  # noqa: F401
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
@@ -95,11 +105,22 @@ def already_done():
     return done
 
 
+def run_tests(name):
+    """Exit code of the tests of module ``name`` (as the driver runs them), and the last line they printed."""
+    if FORK:
+        return fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", TIMEOUT), ""
+    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=TIMEOUT)
+    return proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
 def main(files):
     done = already_done()
     for name in files:
         path = Path(name)
         source = path.read_text()
+        code, tail = run_tests(name)
+        if code != 0:  # a failing baseline would count every mutant as killed
+            sys.exit(f"The tests of {name} fail without any mutation (exit code {code}) {tail}")
         skip = skipped_lines(name, source)
         for mutation in list_mutations(Context(source=source, mutation_id=ALL, filename=name)):
             if mutation.line_number in skip or (name, mutation.line_number + 1, mutation.index) in done:
@@ -109,11 +130,7 @@ def main(files):
                 continue
             path.write_text(mutated)
             try:
-                if FORK:
-                    code, tail = fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", 600), ""
-                else:
-                    proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=600)
-                    code, tail = proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
+                code, tail = run_tests(name)
                 status = {0: "survived", 1: "killed"}.get(code, "killed (timeout)" if code == -9 else f"error {code}")
             except subprocess.TimeoutExpired:
                 status, tail = "killed (timeout)", ""
@@ -125,6 +142,7 @@ def main(files):
 
 
 FORK = os.environ.get("MUTMUT_NODES_FORK") == "1"
+TIMEOUT = int(os.environ.get("MUTMUT_NODES_TIMEOUT", "600"))
 
 if __name__ == "__main__":
     sys.dont_write_bytecode = True
