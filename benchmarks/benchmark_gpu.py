@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         out, version = run_benchmark(args.image_size, args.ensemble, args.targets, args.repeats, dtypes,
-                                     cpu=args.device == "cpu")
+                                     cpu=args.device == "cpu", one_process=True)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1

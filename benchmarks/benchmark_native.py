@@ -7,9 +7,10 @@ UNet + VAE with random weights once, loaded twice: by ComfyUI (from the original
 through its own model detection and patcher) and by diffusers, plus one full-size head. Prints per path:
 the floor (one bare UNet forward over the ensemble copies + one VAE encode, on that path's own modules),
 the per-target time of match + decode, its ratio to the floor, native / diffusers per-target, and the
-extra peak memory of one target's pass (process RSS sampled every ms; max_memory_allocated on CUDA) as
-JSON fields (``runs.<dtype>.<path>.extra_peak_bytes``), with the host's attention and the one the pack
-uses for the layers it does not record. The test harness starts ComfyUI with --cpu; on a GPU:
+extra peak memory of one target's pass (process RSS sampled every ms, in a second ComfyUI process whose
+allocator returns freed tensors at once; max_memory_allocated on CUDA) as JSON fields
+(``runs.<dtype>.<path>.extra_peak_bytes``), with the host's attention and the one the pack uses for the
+layers it does not record. The test harness starts ComfyUI with --cpu; on a GPU:
 benchmarks/benchmark_gpu.py.
 """
 from __future__ import annotations
@@ -26,18 +27,35 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 SCRIPT = Path(__file__).with_name("comfy_bench_script.py")
 
 
-def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(), cpu=True):
-    """Boots the test ComfyUI and runs comfy_bench_script.py in it; returns (its result, ComfyUI version)."""
+def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(), cpu=True, one_process=False):
+    """Boots the test ComfyUI and runs comfy_bench_script.py in it; returns (its result, ComfyUI version).
+
+    On the CPU, twice: times in a ComfyUI with glibc's default allocator (what users run), then the extra
+    peak memory in another, where every allocation of 1 MiB or more is its own mapping, returned on free, so
+    that process RSS follows the live tensors (glibc's default keeps freed blocks up to 32 MiB in its heap,
+    hiding or inflating peaks; the mapping and page faults would slow allocation-heavy code). Each ratio is
+    measured in one process. On CUDA, once: max_memory_allocated needs no help. ``one_process``: on the CPU
+    too (a smoke run: times then come from the allocator set up for memory figures)."""
+    mmap = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    if not cpu or one_process:
+        return _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "both", mmap if cpu else {})
+    timed, version = _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "time", {})
+    measured, _ = _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "memory", mmap)
+    for dtype, run in timed["runs"].items():
+        for name in ("native", "diffusers"):
+            run[name]["extra_peak_bytes"] = measured["runs"][dtype][name]["extra_peak_bytes"]
+    timed["process_peak_rss_bytes"] = max(timed["process_peak_rss_bytes"], measured["process_peak_rss_bytes"])
+    return timed, version
+
+
+def _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, measure, env):
     from comfy_harness import run_comfy
 
     with tempfile.TemporaryDirectory() as tmp:
-        # every allocation of 1 MiB or more its own mapping, returned on free: process RSS then follows the live
-        # tensors (glibc's default keeps freed blocks up to 32 MiB in its heap, hiding or inflating peaks)
         result = run_comfy(ROOT, [], pack_name="comfyui-iconmatting", timeout=3600, comfy_args=list(comfy_args), cpu=cpu,
-                           extra_env={"MALLOC_MMAP_THRESHOLD_": str(2**20)},
-                           scripts=[{"path": str(SCRIPT), "args": {"image_size": image_size, "ensemble": ensemble,
-                                                                   "targets": targets, "repeats": repeats,
-                                                                   "dtypes": list(dtypes), "work": tmp}}])
+                           extra_env=env, scripts=[{"path": str(SCRIPT), "args": {
+                               "image_size": image_size, "ensemble": ensemble, "targets": targets, "repeats": repeats,
+                               "dtypes": list(dtypes), "work": tmp, "measure": measure}}])
     entry = result["scripts"][0]
     if entry.get("error") or "result" not in entry:
         raise RuntimeError(entry.get("error") or f"the benchmark did not run (ComfyUI exit status {result.get('returncode')}; "

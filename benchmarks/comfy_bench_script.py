@@ -3,7 +3,8 @@ ComfyUI's own SD 2.1 objects) against the core's diffusers path, full-size SD 2.
 
 Used by benchmarks/benchmark_native.py (CPU, fp32, interleaved timing) and benchmarks/benchmark_gpu.py
 (the host's GPU, fp16 and fp32). args: image_size, ensemble, targets, repeats, dtypes (["fp32", ...]),
-work (a scratch folder). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
+work (a scratch folder), measure ("both", default; "time": no memory figures; "memory": only one target's
+pass per path, no floor or timing). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
 the ensemble copies, on that path's modules), per_target (s, match + decode), extra_peak_bytes (a target's
 pass: peak minus memory before it; max_memory_allocated on CUDA, process RSS sampled every ms on the CPU),
 alphas compared between paths and between dtypes.
@@ -162,7 +163,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     host = _pack(".nodes.host_model")
     pipeline, checkpoint, sd_loading = (_pack(".iconmatting_core." + m) for m in ("pipeline", "checkpoint", "sd_loading"))
     ref, mask, targets, x, lat, prompt, head_path = inputs
-    ens, n, repeats = a["ensemble"], a["targets"], a["repeats"]
+    ens, n, repeats, measure = a["ensemble"], a["targets"], a["repeats"], a.get("measure", "both")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=True, output_clip=False,
                                                            model_options={"dtype": dtype})[:3]
@@ -200,13 +201,15 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
         paths = {"native": (floor_native, native.pipeline), "diffusers": (floor_diffusers, lambda: reference)}
         contexts = {}
         for name, (floor, get_pipe) in paths.items():  # warm-up, and the reference encoded once per path
-            floor()
+            if measure != "memory":
+                floor()
             pipe = get_pipe()
             contexts[name] = pipe.encode_reference(ref, mask)
             with PeakMemory(device) as peak:  # one target's pass, alone
-                pipe.matte(contexts[name], targets[:1])
-            run[name] = {"extra_peak_bytes": peak.extra}
-        for _ in range(repeats):  # interleaved, so that a busy machine slows both paths alike
+                result = pipe.matte(contexts[name], targets[:1])
+            run[name] = {} if measure == "time" else {"extra_peak_bytes": peak.extra}
+            alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
+        for _ in range(repeats if measure != "memory" else 0):  # interleaved, so that a busy machine slows both paths alike
             for name, (floor, get_pipe) in paths.items():
                 f = floor()
                 pipe = get_pipe()
@@ -220,7 +223,8 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
                 r["per_target"] = min(r.get("per_target", per_target), per_target)
                 alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
         for name in paths:
-            run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]
+            if measure != "memory":
+                run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]
     run["alpha_max_diff"] = _max_diff(alphas[("native", dtype_name)], alphas[("diffusers", dtype_name)])
     return run
 
