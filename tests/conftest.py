@@ -1,5 +1,8 @@
+import importlib
+import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,83 @@ def pipe(tiny_dir):
     from iconmatting_core.pipeline import IconMattingPipeline, load_model
 
     return IconMattingPipeline(load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32"))
+
+
+# --- the node pack, as ComfyUI imports it, and what its nodes need around them (tests/test_nodes*.py, ...) ---
+PACK = "iconmatting_pack_under_test"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack imported as ComfyUI imports it (a package with relative imports), with ComfyUI's own
+    modules; ComfyUI's tree goes at the end of sys.path so it shadows nothing of this repository."""
+    from comfy_harness import comfy_root, stub_dir
+
+    for path in (str(comfy_root()), str(stub_dir())):
+        if path not in sys.path:
+            sys.path.append(path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # CPU only, before comfy.model_management looks for a GPU
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    names = ["common", "model_nodes", "context_nodes", "target_nodes", "output_nodes", "iconmatting_nodes"]
+    ns = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.nodes.{n}") for n in names})
+    ns.core = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.iconmatting_core.{n}")
+                                       for n in ["pipeline", "context_file", "context", "matching", "postprocess"]})
+    return ns
+
+
+@pytest.fixture()
+def input_dir(pack, tmp_path):
+    import folder_paths
+
+    saved = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    (tmp_path / "input").mkdir()
+    yield tmp_path / "input"
+    folder_paths.set_input_directory(saved)
+
+
+@pytest.fixture()
+def context_dir(pack, tmp_path):
+    import folder_paths
+
+    saved = folder_paths.folder_names_and_paths["iconmatting_contexts"]
+    folder_paths.folder_names_and_paths["iconmatting_contexts"] = ([str(tmp_path / "contexts")], {".safetensors"})
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
+    yield tmp_path / "contexts"
+    folder_paths.folder_names_and_paths["iconmatting_contexts"] = saved
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
+
+
+@pytest.fixture(scope="module")
+def host_model(pack, request):
+    """What Load gives the other nodes (ICONMATTING_MODEL), over the tiny diffusers model."""
+    cached = os.environ.get("ICONMATTING_TINY_MODELS")  # mutation runs: tiny models written once (else the tiny_dir fixture)
+    tiny_dir = Path(cached) if cached else request.getfixturevalue("tiny_dir")
+    model = pack.core.pipeline.load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32")
+    pipe = pack.core.pipeline.IconMattingPipeline(model)
+    return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
+
+
+@pytest.fixture()
+def shown(pack, monkeypatch):
+    """Texts the nodes send to the frontend as progress text (a stand-in PromptServer)."""
+    sent = []
+    server = types.ModuleType("server")
+    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
+        send_progress_text=lambda text, node_id: sent.append((node_id, text))))
+    monkeypatch.setitem(sys.modules, "server", server)
+    from comfy_execution.utils import CurrentNodeContext
+
+    with CurrentNodeContext("prompt", "17"):
+        yield sent
 
 
 def make_reference(h=100, w=150, seed=0):

@@ -7,10 +7,6 @@ import types
 import pytest
 import torch
 
-import test_nodes
-
-pack, context_dir = test_nodes.pack, test_nodes.context_dir  # fixtures: the pack as ComfyUI imports it; a contexts folder
-
 ENCODE, SAVE = "IconMatting 2 · Encode Reference", "IconMatting 2 · Save Context"
 MAKE_ONE = f"Encode the reference with {ENCODE} and save it with {SAVE}."
 

@@ -6,10 +6,6 @@ import types
 import pytest
 import torch
 
-import test_nodes
-
-pack, shown = test_nodes.pack, test_nodes.shown  # fixtures: the pack imported as ComfyUI imports it; progress text
-
 WEIGHTS = "head.safetensors"
 
 

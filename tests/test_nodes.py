@@ -2,12 +2,10 @@
 0.3.75 tree of ``comfy_harness.comfy_root()`` and the tiny diffusers model: fast checks of what each
 node's ``execute``/``validate_inputs`` does with pixels, files and bad inputs. The real ComfyUI runs
 of tests/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
-import importlib
-import importlib.util
+import math
 import os
-import sys
+import re
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,82 +13,6 @@ import torch
 from PIL import Image
 
 from conftest import make_reference, make_targets
-
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "iconmatting_pack_under_test"
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """The pack imported as ComfyUI imports it (a package with relative imports), with ComfyUI's own
-    modules; ComfyUI's tree goes at the end of sys.path so it shadows nothing of this repository."""
-    from comfy_harness import comfy_root, stub_dir
-
-    for path in (str(comfy_root()), str(stub_dir())):
-        if path not in sys.path:
-            sys.path.append(path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # CPU only, before comfy.model_management looks for a GPU
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    names = ["common", "model_nodes", "context_nodes", "target_nodes", "output_nodes", "iconmatting_nodes"]
-    ns = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.nodes.{n}") for n in names})
-    ns.core = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.iconmatting_core.{n}")
-                                       for n in ["pipeline", "context_file", "context", "matching", "postprocess"]})
-    return ns
-
-
-@pytest.fixture()
-def input_dir(pack, tmp_path):
-    import folder_paths
-
-    saved = folder_paths.get_input_directory()
-    folder_paths.set_input_directory(str(tmp_path / "input"))
-    (tmp_path / "input").mkdir()
-    yield tmp_path / "input"
-    folder_paths.set_input_directory(saved)
-
-
-@pytest.fixture()
-def context_dir(pack, tmp_path):
-    import folder_paths
-
-    saved = folder_paths.folder_names_and_paths["iconmatting_contexts"]
-    folder_paths.folder_names_and_paths["iconmatting_contexts"] = ([str(tmp_path / "contexts")], {".safetensors"})
-    if hasattr(folder_paths, "filename_list_cache"):
-        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
-    yield tmp_path / "contexts"
-    folder_paths.folder_names_and_paths["iconmatting_contexts"] = saved
-    if hasattr(folder_paths, "filename_list_cache"):
-        folder_paths.filename_list_cache.pop("iconmatting_contexts", None)
-
-
-@pytest.fixture(scope="module")
-def host_model(pack, request):
-    """What Load gives the other nodes (ICONMATTING_MODEL), over the tiny diffusers model."""
-    cached = os.environ.get("ICONMATTING_TINY_MODELS")  # mutation runs: tiny models written once (conftest's tiny_dir)
-    tiny_dir = Path(cached) if cached else request.getfixturevalue("tiny_dir")
-    model = pack.core.pipeline.load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32")
-    pipe = pack.core.pipeline.IconMattingPipeline(model)
-    return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
-
-
-@pytest.fixture()
-def shown(pack, monkeypatch):
-    """Texts the nodes send to the frontend as progress text (a stand-in PromptServer)."""
-    sent = []
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
-        send_progress_text=lambda text, node_id: sent.append((node_id, text))))
-    monkeypatch.setitem(sys.modules, "server", server)
-    from comfy_execution.utils import CurrentNodeContext
-
-    with CurrentNodeContext("prompt", "17"):
-        yield sent
 
 
 def save_png(path, array):
@@ -122,7 +44,7 @@ def test_composite_with_one_background_puts_every_cut_out_over_it(pack):
 
 def test_composite_refuses_rgb_cut_outs_and_unpaired_backgrounds(pack):
     node = pack.output_nodes.IconMattingComposite
-    with pytest.raises(ValueError, match="rgba must have 4 channels.*Remove Background"):
+    with pytest.raises(ValueError, match=r"^rgba must have 4 channels\. Connect the rgba output of IconMatting 5 · Remove Background\.$"):
         node.execute([torch.zeros(1, 2, 2, 3)], [torch.zeros(1, 2, 2, 3)])
     with pytest.raises(ValueError, match="Got 2 backgrounds for 3 cut-outs"):
         node.execute([torch.zeros(3, 2, 2, 4)], [torch.zeros(2, 2, 2, 3)])
@@ -151,11 +73,13 @@ def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, inpu
     folder.mkdir()
     save_png(folder / "good.png", pixels(4, 3, 3))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "worse.png").write_bytes(b"")
     out = pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
     images, names = out.result
     assert names == ["good"] and len(images) == 1
-    assert "broken.png" in out.ui["text"][0] and "Skipped 1" in out.ui["text"][0]
-    assert len(shown) == 1 and shown[0][0] == "17" and "broken.png" in shown[0][1]
+    note = r"Skipped 2 unreadable file\(s\) in 'photos': broken\.png \(.+\); worse\.png \(.+\)"
+    assert re.fullmatch(note, out.ui["text"][0])
+    assert len(shown) == 1 and shown[0][0] == "17" and shown[0][1] == out.ui["text"][0]
 
 
 def test_folder_loader_fails_only_when_no_file_can_be_read(pack, input_dir):
@@ -163,25 +87,29 @@ def test_folder_loader_fails_only_when_no_file_can_be_read(pack, input_dir):
     folder.mkdir()
     (folder / "a.png").write_bytes(b"junk")
     (folder / "b.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"No image in folder 'photos' could be read: a\.png .*b\.jpg"):
+    unreadable = r"^No image in folder 'photos' could be read: a\.png \(.+\); b\.jpg \(.+\)\. Replace the files\.$"
+    with pytest.raises(ValueError, match=unreadable):
         pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
 
 
+NO_FOLDER = "No image folder given. Type the name of a folder inside ComfyUI/input (e.g. iconmatting_targets)."
+
+
 @pytest.mark.parametrize("value, expected", [
-    ("", "No image folder given"),
-    ("   ", "No image folder given"),
-    (None, "No image folder given"),
-    (".", "is ComfyUI/input itself"),
-    ("missing", "Image folder 'missing' not found in ComfyUI/input"),
-    ("empty", "Image folder 'empty' holds no images"),
-    ("../outside", "outside ComfyUI's input folder"),
+    ("", NO_FOLDER),
+    ("   ", NO_FOLDER),
+    (None, NO_FOLDER),
+    (".", "Image folder '.' is ComfyUI/input itself. Put the target photos in a folder inside it and give its name."),
+    ("missing", "Image folder 'missing' not found in ComfyUI/input. Create it and put the target photos in it."),
+    ("empty", "Image folder 'empty' holds no images. Put .png/.jpg/.webp target photos in it."),
+    ("../outside", "Image folder '../outside' is outside ComfyUI's input folder. Put the photos in a folder inside "
+                   "ComfyUI/input (or link one there) and give its name."),
 ])
 def test_folder_loader_refuses_bad_folders_at_validation(pack, input_dir, value, expected):
     (input_dir / "empty").mkdir()
     (input_dir / "empty" / "readme.txt").write_text("x")
     save_png(input_dir / "top.png", pixels(5, 2, 2))  # an image at the top of input/ is never matted by mistake
-    message = pack.target_nodes.IconMattingLoadImageFolder.validate_inputs(value)
-    assert isinstance(message, str) and expected in message
+    assert pack.target_nodes.IconMattingLoadImageFolder.validate_inputs(value) == expected
 
 
 def test_folder_loader_accepts_a_folder_of_images_at_validation(pack, input_dir):
@@ -191,7 +119,11 @@ def test_folder_loader_accepts_a_folder_of_images_at_validation(pack, input_dir)
 
 
 def test_folder_loader_validation_without_the_key_is_a_message_not_a_crash(pack, input_dir):
-    assert "No image folder given" in pack.target_nodes.IconMattingLoadImageFolder.validate_inputs()
+    assert pack.target_nodes.IconMattingLoadImageFolder.validate_inputs() == NO_FOLDER
+
+
+def test_folder_fingerprint_of_a_bad_folder_is_nan_so_the_node_runs_again(pack, input_dir):
+    assert math.isnan(pack.target_nodes.IconMattingLoadImageFolder.fingerprint_inputs("missing"))
 
 
 def test_folder_is_read_again_when_a_file_changes_even_at_the_same_size(pack, input_dir):
@@ -299,8 +231,27 @@ def test_match_preview_spans_the_whole_heat_ramp(matched):
 
 def test_match_refuses_an_unknown_resize_mode(pack, host_model):
     node = pack.target_nodes.IconMattingMatchTargets
-    assert "resize_mode must be one of pad, stretch; got 'crop'" in node.validate_inputs(["crop"])
+    assert node.validate_inputs(["crop"]) == "resize_mode must be one of pad, stretch; got 'crop'."
     assert node.validate_inputs(["stretch"]) is True and node.validate_inputs() is True
+
+
+def test_match_refuses_unknown_modes_and_what_is_no_context_in_so_many_words(pack, host_model, contexts, matched):
+    node, target = pack.target_nodes.IconMattingMatchTargets, matched[0]
+    with pytest.raises(ValueError) as info:
+        node.execute([host_model], [contexts[0]], [target], ["crop"])
+    assert str(info.value) == "resize_mode must be one of pad, stretch; got 'crop'."
+    with pytest.raises(TypeError) as info:
+        node.execute([host_model], [contexts[0], "nope"], [target])
+    assert str(info.value) == "context must come from IconMatting 2 · Encode Reference or Load Context."
+
+
+def test_match_defaults_to_pad_and_one_target_per_pass(pack, host_model, contexts, matched):
+    pipe, calls = host_model.pipeline(), []
+    recording = types.SimpleNamespace(config=pipe.config, match=lambda ctx, targets, **kw: calls.append(kw) or pipe.match(
+        ctx, targets, **kw))
+    match = pack.target_nodes.IconMattingMatchTargets.execute(
+        [types.SimpleNamespace(pipeline=lambda features=True: recording)], [contexts[0]], [matched[0]]).result[0]
+    assert [(c["resize_mode"], c["chunk_size"]) for c in calls] == [("pad", 1)] and match.resize_mode == "pad"
 
 
 # --- Remove Background (Decode Alpha) ------------------------------------------------------------------
@@ -325,8 +276,19 @@ def test_decode_cleans_edge_colours_only_when_asked(pack, host_model, matched):
 
 
 def test_decode_refuses_what_is_not_a_match(pack, host_model):
-    with pytest.raises(TypeError, match="Match Targets"):
+    with pytest.raises(TypeError, match=r"^match must come from IconMatting 4 · Match Targets\.$"):
         pack.output_nodes.IconMattingDecodeAlpha.execute(host_model, "nope", True)
+
+
+def test_decode_takes_4_targets_at_once_unless_told(pack, host_model, matched):
+    _, match, _ = matched
+    pipe, chunks = host_model.pipeline(), []
+    recording = types.SimpleNamespace(cutout=pipe.cutout, decode=lambda m, chunk_size, **kw: chunks.append(chunk_size) or pipe.decode(
+        m, chunk_size=chunk_size, **kw))
+    model = types.SimpleNamespace(pipeline=lambda features=True: recording)
+    pack.output_nodes.IconMattingDecodeAlpha.execute(model, match, False)
+    pack.output_nodes.IconMattingDecodeAlpha.execute(model, match, False, 9)
+    assert chunks == [4, 9]
 
 
 # --- Load ------------------------------------------------------------------------------------------------

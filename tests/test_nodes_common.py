@@ -7,10 +7,6 @@ import types
 import pytest
 import torch
 
-import test_nodes
-
-pack = test_nodes.pack  # fixture: the pack as ComfyUI imports it
-
 
 @pytest.fixture()
 def folders(pack, monkeypatch, tmp_path):
