@@ -16,6 +16,7 @@ counts as killed, e.g. a loop that no longer ends).
 """
 import difflib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -32,22 +33,30 @@ import torch  # noqa: F401
 from mutmut import Context, list_mutations, mutate
 
 
-class MutantSource(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class MutantLoader(importlib.machinery.SourceFileLoader):
+    """Loads module ``name`` from its own path but with ``code`` as its source (no bytecode cache)."""
+
+    def __init__(self, name, path, code):
+        super().__init__(name, path)
+        self.code = code
+
+    def get_data(self, path):
+        return self.code.encode() if path == self.path else super().get_data(path)
+
+    def path_stats(self, path):
+        raise OSError("a mutant is never cached")
+
+
+class MutantSource(importlib.abc.MetaPathFinder):
     """Serves ``code`` as module ``name`` (from ``path``) to every import in this process."""
 
     def __init__(self, name, path, code):
-        self.name, self.path, self.code = name, os.path.abspath(path), code
+        self.name, self.loader = name, MutantLoader(name, os.path.abspath(path), code)
 
     def find_spec(self, fullname, search_path, target=None):
         if fullname == self.name:
-            return importlib.util.spec_from_file_location(fullname, self.path, loader=self)
+            return importlib.util.spec_from_file_location(fullname, self.loader.path, loader=self.loader)
         return None
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        exec(compile(self.code, self.path, "exec"), module.__dict__)
 
 
 def run_stages(name, path, code, stages, timeout):
