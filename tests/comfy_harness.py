@@ -279,13 +279,33 @@ def _remove_stale_staging(parent: Path, max_age_s: float = 3600) -> None:
 def _pip(args: List[str], what: str) -> subprocess.CompletedProcess:
     """Run pip; skip the test on a network error, raise on any other failure."""
     cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--retries", "2", "--timeout", "30"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_or_skip_offline(cmd, f"no network: pip cannot fetch {what}")
     if proc.returncode != 0:
-        output = proc.stdout + proc.stderr
-        if any(marker.lower() in output.lower() for marker in _NETWORK_ERROR_MARKERS):
-            pytest.skip(f"no network: pip cannot fetch {what}")
-        raise RuntimeError(f"pip failed ({proc.returncode}) for {what}: {' '.join(cmd)}\n{output[-3000:]}")
+        raise RuntimeError(f"pip failed ({proc.returncode}) for {what}: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
     return proc
+
+
+def run_or_skip_offline(cmd, skip_reason: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (text output captured); skip the test with ``skip_reason`` when it failed for want of a
+    network (``_NETWORK_ERROR_MARKERS``). Any other failure is returned for the caller to report."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    output = (proc.stdout + proc.stderr).lower()
+    if proc.returncode != 0 and any(marker.lower() in output for marker in _NETWORK_ERROR_MARKERS):
+        pytest.skip(skip_reason)
+    return proc
+
+
+def assert_one_matte_per_target(prompt_run: Mapping[str, Any], sizes) -> Dict[str, dict]:
+    """A prompt ran, and wrote one alpha (``alpha*``) and one RGBA cut-out (``cutout*``) at each (W, H) of
+    ``sizes``; returns its new files by name."""
+    assert prompt_run["validation"]["ok"], prompt_run["validation"]
+    assert prompt_run["execution"]["success"], prompt_run["execution"]["error"]
+    files = {Path(f["path"]).name: f for f in prompt_run["new_files"]}
+    cutouts = sorted((f["image_size"], f["image_mode"]) for n, f in files.items() if n.startswith("cutout"))
+    alphas = sorted(f["image_size"] for n, f in files.items() if n.startswith("alpha"))
+    assert cutouts == sorted(([w, h], "RGBA") for w, h in sizes)  # each at its own photo's size
+    assert alphas == sorted([w, h] for w, h in sizes)
+    return files
 
 
 def _download_wheel(dest: Path) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import run_comfy
+from comfy_harness import assert_one_matte_per_target, run_comfy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -159,13 +159,7 @@ def test_pack_registers_v3_nodes_with_tooltips_in_pipeline_order(comfy_run):
 def test_batch_workflow_mattes_photos_of_different_sizes_on_the_host_sd2(comfy_run):
     result, _, _ = comfy_run
     run = result["prompts"][0]
-    assert run["validation"]["ok"], run["validation"]
-    assert run["execution"]["success"], run["execution"]["error"]
-    files = {Path(f["path"]).name: f for f in run["new_files"]}
-    cutouts = sorted((f["image_size"], f["image_mode"]) for n, f in files.items() if n.startswith("cutout"))
-    alphas = sorted(f["image_size"] for n, f in files.items() if n.startswith("alpha"))
-    assert cutouts == sorted(([w, h], "RGBA") for w, h in TARGET_SIZES)  # each at its own photo's size
-    assert alphas == sorted([w, h] for w, h in TARGET_SIZES)
+    assert_one_matte_per_target(run, TARGET_SIZES)
     match_node = node_id(load_api(BATCH), "IconMattingMatchTargets")
     progress = [d for e, d in run["execution"]["events"] if e == "progress" and d.get("node") == match_node]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == len(TARGET_SIZES)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import _NETWORK_ERROR_MARKERS, HOSTS, cache_dir
+from comfy_harness import HOSTS, cache_dir, run_or_skip_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_ENVS = Path(__file__).with_name("host_envs")
@@ -35,12 +35,9 @@ HOST_IMPORTS = ("import numpy, PIL.Image, safetensors.numpy, einops, tokenizers,
 
 def _run(cmd, what, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_CONSTRAINT")}
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kwargs)
+    proc = run_or_skip_offline(cmd, f"no network: cannot {what}", env=env, **kwargs)
     if proc.returncode != 0:
-        output = proc.stdout + proc.stderr
-        if any(marker.lower() in output.lower() for marker in _NETWORK_ERROR_MARKERS):
-            pytest.skip(f"no network: cannot {what}")
-        raise AssertionError(f"{what} failed ({proc.returncode}):\n{output[-4000:]}")
+        raise AssertionError(f"{what} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import run_comfy
+from comfy_harness import assert_one_matte_per_target, run_comfy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -276,13 +276,7 @@ def test_video_workflow_saves_alpha_and_composited_videos_at_the_clips_frame_rat
 def test_word_workflow_mattes_photos_of_different_sizes_with_a_stand_in_mask(host_run):
     result, _, _, _, _ = host_run
     run = result["prompts"][1]
-    assert run["validation"]["ok"], run["validation"]
-    assert run["execution"]["success"], run["execution"]["error"]
-    files = {Path(f["path"]).name: f for f in run["new_files"]}
-    cutouts = sorted((f["image_size"], f["image_mode"]) for n, f in files.items() if n.startswith("cutout"))
-    alphas = sorted(f["image_size"] for n, f in files.items() if n.startswith("alpha"))
-    assert cutouts == sorted(([w, h], "RGBA") for w, h in TARGET_SIZES)
-    assert alphas == sorted([w, h] for w, h in TARGET_SIZES)
+    assert_one_matte_per_target(run, TARGET_SIZES)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")))
