@@ -14,7 +14,9 @@ through the UNet conditioned on the empty prompt. Outputs, averaged over the cop
 pack runs the host's own model objects through the same steps. Each recorded self-attention
 layer computes its probabilities once, in float32, and derives both the recorded map and the
 layer's output from them (as the reference's attention processor does). The UNet stops right
-after the last block it is needed for (up block 2 for the maps, up block 1 for a reference).
+after the last block it is needed for (up block 1 for a reference); for the maps, once a first pass
+has shown how many layers it records, right after the last of them (in up block 2, before that
+block's last feed-forward and its upsampler, whose outputs nothing reads).
 Noise comes from a CPU generator seeded per image (one stream for references, another for
 targets), so a batch gives the same result as its images one at a time, on any device.
 """
@@ -57,10 +59,15 @@ class SelfAttentionRecorder:
     def __init__(self, resolutions, images: int = 1, copies: int = 1):
         self.token_counts = {r * r: r for r in resolutions}
         self.active = False
+        #: recorded layers in one whole UNet pass, once a pass has run to its end (None before; 0: the
+        #: last of them runs before the last block whose output is kept); from then on a pass stops
+        #: (StopUNet) right after the last one has recorded its probabilities
+        self.layers_per_pass: Optional[int] = None
         self.reset(images, copies)
 
     def reset(self, images: int, copies: int):
         self.images, self.copies = images, copies
+        self.pass_layers = 0  # recorded layers run so far in the UNet pass running now
         self.offset = 0  # index in the whole [B*E] batch of the first sample of the group running now
         self.sums: Dict[int, torch.Tensor] = {}
         self.layers: Dict[int, int] = {}  # layer calls per resolution (each group of copies calls every layer)
@@ -76,22 +83,29 @@ class SelfAttentionRecorder:
         softmax(q k^T * scale) is computed in float32, one sample at a time (memory heads x T^2);
         its mean over heads is added to the image's sum (copies of an image are adjacent in B; B
         may be a group of the copies, starting at sample ``self.offset`` of the whole batch).
+        Raises StopUNet instead of returning after the pass's last recorded layer (once
+        ``layers_per_pass`` is known): nothing the UNet computes after it is used.
         """
         res = self.token_counts[q.shape[1]]
         batch, tokens, _ = q.shape
+        self.pass_layers += 1
+        last = bool(self.layers_per_pass) and self.pass_layers >= self.layers_per_pass
         acc = self.sums.get(res)
         if acc is None:
             acc = torch.zeros(self.images, tokens, tokens, device=q.device, dtype=torch.float32)
             self.sums[res] = acc
-        out = torch.empty_like(q)
+        out = None if last else torch.empty_like(q)
         for i in range(batch):
             qh, kh, vh = (rearrange(t[i].float(), "t (h d) -> h t d", h=heads) for t in (q, k, v))
             probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
             acc[(self.offset + i) // self.copies] += probs.mean(dim=0)
-            out[i] = rearrange(torch.matmul(probs, vh), "h t d -> t (h d)").to(q.dtype)
+            if out is not None:
+                out[i] = rearrange(torch.matmul(probs, vh), "h t d -> t (h d)").to(q.dtype)
             del probs
         self.layers[res] = self.layers.get(res, 0) + 1
         self.samples[res] = self.samples.get(res, 0) + batch
+        if out is None:
+            raise StopUNet()
         return out
 
     def maps(self) -> Dict[int, torch.Tensor]:
@@ -125,6 +139,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding.detach().float().clone(), persistent=False)
         self.recorder = SelfAttentionRecorder(config.attention_resolutions)
         self.signal_scale, self.noise_scale = noise_schedule(config)
+        self._captured: Dict[int, torch.Tensor] = {}  # up block outputs of the pass running now
+        self._layers_at_capture = 0  # recorded layers that had run when the pass's last capture was made
 
     # --- supplied by a subclass ------------------------------------------------------------------
     @property
@@ -152,6 +168,11 @@ class FeatureExtractor(nn.Module):
         and the VAE encoder's input convolutions. (Not the empty-prompt embedding: hosts compute it
         with their own text encoder code, equal only to float rounding.)"""
         raise NotImplementedError
+
+    def _capture(self, level: int, features: torch.Tensor) -> None:
+        """Called by the subclass's UNet hook: keeps the output of up block ``level`` (0 or 1) of the pass."""
+        self._captured[level] = features
+        self._layers_at_capture = self.recorder.pass_layers
 
     #: at most this many noised copies (of all images together) per UNet pass; None: as many as
     #: :meth:`copies_per_pass` allows. Smaller groups give the same features to float rounding.
@@ -205,9 +226,13 @@ class FeatureExtractor(nn.Module):
             group = max(1, min(int(self.copies_per_pass(latents.shape[0], with_attention)), latents.shape[0]))
             parts = []
             for start in range(0, latents.shape[0], group):
-                self.recorder.offset = start
+                self.recorder.offset, self.recorder.pass_layers = start, 0
                 stop = start + group
                 parts.append([c.float() for c in self.unet_up_features(latents[start:stop], cond[start:stop], with_attention)])
+                if with_attention and self.recorder.layers_per_pass is None:  # this pass ran to its end
+                    # later passes stop after the last recorded layer if it runs after the last capture (0: never)
+                    ran_after = self.recorder.pass_layers > self._layers_at_capture
+                    self.recorder.layers_per_pass = self.recorder.pass_layers if ran_after else 0
             captured = [torch.cat(level) if len(parts) > 1 else level[0] for level in zip(*parts)]
             del parts
             ups = tuple(c.view(batch, e, *c.shape[1:]).mean(dim=1) for c in captured)

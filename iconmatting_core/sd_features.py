@@ -76,7 +76,7 @@ class _CaptureHook:
         if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
             return
         if self.index < 2:
-            ext._captured[self.index] = output
+            ext._capture(self.index, output)
         if self.index >= ext._stop_after:
             raise StopUNet()
 
@@ -132,7 +132,6 @@ class SDFeatureExtractor(FeatureExtractor):
                 wrapper = _RecordingAttnProcessor(module.processor, self.recorder)
                 module.set_processor(wrapper)
                 self._wrapped.append((module, wrapper))
-        self._captured: Dict[int, torch.Tensor] = {}
         self._stop_after = 2
         self._running = False
         self._hooks = [block.register_forward_hook(self._make_hook(i)) for i, block in enumerate(self.unet.up_blocks[:3])]

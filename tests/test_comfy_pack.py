@@ -199,6 +199,8 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     unet = out["unet_only"]  # the same noised latents into both UNets: the patch points alone
     assert unet["up0"] <= 1e-5 * scale and unet["up1"] <= 1e-5 * scale and unet["attention"] <= 1e-5, unet
     assert out["alpha_shapes"] == [[90, 60], [64, 100]]
+    # on the CPU the pack encodes with torch SDPA where ComfyUI's VAE has its split attention, and leaves that in place
+    assert out["vae_attention"] == {"pack": ["pytorch_attention"], "host": ["normal_attention"]}, out["vae_attention"]
     assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
 
 

@@ -80,6 +80,16 @@ def run(ctx):
     out["up1"] = _diff(f_native.up_features[1], f_ref.up_features[1])
     out["attention"] = {str(r): _diff(f_native.attention[r], f_ref.attention[r]) for r in f_ref.attention}
     out["feature_scale"] = float(max(f.abs().max() for f in f_ref.up_features))
+    # the VAE encoder's attention in the pack's encode (ComfyUI's CPU default is its split attention), and after
+    attn_blocks = [m for m in vae.first_stage_model.encoder.modules() if hasattr(m, "optimized_attention")]
+    ran = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: ran.append(m.optimized_attention.__name__)) for m in attn_blocks]
+    try:
+        native.extractor.posterior(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    out["vae_attention"] = {"pack": ran, "host": [m.optimized_attention.__name__ for m in attn_blocks]}
     # the UNet part alone (identical noised latents and prompt into both UNets): our patches vs diffusers' hooks
     latents = reference_pipe.model.extractor.noisy_latents(images, 5)
     prompt = reference_pipe.model.extractor.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
