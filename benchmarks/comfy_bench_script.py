@@ -209,23 +209,22 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
                 result = pipe.matte(contexts[name], targets[:1])
             run[name] = {} if measure == "time" else {"extra_peak_bytes": peak.extra}
             alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
-        timed = repeats if measure != "memory" else 0
         # interleaved, so that a busy machine slows both paths alike, each path first in every other repeat; the
         # floors in their own rounds, so that no timed matte follows the other path's floor (its allocations)
-        for repeat in range(timed):
-            for name in (list(paths) if repeat % 2 == 0 else list(paths)[::-1]):
-                f = paths[name][0]()
-                run[name]["floor"] = min(run[name].get("floor", f), f)
-        for repeat in range(timed):
-            for name in (list(paths) if repeat % 2 == 0 else list(paths)[::-1]):
-                pipe = paths[name][1]()
-                _sync(device)
-                t = time.perf_counter()
-                result = pipe.matte(contexts[name], targets)
-                _sync(device)
-                per_target = (time.perf_counter() - t) / n
-                run[name]["per_target"] = min(run[name].get("per_target", per_target), per_target)
-                alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
+        order = [name for repeat in range(repeats if measure != "memory" else 0)
+                 for name in list(paths)[:: 1 if repeat % 2 == 0 else -1]]
+        for name in order:
+            f = paths[name][0]()
+            run[name]["floor"] = min(run[name].get("floor", f), f)
+        for name in order:
+            pipe = paths[name][1]()
+            _sync(device)
+            t = time.perf_counter()
+            result = pipe.matte(contexts[name], targets)
+            _sync(device)
+            per_target = (time.perf_counter() - t) / n
+            run[name]["per_target"] = min(run[name].get("per_target", per_target), per_target)
+            alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
         for name in paths:
             if measure != "memory":
                 run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]
