@@ -100,7 +100,7 @@ def pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
-    names = ["common", "model_nodes", "context_nodes", "target_nodes", "output_nodes", "iconmatting_nodes"]
+    names = ["common", "model_nodes", "context_nodes", "target_nodes", "output_nodes", "iconmatting_nodes", "native_features"]
     ns = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.nodes.{n}") for n in names})
     ns.core = types.SimpleNamespace(**{n: importlib.import_module(f"{PACK}.iconmatting_core.{n}")
                                        for n in ["pipeline", "context_file", "context", "matching", "postprocess"]})

@@ -1,16 +1,12 @@
 """The attention the native path runs where it records nothing, over ComfyUI's own modules (fast, no boot):
 the VAE encoder's attention blocks during the pack's encode, and the UNet's unrecorded layers."""
-import importlib
-
 import pytest
 import torch
 
 
 @pytest.fixture()
 def native(pack):
-    from conftest import PACK
-
-    return importlib.import_module(f"{PACK}.nodes.native_features")
+    return pack.native_features
 
 
 @pytest.fixture()
@@ -28,8 +24,16 @@ def encoder(pack):
     return enc
 
 
+def _attention_blocks(encoder):
+    return [m for m in encoder.modules() if hasattr(m, "optimized_attention")]
+
+
 def _names(encoder):
-    return [m.optimized_attention.__name__ for m in encoder.modules() if hasattr(m, "optimized_attention")]
+    return [m.optimized_attention.__name__ for m in _attention_blocks(encoder)]
+
+
+def _image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
 def _encode_seeing_attention(native, encoder, device, fail=False):
@@ -41,10 +45,10 @@ def _encode_seeing_attention(native, encoder, device, fail=False):
         if fail:
             raise RuntimeError("interrupted")
 
-    hooks = [m.register_forward_pre_hook(spy) for m in encoder.modules() if hasattr(m, "optimized_attention")]
+    hooks = [m.register_forward_pre_hook(spy) for m in _attention_blocks(encoder)]
     try:
         with torch.no_grad(), native.vae_encoder_attention(encoder, device):
-            return encoder(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1), seen
+            return encoder(_image()), seen
     finally:
         for h in hooks:
             h.remove()
@@ -53,7 +57,7 @@ def _encode_seeing_attention(native, encoder, device, fail=False):
 def test_the_pack_encodes_with_sdpa_on_the_cpu_and_gives_the_vae_its_split_attention_back(native, encoder):
     assert _names(encoder) == ["normal_attention"]  # the host's CPU default
     with torch.no_grad():
-        split = encoder(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        split = encoder(_image())
     fused, seen = _encode_seeing_attention(native, encoder, torch.device("cpu"))
     assert seen == ["pytorch_attention"]
     assert _names(encoder) == ["normal_attention"]
@@ -89,7 +93,7 @@ def test_off_the_cpu_the_host_choice_is_kept(native, encoder):
 
 
 def test_a_block_with_another_attention_is_left_alone(native, encoder):
-    block = next(m for m in encoder.modules() if hasattr(m, "optimized_attention"))
+    block = _attention_blocks(encoder)[0]
     from comfy.ldm.modules.diffusionmodules import model
 
     block.optimized_attention = model.xformers_attention  # e.g. what the host chose; never called here
