@@ -99,7 +99,7 @@ def bench_ray(work: Path, images: int) -> None:
     from PIL import Image
 
     import iconmatting_core.job.local as local_engine
-    import iconmatting_core.ray_engine as ray_engine
+    import iconmatting_core.job.ray_engine as ray_engine
     from iconmatting_core.__main__ import main
 
     models, ref = _models(work), _reference(work)

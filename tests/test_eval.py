@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from iconmatting_core import eval as E
-from iconmatting_core import metrics as M
+from iconmatting_core.eval import metrics as M
 
 # group key = f"{class}-{sub_class}-{HalfOrFull}" as in the reference's ContextData
 RECORDS = {

@@ -295,7 +295,7 @@ def test_a_clip_without_a_frame_rate_is_refused(monkeypatch, tmp_path):
         def __exit__(self, *a):
             return False
 
-    monkeypatch.setattr(video, "_av", lambda: SimpleNamespace(open=lambda path: Container()))
+    monkeypatch.setattr(video, "import_av", lambda: SimpleNamespace(open=lambda path: Container()))
     with pytest.raises(ValueError, match="states no frame rate; re-mux it with one"):
         video.probe(tmp_path / "x.mkv")
 
@@ -322,7 +322,7 @@ def test_an_sd1_shaped_unet_is_refused(tmp_path, tiny_dir, capsys):
 
 
 def test_ray_native_log_lines_are_kept_out_of_the_users_output(capfd):
-    from iconmatting_core.ray_engine import _without_native_log_lines
+    from iconmatting_core.job.ray_engine import _without_native_log_lines
 
     with _without_native_log_lines():
         for line in (b"[2026-12-01 20:14:52,184 E 26340 26340] core_worker.cc:2465: Actor with class name\n",

@@ -4,7 +4,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from iconmatting_core import metrics as M
+from iconmatting_core.eval import metrics as M
 
 
 # ----------------------------------------------------------------- slow independent references

@@ -9,7 +9,7 @@ from PIL import Image
 from test_video import FPS, write_clip
 
 from iconmatting_core.__main__ import main
-from iconmatting_core.video import output_paths as video_output_paths
+from iconmatting_core.job.clips import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
 
 ray = pytest.importorskip("ray")
@@ -115,7 +115,7 @@ def test_a_folder_tree_on_ray_is_mirrored(pipe, tmp_path, capsys):
 
 
 def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, monkeypatch, capsys):
-    from iconmatting_core import ray_engine
+    from iconmatting_core.job import ray_engine
 
     images = save_reference_and_targets(tmp_path, 3)
     real_write = ray_engine.write_file
@@ -135,7 +135,7 @@ def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, 
 
 
 def test_read_stage_applies_exif_orientation(tmp_path):
-    from iconmatting_core.ray_engine import read_targets
+    from iconmatting_core.job.ray_engine import read_targets
 
     wide = np.zeros((20, 30, 3), np.uint8)
     wide[0, 0] = 255
@@ -156,7 +156,7 @@ def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
 
     import psutil  # requirements-dev.txt
     code = ("import logging, time, ray, psutil\n"
-            "from iconmatting_core.ray_engine import _start_reaper\n"
+            "from iconmatting_core.job.ray_engine import _start_reaper\n"
             "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)\n"
             "time.sleep(2)\n"
             "r = _start_reaper()\n"

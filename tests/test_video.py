@@ -9,7 +9,8 @@ from conftest import make_reference
 from PIL import Image
 
 from iconmatting_core.__main__ import main
-from iconmatting_core.video import output_paths, read_rgba_frames
+from iconmatting_core.job.clips import output_paths
+from iconmatting_core.video import read_rgba_frames
 
 av = pytest.importorskip("av")
 
@@ -108,17 +109,17 @@ def test_broken_video_is_a_recorded_failure_without_partial_outputs(pipe, tmp_pa
 
 def test_core_imports_without_ray_or_av():
     code = ("import sys; sys.modules['ray'] = None; sys.modules['av'] = None; "
-            "import iconmatting_core, iconmatting_core.__main__, iconmatting_core.ray_engine, iconmatting_core.video, "
+            "import iconmatting_core, iconmatting_core.__main__, iconmatting_core.job.ray_engine, iconmatting_core.video, "
             "iconmatting_core.context_file, iconmatting_core.hub; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):
-    from iconmatting_core import video
+    from iconmatting_core.job import clips
 
     clip = write_clip(tmp_path / "clip.mp4", frames=1)
-    monkeypatch.setattr(video, "iter_timed_chunks", lambda path, chunk_size: iter(()))  # decodes to nothing
+    monkeypatch.setattr(clips, "iter_timed_chunks", lambda path, chunk_size: iter(()))  # decodes to nothing
     out = tmp_path / "out"
     assert main(["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     err = capsys.readouterr().err

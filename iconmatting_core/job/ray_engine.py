@@ -35,8 +35,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .image_io import png_bytes, read_image_uint8
-from .job.outputs import (
+from ..image_io import png_bytes, read_image_uint8
+from ..video import to_uint8
+from .outputs import (
     OUT_OF_MEMORY,
     Failures,
     JobStopped,
@@ -47,8 +48,7 @@ from .job.outputs import (
     stop_reason,
     write_file,
 )
-from .job.targets import Target
-from .video import to_uint8
+from .targets import Target
 
 
 def _ray():
@@ -71,8 +71,8 @@ class PipelineSpec:
     dtype: str = "auto"
 
     def build(self):
-        from .checkpoint import CheckpointError
-        from .job import model_files
+        from ..checkpoint import CheckpointError
+        from . import model_files
 
         try:
             matting, sd = model_files.locate(self.matting_weights, self.sd, self.models_dir)
@@ -101,7 +101,7 @@ class RayJob:
     def from_args(cls, args, context, resize_mode, video_outputs, pipe_factory=None) -> "RayJob":
         expected = None
         if args.context:
-            from .context_file import read_context_metadata
+            from ..context_file import read_context_metadata
 
             expected = read_context_metadata(args.context).get("fingerprint")
         if pipe_factory is None:
@@ -125,7 +125,7 @@ class MatteWorker:
         if threads:
             torch.set_num_threads(threads)
         self.pipe = pipe_factory()
-        from .context_file import ContextFileError, fingerprint_label, same_weights
+        from ..context_file import ContextFileError, fingerprint_label, same_weights
 
         if expected_fingerprint is not None and not same_weights(self.pipe.fingerprint, expected_fingerprint):
             named = f" {context_file}" if context_file else ""
@@ -199,8 +199,8 @@ _SETUP_ERROR = re.compile(r"^(?:[\w.]+\.)?(ContextFileError|CheckpointError|File
 def _setup_error(exc: BaseException) -> Optional[str]:
     """The message of a worker's setup error inside a Ray error (an actor that died in its
     constructor carries only its traceback's text), or None."""
-    from .checkpoint import CheckpointError
-    from .context_file import ContextFileError
+    from ..checkpoint import CheckpointError
+    from ..context_file import ContextFileError
 
     seen = set()
     while exc is not None and id(exc) not in seen:
