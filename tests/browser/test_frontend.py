@@ -144,7 +144,7 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
             f"regenerate with tools/api_to_ui.py, or shorten long node titles"
         assert not node["errors"], f"{name}: node {node_id} ({node['type']}) is marked as failed"
     if missing:
-        return  # SAM 3 cannot run here: tests/test_workflows.py runs the rest with a stand-in mask
+        return  # SAM 3 cannot run here: tests/host/test_workflows.py runs the rest with a stand-in mask
 
     prompt_id = comfy.run()
     history = comfy.wait_for_history(prompt_id, timeout_s=240)
@@ -243,7 +243,7 @@ def test_template_browser_lists_the_workflows_with_thumbnails(app):
         assert card["text"][0] == name, card
         url = f"{comfy.server.url}/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name, safe='(),')}.jpg"
         assert (200, url) in comfy.responses and card["thumbnail"]["width"] > 0, \
-            f"no thumbnail workflows/{name}.jpg (python tests/frontend_harness.py templates)"
+            f"no thumbnail workflows/{name}.jpg (python tests/support/frontend_harness.py templates)"
     comfy.close_dialogs()
     comfy.unexpected_errors()
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # e.g. under --import-mode=importlib
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+if str(SUPPORT) not in sys.path:  # e.g. under --import-mode=importlib
+    sys.path.insert(0, str(SUPPORT))
 from comfy_harness import run_comfy  # noqa: E402
 
 DUMMY_PACK = textwrap.dedent('''

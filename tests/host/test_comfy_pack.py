@@ -2,7 +2,7 @@
 SD 2.x (stock Load Checkpoint), equivalence with the core's diffusers path, errors, memory management.
 
 One ComfyUI process per host runs everything (module fixture). SD 2.x is a tiny random-weight single file in the
-real layout, loaded by ComfyUI's own CheckpointLoaderSimple (tests/comfy_tiny_sd2 teaches ComfyUI its
+real layout, loaded by ComfyUI's own CheckpointLoaderSimple (tests/support/comfy_tiny_sd2 teaches ComfyUI its
 sizes); it is named like the real file, so the workflows run as shipped but for the matting weights.
 """
 import copy
@@ -15,11 +15,11 @@ from PIL import Image
 
 from comfy_harness import assert_one_matte_per_target, run_comfy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
-TINY_SD2_PACK = Path(__file__).parent / "comfy_tiny_sd2"
-EQUIVALENCE_SCRIPT = Path(__file__).parent / "comfy_scripts" / "native_equivalence.py"
-NO_MODELS_SCRIPT = Path(__file__).parent / "comfy_scripts" / "no_models.py"
+TINY_SD2_PACK = ROOT / "tests" / "support" / "comfy_tiny_sd2"
+EQUIVALENCE_SCRIPT = ROOT / "tests" / "support" / "comfy_scripts" / "native_equivalence.py"
+NO_MODELS_SCRIPT = ROOT / "tests" / "support" / "comfy_scripts" / "no_models.py"
 SD_FILE = "v2-1_768-ema-pruned.safetensors"
 HEAD_FILE = "icm.safetensors"  # the tiny head carries its (tiny) config, which only our .safetensors can
 NODES = {

@@ -1,8 +1,8 @@
 """The tiny SD 2.x single file loads in the real ComfyUI 0.3.75 (stock Load Checkpoint) and in our core
 alike, with the same weights: UNet output, VAE encoder moments and the empty-prompt conditioning agree.
 
-One ComfyUI boot runs ``tests/comfy_tiny_sd2/checks.py`` in-process (``run_comfy`` ``scripts``), with the
-test-only ``tests/comfy_tiny_sd2`` module registering the tiny model type (``extra_packs``). ComfyUI runs
+One ComfyUI boot runs ``tests/support/comfy_tiny_sd2/checks.py`` in-process (``run_comfy`` ``scripts``), with the
+test-only ``tests/support/comfy_tiny_sd2`` module registering the tiny model type (``extra_packs``). ComfyUI runs
 its text encoder in float16 on CPU by default; ``--fp32-text-enc`` makes the comparison float32 throughout.
 """
 import re
@@ -15,8 +15,8 @@ from iconmatting_core.clip_text import OPEN_CLIP_PREFIX
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX
 from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_SD2_PACK = Path(__file__).with_name("comfy_tiny_sd2")
+ROOT = Path(__file__).resolve().parents[2]
+TINY_SD2_PACK = ROOT / "tests" / "support" / "comfy_tiny_sd2"
 CHECKS = TINY_SD2_PACK / "checks.py"
 CHECKPOINT = "tiny_sd2.safetensors"
 TOLERANCE = 1e-5

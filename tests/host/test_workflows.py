@@ -19,10 +19,10 @@ from PIL import Image
 
 from comfy_harness import assert_one_matte_per_target, run_comfy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
-OBJECT_INFO_SCRIPT = Path(__file__).parent / "comfy_scripts" / "object_info.py"
-TINY_SD2_PACK = Path(__file__).parent / "comfy_tiny_sd2"
+OBJECT_INFO_SCRIPT = ROOT / "tests" / "support" / "comfy_scripts" / "object_info.py"
+TINY_SD2_PACK = ROOT / "tests" / "support" / "comfy_tiny_sd2"
 SD_FILE = "v2-1_768-ema-pruned.safetensors"
 HEAD_FILE = "icm.safetensors"
 WORD = "Matte a folder from a word (IconMatting, SAM 3)"

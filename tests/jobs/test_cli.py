@@ -126,7 +126,7 @@ def test_launcher_converts_from_another_working_directory(tmp_path):
     from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "ours.safetensors")
-    launcher = Path(__file__).resolve().parents[1] / "iconmatting.py"
+    launcher = Path(__file__).resolve().parents[2] / "iconmatting.py"
     elsewhere = tmp_path / "ComfyUI"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -145,7 +145,7 @@ def _save(array, path, orientation=None):
 
 
 def test_names_do_not_change_as_a_job_grows_and_collisions_are_refused(tmp_path, pipe, capsys):
-    from conftest import save_reference_and_targets
+    from sample_inputs import save_reference_and_targets
 
     save_reference_and_targets(tmp_path, 2, "a")  # a/t0.png, a/t1.png
     rng = np.random.default_rng(3)
@@ -210,7 +210,7 @@ def test_exif_orientation_is_applied_to_references_masks_and_targets(tmp_path, p
     _save(wide[..., 0], tmp_path / "mask6.png", orientation=6)
     assert np.array_equal(read_mask(tmp_path / "mask6.png"), np.rot90(wide[..., 0], -1) / 255.0)
 
-    from conftest import save_reference_and_targets
+    from sample_inputs import save_reference_and_targets
 
     targets = save_reference_and_targets(tmp_path, 0)
     _save((np.random.default_rng(0).random((40, 64, 3)) * 255).astype(np.uint8), targets / "t.jpg", orientation=6)
@@ -221,7 +221,7 @@ def test_exif_orientation_is_applied_to_references_masks_and_targets(tmp_path, p
 
 
 def test_a_run_with_nothing_left_to_do_drops_stale_failures(tmp_path, pipe, capsys):
-    from conftest import save_reference_and_targets
+    from sample_inputs import save_reference_and_targets
 
     targets = save_reference_and_targets(tmp_path, 1)
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_written_files_get_their_mode_without_touching_the_umask(tmp_path, pipe,
     from tiny_models import save_tiny_head
 
     src = save_tiny_head(tmp_path / "ours.safetensors")
-    from conftest import save_reference_and_targets
+    from sample_inputs import save_reference_and_targets
 
     save_reference_and_targets(tmp_path, 0)
     old = os.umask(0o027)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import save_reference_and_targets
 from iconmatting_core.__main__ import main
 from iconmatting_core.job import outputs
+from sample_inputs import save_reference_and_targets
 
 
 def _ref(d):
@@ -209,7 +209,7 @@ def test_sigkill_then_resume_redoes_nothing(tmp_path, tiny_dir):
     cmd = [sys.executable, "-m", "iconmatting_core", "matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out),
            "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(tiny_dir / "sd"), "--device", "cpu",
            "--threads", "1"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     job = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert _wait_for(lambda: len(list(out.glob("*_rgba.png"))) >= 2, 240), job.stderr.read1().decode()

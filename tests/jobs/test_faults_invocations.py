@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import save_reference_and_targets
 from iconmatting_core.__main__ import main
+from sample_inputs import save_reference_and_targets
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ import pytest
 
 from comfy_harness import HOSTS, cache_dir, run_or_skip_offline
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST_ENVS = Path(__file__).with_name("host_envs")
+ROOT = Path(__file__).resolve().parents[2]
+HOST_ENVS = ROOT / "tests" / "host_envs"
 #: What ComfyUI imports at start-up from the packages the pack's requirements could touch.
 HOST_IMPORTS = ("import numpy, PIL.Image, safetensors.numpy, einops, tokenizers, huggingface_hub, yaml\n"
                 "import transformers\n"

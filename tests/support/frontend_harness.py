@@ -19,7 +19,7 @@ the right ``models/`` folder and points the widget at it. :data:`TINY_MODELS` is
 that says, per (node type, widget), which folder and which tiny model; a model widget not listed
 there fails the test with a message saying to add it.
 
-``python tests/frontend_harness.py templates`` regenerates each ``workflows/<name>.json`` from its API
+``python tests/support/frontend_harness.py templates`` regenerates each ``workflows/<name>.json`` from its API
 twin (with ComfyUI 0.28.2's ``/object_info``) and its template card ``workflows/<name>.jpg``.
 """
 from __future__ import annotations
@@ -43,12 +43,12 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from api_to_ui import widget_names  # noqa: E402
 from comfy_harness import (DEFAULT_HOST, ComfyHost, _build_atomically, _pip, cache_dir,  # noqa: E402
                            comfy_host)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 #: The pack's folder name under custom_nodes/ (the README's clone command); it is also the
 #: template browser's category for the pack's workflows.
@@ -250,7 +250,7 @@ TINY_MODELS: Dict[Tuple[str, str], Callable[[Path], str]] = {
     ("CheckpointLoaderSimple", "ckpt_name"): _tiny_sd2_checkpoint,
 }
 #: Test-only custom node modules loaded beside the pack: ComfyUI learns the tiny SD 2.x file.
-TEST_PACKS = [ROOT / "tests" / "comfy_tiny_sd2"]
+TEST_PACKS = [ROOT / "tests" / "support" / "comfy_tiny_sd2"]
 
 
 def write_input_image(path: Path, seed: int) -> None:
@@ -335,7 +335,7 @@ def prepare_workflow(workflow: dict, object_info: dict, work: Path) -> Tuple[dic
             elif names_a_model(value) and value not in LEFT_MISSING:
                 if key not in TINY_MODELS:
                     problems.append(f"node {node['id']} ({node['type']}) widget {name!r} names the model "
-                                    f"{value!r}: add {key!r} to TINY_MODELS in tests/frontend_harness.py")
+                                    f"{value!r}: add {key!r} to TINY_MODELS in tests/support/frontend_harness.py")
                     continue
                 node["widgets_values"][i] = TINY_MODELS[key](work / "models")
     return workflow, problems
@@ -615,6 +615,6 @@ def write_templates(workflows_dir: Path = WORKFLOWS) -> List[Path]:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["templates"]:
-        sys.exit("usage: python tests/frontend_harness.py templates")
+        sys.exit("usage: python tests/support/frontend_harness.py templates")
     for path in write_templates():
         print(path.relative_to(ROOT))

@@ -1,14 +1,14 @@
 """Mutation run over one module of the library (``iconmatting_core``) with mutmut 2's mutation operators
 (``pip install -c constraints.txt mutmut``; not a requirement of the project). The node pack has its own
-driver, ``tests/mutmut_nodes.py`` (ComfyUI preloaded).
+driver, ``tests/support/mutmut_nodes.py`` (ComfyUI preloaded).
 
 The parent imports the heavy third-party packages once. Each mutant runs in a forked child that serves the
 mutated source for the module through an import hook (the file on disk is never rewritten, so this runs in
 the repository itself), imports the library afresh and runs the pytest stages in order (``-x``); the mutant
 is killed when a stage fails. The unmutated module must pass first. From the repository root::
 
-    python tests/mutmut_core.py iconmatting_core/job/outputs.py iconmatting_core.job.outputs out.json \\
-        -- "tests/test_job_units.py" ";;" "tests/test_faults.py -k progress"
+    python tests/support/mutmut_core.py iconmatting_core/job/outputs.py iconmatting_core.job.outputs out.json \\
+        -- "tests/unit/test_job_units.py" ";;" "tests/jobs/test_faults.py -k progress"
 
 Each stage is one argument (quoted), ``;;`` between them optional. Prints one line per mutant and the score; ``out.json`` keeps every mutant
 with its diff and result. ``MUTMUT_CORE_TIMEOUT``: seconds per stage (default 120; past it the mutant

@@ -7,7 +7,7 @@ postprocess the nodes do not use.
 
 Run from a scratch copy of the repository (files are rewritten while it runs)::
 
-    ICONMATTING_TINY_MODELS=<dir with head.safetensors and sd/> python tests/mutmut_nodes.py FILE... > results.jsonl
+    ICONMATTING_TINY_MODELS=<dir with head.safetensors and sd/> python tests/support/mutmut_nodes.py FILE... > results.jsonl
 
 ``MUTMUT_NODES_FORK=1``: import torch, diffusers and ComfyUI once and run each mutant's tests in a
 forked child (much faster; Linux only). ``MUTMUT_NODES_TIMEOUT``: seconds a mutant's tests may run
@@ -24,13 +24,14 @@ from mutmut import ALL, Context, list_mutations, mutate
 
 PYTEST = f"{sys.executable} -m pytest -q -x -p no:cacheprovider"
 TESTS = {
-    "iconmatting_core/postprocess.py": "tests/test_nodes_postprocess.py",
-    "nodes/common.py": "tests/test_nodes_common.py tests/test_model_nodes.py tests/test_context_nodes.py tests/test_nodes.py",
-    "nodes/model_nodes.py": "tests/test_model_nodes.py tests/test_nodes.py "
+    "iconmatting_core/postprocess.py": "tests/unit/test_nodes_postprocess.py",
+    "nodes/common.py": "tests/unit/test_nodes_common.py tests/unit/test_model_nodes.py tests/unit/test_context_nodes.py "
+                       "tests/unit/test_nodes.py",
+    "nodes/model_nodes.py": "tests/unit/test_model_nodes.py tests/unit/test_nodes.py "
                             "-k 'model_nodes or load_validation or unet_widths or patched or registered'",
-    "nodes/context_nodes.py": "tests/test_context_nodes.py tests/test_nodes.py -k 'encode or context or registered'",
-    "nodes/target_nodes.py": "tests/test_nodes.py -k 'folder or match or registered'",
-    "nodes/output_nodes.py": "tests/test_nodes.py -k 'composite or decode or registered'",
+    "nodes/context_nodes.py": "tests/unit/test_context_nodes.py tests/unit/test_nodes.py -k 'encode or context or registered'",
+    "nodes/target_nodes.py": "tests/unit/test_nodes.py -k 'folder or match or registered'",
+    "nodes/output_nodes.py": "tests/unit/test_nodes.py -k 'composite or decode or registered'",
 }
 POSTPROCESS_SECTION = "# --- compositing and previews"
 
@@ -49,7 +50,7 @@ def skipped_lines(filename, source):
 def preload():
     """Import the heavy libraries once; each mutant's tests run in a forked child (``fork_pytest``),
     which imports this repository's modules (the mutated one included) afresh."""
-    sys.path.insert(0, str(Path("tests").resolve()))
+    sys.path.insert(0, str(Path("tests/support").resolve()))
     # pytest imports the repository's __init__.py as the top-level module "__init__" (its folder's name
     # is no identifier); with comfy importable that module tries its relative import of the nodes and
     # every test errors at setup. Import it now, while comfy is not importable, as a plain run does.

@@ -2,7 +2,7 @@
 
 Not part of the library (nothing here is needed at inference, and the wheel does not ship it): it lets tests
 and benchmarks build the whole model (UNet, VAE, text encoder, head) with small channel counts and save it in
-every on-disk layout the loaders accept. Import it with the repository root and ``tests/`` on ``sys.path``
+every on-disk layout the loaders accept. Import it with the repository root and ``tests/support/`` on ``sys.path``
 (``tests/conftest.py`` and the benchmarks put them there). The SD 2.x single file that ComfyUI's own loader
 also reads is built by ``tiny_sd2_checkpoint``, from diffusers weights renamed by ``ldm_keys``.
 """
@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from iconmatting_core.checkpoint import ours_to_reference
+from core_helpers import ours_to_reference
 from iconmatting_core.config import IconMattingConfig, load_sd_config
 from iconmatting_core.matting_head import IconMattingHead
 

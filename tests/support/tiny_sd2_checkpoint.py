@@ -4,7 +4,7 @@ Not part of the library (see ``tiny_models``). ComfyUI recognises SD 2.x by key 
 with fixed assumptions: 32-group norms and 64-channel attention heads in the UNet, one fixed VAE architecture,
 a fixed json config for the text encoder. The tiny UNet keeps those (64/64/128/128 channels, 1/1/2/2 heads),
 the VAE is SD's real one, and the text encoder is ``TINY_TEXT`` (its hidden size is the UNet's context_dim).
-ComfyUI needs a model class with these sizes registered: tests/comfy_tiny_sd2.
+ComfyUI needs a model class with these sizes registered: tests/support/comfy_tiny_sd2.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _fan_in_random(shapes: Dict[str, torch.Size], gen: torch.Generator) -> Dict[
 
 def save_tiny_comfy_sd2_checkpoint(path, seed: int = 0) -> Path:
     """Write a random-weight SD 2.x single file (original key layout) loadable by both ComfyUI's
-    CheckpointLoaderSimple (with tests/comfy_tiny_sd2 registered) and ``load_sd_components(path,
+    CheckpointLoaderSimple (with tests/support/comfy_tiny_sd2 registered) and ``load_sd_components(path,
     **tiny_comfy_sd2_configs())``; return ``path``.
 
     UNet (``model.diffusion_model.*``, float32): :func:`tiny_comfy_unet_config`; its transformer norm

@@ -6,7 +6,6 @@ import stat
 import pytest
 import torch
 
-from conftest import make_reference, make_targets, save_reference_and_targets
 from iconmatting_core.__main__ import main
 from iconmatting_core.context_file import (
     ContextFileError,
@@ -18,6 +17,7 @@ from iconmatting_core.context_file import (
     save_context,
 )
 from iconmatting_core.pipeline import IconMattingModel, IconMattingPipeline
+from sample_inputs import make_reference, make_targets, save_reference_and_targets
 from tiny_models import tiny_head
 
 

@@ -1,6 +1,6 @@
 """Nodes 2 (Encode Reference, Save Context, Load Context) in pieces, fast: over a stand-in ICONMATTING_MODEL
 (a small head, two SD tensors to fingerprint, a pipeline that records what it is asked) and a context
-written by hand. tests/test_nodes.py runs the same nodes over the tiny diffusers model."""
+written by hand. tests/unit/test_nodes.py runs the same nodes over the tiny diffusers model."""
 import os
 import types
 

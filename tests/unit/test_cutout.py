@@ -1,43 +1,11 @@
 """Strip-wise blur-fusion equals the whole-image float64 implementation it replaced."""
 import pytest
 import torch
-import torch.nn.functional as F
 
+from core_helpers import box_blur
 from iconmatting_core import postprocess as post
 from iconmatting_core.preprocess import Placement, restore_alpha
-
-
-# --- the previous implementation (whole image, float64, integral images), kept as the oracle ------
-
-def old_box_blur(x, radius):
-    b, c, h, w = x.shape
-    pad = F.pad(x, (1, 0, 1, 0))
-    integral = pad.cumsum(-1).cumsum(-2)
-    ys = torch.arange(h, device=x.device)
-    xs = torch.arange(w, device=x.device)
-    y0, y1 = (ys - radius).clamp(0, h), (ys + radius + 1).clamp(0, h)
-    x0, x1 = (xs - radius).clamp(0, w), (xs + radius + 1).clamp(0, w)
-    rows_hi, rows_lo = integral[:, :, y1], integral[:, :, y0]
-    s = rows_hi[..., x1] - rows_hi[..., x0] - rows_lo[..., x1] + rows_lo[..., x0]
-    area = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).to(x.dtype)
-    return s / area
-
-
-def old_pass(image, fg, bg, alpha, radius):
-    blurred_alpha = old_box_blur(alpha, radius)
-    blurred_fg = old_box_blur(fg * alpha, radius) / (blurred_alpha + 1e-5)
-    blurred_bg = old_box_blur(bg * (1 - alpha), radius) / ((1 - blurred_alpha) + 1e-5)
-    fg = blurred_fg + alpha * (image - alpha * blurred_fg - (1 - alpha) * blurred_bg)
-    return fg.clamp(0, 1), blurred_bg
-
-
-def old_estimate_foreground(image, alpha, kernel_sizes=(90, 6)):
-    img = image.permute(0, 3, 1, 2).double()
-    a = alpha[:, None].double()
-    fg, bg = img, img
-    for k in kernel_sizes:
-        fg, bg = old_pass(img, fg, bg, a, k // 2)
-    return fg.permute(0, 2, 3, 1).to(image.dtype)
+from oracles import old_box_blur, old_estimate_foreground
 
 
 def synthetic(h, w, seed, band=6.0):
@@ -87,7 +55,7 @@ def test_fully_opaque_or_empty_mattes_cost_nothing(monkeypatch):
 def test_box_blur_matches_the_integral_image_version():
     x = torch.rand(2, 3, 40, 23, dtype=torch.float64)
     for r in (0, 1, 5, 45):
-        assert torch.allclose(post.box_blur(x, r), old_box_blur(x, r), atol=1e-12)
+        assert torch.allclose(box_blur(x, r), old_box_blur(x, r), atol=1e-12)
 
 
 def test_rgba_cutout_fills_one_buffer():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_reference, save_reference_and_targets
 from iconmatting_core.__main__ import main
 from iconmatting_core.context_file import METADATA_KEY, ContextFileError, load_context, save_context
+from sample_inputs import make_reference, save_reference_and_targets
 
 
 @pytest.fixture(scope="module")

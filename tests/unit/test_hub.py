@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_reference, make_targets
 from iconmatting_core.__main__ import main
 from iconmatting_core.hub import SD_FILES, SD_REPO_ID, SDNotFoundError, find_or_download_sd
+from sample_inputs import make_reference, make_targets
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 

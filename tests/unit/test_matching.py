@@ -6,9 +6,9 @@ stretch/pad building blocks of ``preprocess`` applied by hand, never from the co
 import pytest
 import torch
 
-from conftest import make_reference
 from iconmatting_core import preprocess as pre
 from iconmatting_core.matching import MatchResult, inter_image_similarity, match_features
+from sample_inputs import make_reference
 from tiny_models import tiny_config, tiny_head
 
 SIZE = 128  # tiny model: similarity grid 8

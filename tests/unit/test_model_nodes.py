@@ -1,6 +1,6 @@
 """Node 1 (IconMatting 1 · Load) in pieces, fast: the UNet widths read from a stand-in ComfyUI UNet built
 of ComfyUI's own Upsample blocks, and ``execute`` over a stand-in IconMattingOnHost (the real load over
-a host's SD 2.1 runs in tests/test_comfy_pack.py)."""
+a host's SD 2.1 runs in tests/host/test_comfy_pack.py)."""
 import types
 
 import pytest

@@ -5,15 +5,17 @@ import pickle
 import pytest
 import torch
 
-from conftest import make_reference, make_targets
+from core_helpers import box_blur, ours_to_reference
 from iconmatting_core import checkpoint as ckpt
 from iconmatting_core.clip_text import encode_empty_prompt
 from iconmatting_core.config import IconMattingConfig
 from iconmatting_core.features import noise_schedule
 from iconmatting_core.pipeline import IconMattingPipeline, build_model, load_model
-from iconmatting_core.postprocess import box_blur, estimate_foreground, rgba_cutout
-from iconmatting_core.preprocess import placement_for, prepare_image, prepare_mask, restore_alpha, to_rgb
+from iconmatting_core.postprocess import estimate_foreground, rgba_cutout
+from iconmatting_core.preprocess import placement_for, prepare_image, restore_alpha, to_rgb
 from iconmatting_core.sd_loading import load_sd_components
+from oracles import prepare_mask
+from sample_inputs import make_reference, make_targets
 from tiny_models import save_tiny_head, tiny_config, tiny_head, tiny_text_state_dict
 
 
@@ -46,7 +48,7 @@ def test_convert_checkpoint_writes_loadable_safetensors(tmp_path):
 
 def test_lightning_extras_and_frozen_sd_keys_are_ignored(tmp_path):
     cfg = tiny_config()
-    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state = ours_to_reference(tiny_head(cfg).state_dict())
     state["feature_extractor.dift_sd.unet.conv_in.weight"] = torch.zeros(1)
     state["feature_extractor.prompt_embeds"] = torch.ones(1, 77, 32)
     path = tmp_path / "full.ckpt"
@@ -57,7 +59,7 @@ def test_lightning_extras_and_frozen_sd_keys_are_ignored(tmp_path):
 
 def test_missing_and_unexpected_keys_are_reported(tmp_path):
     cfg = tiny_config()
-    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state = ours_to_reference(tiny_head(cfg).state_dict())
     state.pop("in_context_decoder.detail_decoder.matting_head.matting_convs.3.weight")
     path = tmp_path / "broken.ckpt"
     torch.save({"state_dict": state}, path)
@@ -67,7 +69,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     )):
         ckpt.load_head(path, cfg)
 
-    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state = ours_to_reference(tiny_head(cfg).state_dict())
     state["in_context_decoder.extra_layer.weight"] = torch.zeros(1)
     torch.save({"state_dict": state}, path)
     with pytest.raises(ckpt.CheckpointError, match=(
@@ -124,7 +126,7 @@ class _Evil:
 def test_pickled_code_is_never_executed(tmp_path, monkeypatch, legacy):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config()
-    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state = ours_to_reference(tiny_head(cfg).state_dict())
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": _Evil()}, path, _use_new_zipfile_serialization=not legacy)
     head, _ = ckpt.load_head(path, cfg)  # the tensors still load
@@ -149,7 +151,7 @@ def test_checkpoint_extras_of_dict_and_list_subclasses_load(tmp_path):
     import collections
 
     cfg = tiny_config()
-    state = ckpt.ours_to_reference(tiny_head(cfg).state_dict())
+    state = ours_to_reference(tiny_head(cfg).state_dict())
     extras = {"hyper_parameters": _AttributeDict(lr=4e-4, cfg=_AttributeDict(a=1)),
               "loops": collections.defaultdict(list, {"x": [1, 2]}), "callbacks": {"ModelCheckpoint{}": {"best": 0.1}}}
     path = tmp_path / "lightning.ckpt"
@@ -166,8 +168,8 @@ def test_reference_key_layout_is_the_released_one():
 
     from iconmatting_core.matting_head import IconMattingHead
 
-    expected = json.loads((Path(__file__).parent / "data" / "reference_head_keys.json").read_text())["keys"]
-    ours = {k: list(v.shape) for k, v in ckpt.ours_to_reference(IconMattingHead(IconMattingConfig()).state_dict()).items()}
+    expected = json.loads((Path(__file__).resolve().parents[1] / "data" / "reference_head_keys.json").read_text())["keys"]
+    ours = {k: list(v.shape) for k, v in ours_to_reference(IconMattingHead(IconMattingConfig()).state_dict()).items()}
     assert ours == expected
     mapped, unmapped = ckpt.reference_to_ours({k: torch.zeros(0) for k in expected})
     assert not unmapped and set(mapped) == set(IconMattingHead(IconMattingConfig()).state_dict())

@@ -1,7 +1,7 @@
 """The nodes called directly (as ComfyUI core tests its nodes), inside this process, over the ComfyUI
 0.3.75 tree of ``comfy_harness.comfy_root()`` and the tiny diffusers model: fast checks of what each
 node's ``execute``/``validate_inputs`` does with pixels, files and bad inputs. The real ComfyUI runs
-of tests/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
+of tests/host/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
 import math
 import os
 import re
@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_reference, make_targets
+from sample_inputs import make_reference, make_targets
+
 
 
 def save_png(path, array):

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_reference
 from iconmatting_core import preprocess as pre
-from iconmatting_core.context import cell_mask, cell_selection
+from iconmatting_core.context import cell_selection
 from iconmatting_core.features import ImageFeatures
 from iconmatting_core.matching import inter_image_similarity, intra_image_propagation, match_features
+from oracles import cell_mask, prepare_mask
+from sample_inputs import make_reference
 from tiny_models import tiny_config, tiny_head
 
 SIZE = 128  # tiny model: similarity grid 8 (16 px cells), attention grids 4 (32 px) and 8 (16 px)
@@ -185,7 +186,7 @@ def test_padded_cells_never_become_region_tokens(hw, pooling):
         inside[0, 0] = False
         assert torch.equal(selected, inside)
     # the old path (mask shrunk to the input, padded with 0) agrees on which cells are padding
-    old = cell_mask(pre.prepare_mask(mask, p, SIZE), 8, pooling)
+    old = cell_mask(prepare_mask(mask, p, SIZE), 8, pooling)
     assert not (old & ~valid).any()
 
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_reference, make_targets
 from iconmatting_core.context import ReferenceContext
 from iconmatting_core.matching import MatchResult
+from sample_inputs import make_reference, make_targets
 
 
 def test_shapes_and_ranges(pipe):

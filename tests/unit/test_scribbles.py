@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from iconmatting_core import preprocess as pre
-from iconmatting_core.context import cell_mask, cell_selection
+from iconmatting_core.context import cell_selection
+from oracles import cell_mask, prepare_mask
 
 
 def centre_cells(points, placement, size, grid):
@@ -29,7 +30,7 @@ def check_touched(mask, points, size=768, grid=48):
     assert (selected & want).equal(want)  # every touched cell
     assert not (selected & ~dilate(want)).any()  # and only cells next to the stroke (pixel on a border: both)
     # the old path (mask shrunk to the input, binarised) loses the stroke entirely
-    assert not cell_mask(pre.prepare_mask(mask, p, size), grid, "scribble").any()
+    assert not cell_mask(prepare_mask(mask, p, size), grid, "scribble").any()
     return selected
 
 
@@ -69,7 +70,7 @@ def test_filled_masks_at_the_input_size_select_exactly_as_before(mode, pooling):
         soft = F.interpolate(noise, size=(768, 768), mode="bicubic", align_corners=False)[0, 0].clamp(0, 1)
         mask = soft if seed % 2 else (soft > 0.5).float()
         p = pre.placement_for(768, 768, 768, mode)
-        old = cell_mask(pre.prepare_mask(mask, p, 768), 48, pooling)
+        old = cell_mask(prepare_mask(mask, p, 768), 48, pooling)
         new = cell_selection(mask, p, 768, 48, pooling)
         assert old.any() and torch.equal(new, old)
 

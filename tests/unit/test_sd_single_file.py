@@ -1,7 +1,7 @@
 """Stable Diffusion from one original-layout (LDM/CompVis) checkpoint file, as v2-1_768-ema-pruned.safetensors.
 
 Tiny random diffusers models are written back into the LDM key layout by the small converter of
-``tests/ldm_keys.py`` (the inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
+``tests/support/ldm_keys.py`` (the inverse of diffusers' ``convert_ldm_*_checkpoint``), saved as one file and loaded through
 ``load_sd_components``: every weight, the UNet output and the empty-prompt embedding must come back exactly.
 """
 import re
@@ -10,12 +10,12 @@ from typing import Dict
 import pytest
 import torch
 
-from conftest import make_reference, make_targets
 from iconmatting_core.checkpoint import CheckpointError
 from iconmatting_core.clip_text import OPEN_CLIP_PREFIX, encode_empty_prompt
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX, load_sd_components
 from ldm_keys import ldm_unet_state_dict, ldm_vae_state_dict
+from sample_inputs import make_reference, make_targets
 from tiny_models import (
     TINY_TEXT, randomise, tiny_head, tiny_open_clip_text_state_dict, tiny_text_state_dict, tiny_unet_config, tiny_vae_config,
 )

@@ -1,35 +1,16 @@
 """Videos on the command line: streamed frames in, alpha video / RGBA video / PNG sequence out."""
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import make_reference
 from PIL import Image
 
 from iconmatting_core.__main__ import main
 from iconmatting_core.job.clips import output_paths
 from iconmatting_core.video import read_rgba_frames
+from sample_inputs import FPS, FRAMES, H, W, make_reference, write_clip
 
 av = pytest.importorskip("av")
-
-FPS, FRAMES, W, H = Fraction(12), 6, 64, 48
-
-
-def write_clip(path, frames=FRAMES, width=W, height=H, fps=FPS):
-    """A small H.264 clip of moving noise."""
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray((rng.random((height, width, 3)) * 255).astype(np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def _reference(tmp_path):
@@ -105,14 +86,6 @@ def test_broken_video_is_a_recorded_failure_without_partial_outputs(pipe, tmp_pa
     err = capsys.readouterr().err
     assert "broken.mp4: FAILED" in err and "1 matted, 1 failed" in err
     assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good_alpha.mp4", "good_rgba.webm"]
-
-
-def test_core_imports_without_ray_or_av():
-    code = ("import sys; sys.modules['ray'] = None; sys.modules['av'] = None; "
-            "import iconmatting_core, iconmatting_core.__main__, iconmatting_core.job.ray_engine, iconmatting_core.video, "
-            "iconmatting_core.context_file, iconmatting_core.hub; print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parents[1]
+SUPPORT = Path(__file__).resolve().parents[1]
 
 
 def _pack_module(suffix):
@@ -23,9 +23,9 @@ def _pack_module(suffix):
 
 
 def _test_helpers():
-    """tests/tiny_models.py and tests/tiny_sd2_checkpoint.py: not part of the pack, imported from this repository
-    (its root and tests/ appended to ``sys.path``, so ComfyUI's own modules, e.g. nodes.py, keep precedence)."""
-    for path in (str(TESTS.parent), str(TESTS)):
+    """tests/support/tiny_models.py and tiny_sd2_checkpoint.py: not part of the pack, imported from this repository
+    (its root and tests/support appended to ``sys.path``, so ComfyUI's own modules, e.g. nodes.py, keep precedence)."""
+    for path in (str(SUPPORT.parents[1]), str(SUPPORT)):
         if path not in sys.path:
             sys.path.append(path)
     import tiny_models

@@ -1,9 +1,9 @@
 """Test-only ComfyUI custom node module: teaches ComfyUI's stock checkpoint loader the tiny SD 2.x file.
 
-``save_tiny_comfy_sd2_checkpoint`` (tests/tiny_sd2_checkpoint.py) writes an SD 2.x single file with tiny
+``save_tiny_comfy_sd2_checkpoint`` (tests/support/tiny_sd2_checkpoint.py) writes an SD 2.x single file with tiny
 sizes. ComfyUI picks a model class by matching the UNet config it reads off the key shapes against
 ``comfy.supported_models.models``; no stock class has these sizes, so importing this module (as a
-custom node folder, e.g. ``run_comfy(..., extra_packs=[tests/comfy_tiny_sd2])``) inserts
+custom node folder, e.g. ``run_comfy(..., extra_packs=[tests/support/comfy_tiny_sd2])``) inserts
 :class:`TinySD2` first in that list. It registers no nodes.
 
 ``TinySD2`` is ComfyUI's ``SD20`` with sizes changed, nothing else:
@@ -27,8 +27,8 @@ import comfy.supported_models
 from comfy import supported_models_base
 from comfy.text_encoders import sd2_clip
 
-_TESTS = Path(__file__).resolve().parents[1]
-for _path in (str(_TESTS.parent), str(_TESTS)):  # the repository (iconmatting_core) and tests/ (tiny_sd2_checkpoint)
+_SUPPORT = Path(__file__).resolve().parents[1]
+for _path in (str(_SUPPORT.parents[1]), str(_SUPPORT)):  # the repository (iconmatting_core) and tests/support (tiny_sd2_checkpoint)
     if _path not in sys.path:
         sys.path.append(_path)  # appended: ComfyUI's own modules (e.g. nodes.py) keep precedence
 

@@ -1,4 +1,4 @@
-"""In-process checks for tests/test_tiny_sd2.py: run inside a booted ComfyUI by ``run_comfy(...,
+"""In-process checks for tests/host/test_tiny_sd2.py: run inside a booted ComfyUI by ``run_comfy(...,
 scripts=[{"path": this file, "args": {"checkpoint": NAME, "repo_root": ROOT}}])``.
 
 The tiny SD 2.x file ``models/checkpoints/NAME`` is loaded twice: by ComfyUI's stock nodes in a real
@@ -58,7 +58,7 @@ def control_log(ctx, name: str) -> list:
 
 @torch.no_grad()
 def run(ctx) -> dict:
-    for path in (ctx.args["repo_root"], ctx.args["repo_root"] + "/tests"):  # iconmatting_core, tiny_sd2_checkpoint
+    for path in (ctx.args["repo_root"], ctx.args["repo_root"] + "/tests/support"):  # iconmatting_core, tiny_sd2_checkpoint
         if path not in sys.path:
             sys.path.append(path)
     from iconmatting_core.sd_loading import load_sd_components
