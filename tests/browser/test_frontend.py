@@ -105,6 +105,7 @@ def test_newest_frontend_starts_without_errors(newest_app):
     test_app_starts_without_errors(newest_app)
 
 
+@pytest.mark.slow  # runs each workflow in the browser: up to ~100 s each
 @pytest.mark.parametrize("name", NAMES)
 def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
     comfy, prepared, work = app

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -39,6 +40,7 @@ def _train_tiny_head(models: Path, tmp: Path) -> Path:
     return Path(shutil.copyfile(final, models / "iconmatting" / TRAINED))
 
 
+@pytest.mark.slow  # trains, then boots ComfyUI once for itself: ~45 s
 def test_a_trained_head_is_offered_by_load_and_mattes_in_the_batch_workflow(tmp_path):
     models = tmp_path / "models"
     _train_tiny_head(models, tmp_path)

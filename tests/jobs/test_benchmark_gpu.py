@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a full-size SD 2.1 in ComfyUI on the CPU: minutes
 def test_gpu_benchmark_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     out_path = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -202,6 +202,7 @@ def _wait_for(predicate, timeout):
     return False
 
 
+@pytest.mark.slow  # more than ~20 s on its own
 def test_sigkill_then_resume_redoes_nothing(tmp_path, tiny_dir):
     targets = save_reference_and_targets(tmp_path, 0)
     _images(targets, [f"t{i:02d}.png" for i in range(10)], size=(48, 64))

@@ -27,6 +27,7 @@ from comfy_harness import HOSTS, cache_dir, run_or_skip_offline
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_ENVS = ROOT / "tests" / "host_envs"
+pytestmark = pytest.mark.slow  # builds a venv per host and installs into it: ~20-45 s per test
 #: What ComfyUI imports at start-up from the packages the pack's requirements could touch.
 HOST_IMPORTS = ("import numpy, PIL.Image, safetensors.numpy, einops, tokenizers, huggingface_hub, yaml\n"
                 "import transformers\n"

@@ -93,6 +93,7 @@ def test_the_video_and_ray_extras_are_satisfied_offline(installed, tmp_path):
     assert to_install == [], f"pip would still install {to_install}"
 
 
+@pytest.mark.slow  # more than ~20 s on its own
 def test_the_installed_command_prints_help_and_mattes_a_tiny_job(installed, tmp_path, tiny_dir):
     venv, _ = installed
     command = venv / "bin" / "iconmatting"

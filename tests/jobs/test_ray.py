@@ -12,6 +12,7 @@ from iconmatting_core.video import read_rgba_frames
 from sample_inputs import FPS, save_reference_and_targets, write_clip
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a local Ray cluster: ~20-90 s per test
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -280,6 +280,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_
     assert not (run / "head.safetensors").exists() and len(_rows(run)) == 2
 
 
+@pytest.mark.slow  # more than ~20 s on its own
 def test_two_processes_give_the_head_of_one_with_the_same_global_batch(tiny, tmp_path):
     common = ("--steps", "2", "--lr", "1e-3", "--warmup", "0", "--loss", "recipe", "--checkpoint-every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
