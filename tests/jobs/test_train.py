@@ -1,7 +1,8 @@
 """Training (`python -m iconmatting_core train`): the authors' loss terms, data checks, the loop.
 
 Loss values come from the authors' own loss code (tests/fixtures/train_loss, made by its
-make_fixture.py from a verbatim copy); everything else runs on tiny random models.
+make_fixture.py from a checkout of their repository, see tests/fixtures/README.md); everything else
+runs on tiny random models.
 """
 from __future__ import annotations
 
