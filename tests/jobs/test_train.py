@@ -59,6 +59,24 @@ def test_finetune_loss_terms_equal_the_authors_code():
         _close(L.finetune_losses(unknown[i:i + 1], preds[i:i + 1], targets[i:i + 1]), theirs)
 
 
+def test_loss_parts_by_hand():
+    """The pieces the terms are built from, on values worked out by hand (the terms add |Sx| and |Sy|,
+    so only this test tells d/dx from d/dy and a sign)."""
+    ramp = torch.arange(5.0).repeat(5, 1)[None, None]  # value = column index
+    slopes = L.sobel(ramp)[0, :, 1:-1, 1:-1]  # interior: (1 + 2 + 1) x (1 - (-1))
+    assert torch.equal(slopes[0], torch.full((3, 3), 8.0)) and torch.equal(slopes[1], torch.zeros(3, 3))
+    assert torch.equal(L.sobel(ramp.transpose(2, 3))[0, :, 1:-1, 1:-1], slopes.flip(0))
+    assert L.huber(torch.tensor([0.5, -0.5, 2.0])).tolist() == [0.125, 0.125, 1.5]
+    error = torch.zeros(1, 1, 4, 4)
+    error[0, 0, 0, :2] = torch.tensor([1.0, 3.0])
+    error[0, 0, 3, 3] = 100.0  # outside the region
+    region = torch.zeros(1, 1, 4, 4)
+    region[0, 0, 0, :2] = 1
+    assert L.region_mean(error, region, per_sample=True).tolist() == [2.0 * 512 * 512 / 16]
+    assert L.region_mean(error, torch.zeros_like(region), per_sample=False).item() == 0.0
+    assert [b.shape[-1] for b in L.laplacian_bands(torch.rand(1, 1, 64, 66))] == [66, 32, 16, 8, 4]
+
+
 def test_warmup_is_the_authors_linear_schedule():
     assert lr_factor(0, 250) == pytest.approx(1e-6, rel=1e-12)
     assert lr_factor(125, 250) == pytest.approx(0.5 + 0.5e-6, rel=1e-12)  # (1 - 1e-6) / 250 * 125 + 1e-6
