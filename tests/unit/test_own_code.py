@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUR_LICENCE = {"LICENSE"}  # the project's own licence text, allowed by path
 
 NOTICE_PATTERNS = {
