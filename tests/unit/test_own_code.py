@@ -68,7 +68,7 @@ def test_no_tracked_file_carries_another_projects_licence_notice():
     assert "README.md" in files and "iconmatting_core/postprocess.py" in files  # the listing worked
     found = [f"{name}:{line}: {which}: {text!r}" for name, text in files.items() for line, which, text in notices(text)]
     assert not found, ("Another project's copyright or licence text is in the repository; write the code "
-                       "ourselves and keep only facts (see tests/test_own_code.py):\n" + "\n".join(found))
+                       "ourselves and keep only facts (see tests/unit/test_own_code.py):\n" + "\n".join(found))
 
 
 def test_our_licence_is_the_only_notice_and_is_found_as_one():
