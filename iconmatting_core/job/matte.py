@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List
 
 from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, positive_float, positive_int, set_threads
+from .cli_args import local_cpus_problem
 from .clips import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
 from .local import matte_clips, run_local
 from .outputs import Failures, JobStopped, check_writable, is_done, remove_partials
@@ -65,6 +66,9 @@ def _check_usage(args) -> None:
         raise UsageError("give --context FILE, or --reference IMAGE with --mask MASK")
     if args.engine == "local" and (args.address or args.workers):
         raise UsageError("--address and --workers are for --engine ray")
+    cpus = local_cpus_problem(args.cpus_per_worker, args.address) if args.engine == "ray" else None
+    if cpus:
+        raise UsageError(cpus)
 
 
 def _context(args, pipe):

@@ -44,6 +44,8 @@ def _cases(d, tiny):
         ([*job, "--engine", "ray", "--cpus-per-worker", "-1"], "--cpus-per-worker: -1 must be more than 0"),
         ([*job, "--engine", "ray", "--cpus-per-worker", "nan"], "--cpus-per-worker: nan must be more than 0"),
         ([*job, "--threads", "0"], "--threads: 0 must be 1 or more"),
+        ([*job, "--threads", "999"], "--threads: 999 is more than the"),  # no machine here has 999 cores
+        ([*job, "--engine", "ray", "--cpus-per-worker", "999"], "--cpus-per-worker 999 is more than the"),
         ([*job, "--video-out", "gif"], "--video-out takes a comma list of alpha, rgba, png; got 'gif'"),
         ([*job, "--engine", "spark"], "invalid choice: 'spark'"),
         ([*job, "--dtype", "fp8"], "invalid choice: 'fp8'"),
