@@ -5,24 +5,33 @@ grow with the clip's length; the ``matte`` job writes its outputs with :data:`AL
 and :data:`RGBA_CODEC` (VP9 with alpha, read back with :func:`read_rgba_frames`, since FFmpeg's
 built-in vp9 decoder drops the alpha plane); see ``job.clips``.
 
+Frames come out as a player shows them: a clip whose container says to turn it (a phone's portrait
+clip is stored landscape with a 90 degree display matrix; mirrors too) is decoded turned, and
+:func:`probe` gives its size as shown (:func:`orientation`). Images are turned upright by their
+EXIF orientation the same way (``image_io``), so outputs never need a rotation of their own.
+
+An animated GIF or WebP that ``job.targets`` counts as a clip (more than one frame) is decoded by
+Pillow (FFmpeg reads no animated WebP), each frame at the time its stated durations add up to.
+
 A clip that ends before its container says it should (a file cut short) is an error naming both
 numbers, and so is a clip whose container states no frame rate (no rate is made up).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
+from .image_io import ANIMATED_EXTENSIONS, iter_animation
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg"}
 ALPHA_CODEC, RGBA_CODEC = "libx264", "libvpx-vp9"
-
-
-def is_video(path: Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+#: browsers show an animation frame that states 10 ms or less (often 0: "as fast as you can") for 100 ms
+MIN_FRAME_MS, SHORT_FRAME_SHOWN_MS = 10, 100
 
 
 def import_av():
@@ -43,9 +52,90 @@ class VideoInfo:
     time_base: Optional[Fraction] = None  # of the stream's timestamps
 
 
+#: how a decoded frame is turned to be shown: (transpose, flip rows, flip columns), in that order
+Orientation = Tuple[bool, bool, bool]
+AS_STORED: Orientation = (False, False, False)
+
+
+def _quarter_turn(a: float, b: float, c: float, d: float) -> Orientation:
+    """The orientation of a display matrix's linear part, in FFmpeg's layout (the same as MP4's
+    ``tkhd`` matrix): the stored pixel at column x, row y is shown at column a*x + c*y, row b*x + d*y
+    (plus a shift). Quarter turns and mirrors only; entries under 2% of the largest count as 0."""
+    big = max(abs(a), abs(b), abs(c), abs(d))
+    if not big:  # an empty matrix: players ignore it
+        return AS_STORED
+    a, b, c, d = (0 if abs(v) < big / 50 else v for v in (a, b, c, d))
+    if a == d == 0 and b and c:
+        return True, b < 0, c < 0
+    if b == c == 0 and a and d:
+        return False, d < 0, a < 0
+    clockwise = math.degrees(math.atan2(b, a)) % 360
+    raise ValueError(f"its container turns it {clockwise:.0f} degrees clockwise; only quarter turns are supported "
+                     "(re-encode it upright)")
+
+
+def orientation(stream, first_frame) -> Orientation:
+    """How a clip's frames are turned for display. From the display matrix the decoder attaches to
+    each frame (PyAV's ``frame.side_data``: rotations and mirrors); else from an older PyAV's
+    ``stream.side_data`` (its counter-clockwise rotation) or an older FFmpeg's ``rotate`` tag
+    (clockwise degrees). ValueError for a turn that is not a quarter turn."""
+    for data in getattr(first_frame, "side_data", ()):
+        if getattr(data.type, "name", str(data.type)) == "DISPLAYMATRIX":
+            matrix = np.frombuffer(bytes(data), dtype=np.int32)  # 9 int32 in the machine's byte order
+            return _quarter_turn(*(float(matrix[i]) for i in (0, 1, 3, 4)))
+    side = getattr(stream, "side_data", None)
+    if isinstance(side, dict) and side.get("DISPLAYMATRIX") is not None:
+        counter_clockwise = float(side["DISPLAYMATRIX"])
+    elif stream.metadata.get("rotate"):
+        counter_clockwise = -float(stream.metadata["rotate"])
+    else:
+        return AS_STORED
+    t = math.radians(counter_clockwise)  # the matrix of that rotation, as FFmpeg writes it
+    return _quarter_turn(math.cos(t), -math.sin(t), math.sin(t), math.cos(t))
+
+
+def turn(frame: np.ndarray, how: Orientation) -> np.ndarray:
+    """A decoded frame [H, W, C] as it is shown (a contiguous array)."""
+    transpose, flip_rows, flip_cols = how
+    if transpose:
+        frame = frame.swapaxes(0, 1)
+    if flip_rows:
+        frame = frame[::-1]
+    if flip_cols:
+        frame = frame[:, ::-1]
+    return np.ascontiguousarray(frame)
+
+
+def _is_animation(path: Path) -> bool:
+    return Path(path).suffix.lower() in ANIMATED_EXTENSIONS
+
+
+def _shown_ms(duration: int) -> int:
+    """How long an animation frame that states ``duration`` ms is shown (as browsers show it)."""
+    return duration if duration > MIN_FRAME_MS else SHORT_FRAME_SHOWN_MS
+
+
+def _animation_frames(path: Path) -> Iterator[Tuple[np.ndarray, Fraction]]:
+    """(RGB frame, time in seconds) of an animated GIF/WebP: each frame starts when the ones before
+    it have been shown for their durations."""
+    ms = 0
+    for frame, duration in iter_animation(path):
+        yield frame, Fraction(ms, 1000)
+        ms += _shown_ms(duration)
+
+
 def probe(path: Path) -> VideoInfo:
-    """Frame rate, frame count (0 if unknown), size, stated duration and time base of the first
-    video stream. ValueError when there is none, or when the container states no frame rate."""
+    """Frame rate, frame count (0 if unknown), size as shown, stated duration and time base of the
+    first video stream. ValueError when there is none, when the container states no frame rate, or
+    when it turns the frames by other than a quarter turn. An animated GIF/WebP is read through once
+    (its frame count and durations, in ms; the rate is the average, frames / total duration)."""
+    if _is_animation(path):
+        count, ms, (height, width) = 0, 0, (0, 0)
+        for frame, duration in iter_animation(path):
+            count, ms, (height, width) = count + 1, ms + _shown_ms(duration), frame.shape[:2]
+        if not count:
+            raise ValueError(f"{path} holds no frames")
+        return VideoInfo(Fraction(count * 1000, ms), count, width, height, None, Fraction(1, 1000))
     av = import_av()
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -57,31 +147,46 @@ def probe(path: Path) -> VideoInfo:
         duration = container.duration / 1_000_000 if container.duration else None
         if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
-        return VideoInfo(Fraction(fps), int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height,
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if orientation(stream, next(iter(container.decode(stream)), None))[0]:
+            width, height = height, width
+        return VideoInfo(Fraction(fps), int(stream.frames or 0), width, height,
                          duration, Fraction(stream.time_base) if stream.time_base else None)
 
 
-def iter_timed_chunks(path: Path, chunk_size: int) -> Iterator[Tuple[List[np.ndarray], List[Optional[Fraction]]]]:
-    """(RGB frames [H, W, 3] uint8, their timestamps in seconds from the first frame, None when a
-    frame has none), ``chunk_size`` frames at a time, in order."""
+def _chunks(timed: Iterable[Tuple[np.ndarray, Optional[Fraction]]], chunk_size: int):
+    chunk: List[np.ndarray] = []
+    times: List[Optional[Fraction]] = []
+    for frame, time in timed:
+        chunk.append(frame)
+        times.append(time)
+        if len(chunk) == chunk_size:
+            yield chunk, times
+            chunk, times = [], []
+    if chunk:
+        yield chunk, times
+
+
+def _decoded_frames(path: Path) -> Iterator[Tuple[np.ndarray, Optional[Fraction]]]:
+    """(RGB frame as shown, time in seconds from the first frame or None) of a clip, in order."""
     av = import_av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        chunk: List[np.ndarray] = []
-        times: List[Optional[Fraction]] = []
-        start = None
+        start, how = None, None
         for frame in container.decode(stream):
+            if how is None:
+                how = orientation(stream, frame)
             t = Fraction(frame.pts) * Fraction(frame.time_base) if frame.pts is not None and frame.time_base else None
             if t is not None and start is None:
                 start = t
-            chunk.append(frame.to_ndarray(format="rgb24"))
-            times.append(None if t is None else t - start)
-            if len(chunk) == chunk_size:
-                yield chunk, times
-                chunk, times = [], []
-        if chunk:
-            yield chunk, times
+            yield turn(frame.to_ndarray(format="rgb24"), how), None if t is None else t - start
+
+
+def iter_timed_chunks(path: Path, chunk_size: int) -> Iterator[Tuple[List[np.ndarray], List[Optional[Fraction]]]]:
+    """(RGB frames [H, W, 3] uint8 as shown, their timestamps in seconds from the first frame, None
+    when a frame has none), ``chunk_size`` frames at a time, in order."""
+    return _chunks(_animation_frames(path) if _is_animation(path) else _decoded_frames(path), chunk_size)
 
 
 def check_complete(path: Path, info: VideoInfo, count: int, last_time: Optional[Fraction]) -> None:

@@ -105,9 +105,12 @@ def run(args) -> int:
     todo = [t for t in targets if not is_done(out_dir, t, kinds)]
     if len(todo) < len(targets):
         print(f"skipping {len(targets) - len(todo)} target(s) with existing outputs in {out_dir}", file=sys.stderr)
+    failures = Failures(out_dir)
+    for path, why in found.problems:  # entries skipped while listing (pipes, broken links, ...) are failures too
+        failures.add(path, why)
     if not todo:
-        Failures(out_dir).finish()  # nothing is failing any more: drop a previous run's list
-        return 0
+        failures.finish()  # nothing else to do: the list holds only those (or is removed)
+        return 1 if failures else 0
 
     threads = set_threads(args.threads)
     images, videos = split_targets(todo)
@@ -119,7 +122,6 @@ def run(args) -> int:
         pipe, _ = load_pipe(args)
         context, resize_mode = _context(args, pipe)
 
-    failures = Failures(out_dir)
     matted = 0
     try:
         if args.engine == "ray":

@@ -102,11 +102,11 @@ def test_link_loops_are_skipped_and_reported(tmp_path, pipe, capsys):
     (targets / "loop").symlink_to(targets, target_is_directory=True)  # a folder that holds itself
     (targets / "self.png").symlink_to(targets / "self.png")  # a file link to itself
     out = tmp_path / "out"
-    assert main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 0
+    assert main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     err = capsys.readouterr().err
-    assert f"note: skipped {targets / 'loop'}: folder link loop" in err
-    assert f"note: skipped {targets / 'self.png'}: link loop or broken link" in err
-    assert _files(out) == ["t0_alpha.png", "t0_rgba.png"]
+    assert f"note: skipped {targets / 'loop'}: a link to {targets}, a folder that holds it; not followed" in err
+    assert f"note: skipped {targets / 'self.png'}: a link loop; not followed" in err
+    assert _files(out) == ["failures.jsonl", "t0_alpha.png", "t0_rgba.png"]  # both listed there (test_target_inputs.py)
 
 
 class _Failing:

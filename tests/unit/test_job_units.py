@@ -96,7 +96,8 @@ def test_link_loops(tmp_path):
     (tmp_path / "x" / "bad.png").symlink_to(tmp_path / "x" / "bad.png")
     found = list_targets([str(tmp_path / "x")])
     assert [t.name for t in found.targets] == ["a"]
-    assert found.problems == [f"{tmp_path / 'x' / 'loop'}: folder link loop", f"{tmp_path / 'x' / 'bad.png'}: link loop or broken link"]
+    assert found.problems == [(tmp_path / "x" / "loop", f"a link to {tmp_path / 'x'}, a folder that holds it; not followed"),
+                              (tmp_path / "x" / "bad.png", "a link loop; not followed")]
 
 
 def test_output_paths_and_done(tmp_path):
@@ -215,7 +216,7 @@ def test_more_target_rules(tmp_path, monkeypatch):
                                        ("x/z/c.png", "z/c"), ("nofolder/gone1.png", "gone1"), ("nofolder/gone2.png", "gone2")]
     assert dict(found.skipped_types) == {".txt": 2} and found.skipped_out == 2  # failures.jsonl counted as under --out
     assert found.notes() == ["skipped 2 file(s) of other types: .txt x2", "left out 2 file(s) under the output folder",
-                             f"skipped {tmp_path / 'x' / 'k_loop'}: folder link loop"]
+                             f"skipped {tmp_path / 'x' / 'k_loop'}: a link to {tmp_path / 'x'}, a folder that holds it; not followed"]
     assert len({Target(Path("a.png"), "a"), Target(Path("a.png"), "a")}) == 1  # hashable, immutable
     # a wildcard in the middle: the glob's folder is the part before it
     assert [t.name for t in list_targets([str(tmp_path / "x" / "*" / "r" / "*.png")]).targets] == ["q/r/d"]
