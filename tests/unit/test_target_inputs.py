@@ -225,6 +225,8 @@ def test_gif_and_webp_are_clips_when_animated_and_images_when_still(tmp_path):
     _animation(tmp_path / "gif_data.gif", [0, 100]).rename(x / "misnamed.webp")  # decided by content, not by name
     _animation(x / "two.webp", [0, 100])  # the smallest animation
     (x / "one_frame_animation.webp").write_bytes(_drop_last_webp_frame((x / "two.webp").read_bytes()))
+    frames = [Image.fromarray(np.full((16, 24, 3), v, np.uint8)) for v in (0, 100)]  # an odd-sized chunk before the frames:
+    frames[0].save(x / "odd_chunk.webp", save_all=True, append_images=frames[1:], lossless=True, icc_profile=b"7 bytes")
     rng = np.random.default_rng(0)  # noise: each GIF frame gets its own colour table, to be stepped over
     noise = [Image.fromarray((rng.random((16, 24, 3)) * 255).astype(np.uint8)) for _ in range(3)]
     noise[0].save(x / "noise.gif", save_all=True, append_images=noise[1:], duration=100, comment=b"a comment block")
@@ -232,7 +234,7 @@ def test_gif_and_webp_are_clips_when_animated_and_images_when_still(tmp_path):
     (x / "cut_short.gif").write_bytes((x / "noise.gif").read_bytes()[:40])  # in its first image: its reader says so
     found = list_targets([str(x)])
     images, videos = split_targets(found.targets)
-    assert [t.name for t in videos] == ["anim", "anim2", "misnamed", "noise", "two"]
+    assert [t.name for t in videos] == ["anim", "anim2", "misnamed", "noise", "odd_chunk", "two"]
     assert [t.name for t in images] == ["cut_short", "noise_still", "one_frame_animation", "still", "still2"]
     with Image.open(x / "one_frame_animation.webp") as im:  # Pillow reads it: one frame of an animation
         assert (im.n_frames, np.asarray(im.convert("L")).max()) == (1, 0)

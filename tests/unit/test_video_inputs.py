@@ -178,3 +178,18 @@ def test_animation_frames_of_no_stated_duration_are_shown_for_100_ms(tmp_path):
     assert (info.frames, info.fps, info.duration, info.time_base) == (3, Fraction(3, Fraction(25, 100)), None, Fraction(1, 1000))
     times = [t for _, chunk_times in video.iter_timed_chunks(tmp_path / "fast.gif", 2) for t in chunk_times]
     assert times == [Fraction(0), Fraction(1, 10), Fraction(15, 100)]
+
+
+def test_an_animation_is_turned_upright_by_its_exif_orientation_like_an_image(tmp_path):
+    stored = Image.fromarray(_quadrants_frame())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation 6: shown turned 90 degrees clockwise (a phone held upright)
+    darker = Image.fromarray(_quadrants_frame() - 4)  # a second frame that differs (equal ones are merged)
+    stored.save(tmp_path / "turned.webp", save_all=True, append_images=[darker], duration=100, lossless=True, exif=exif)
+    _, (h, w), shown = MATRICES["phone portrait, 90 clockwise"]
+    info = video.probe(tmp_path / "turned.webp")
+    assert (info.frames, info.height, info.width) == (2, h, w)
+    frames = [f for chunk, _ in video.iter_timed_chunks(tmp_path / "turned.webp", 4) for f in chunk]
+    assert len(frames) == 2
+    for frame, darkened in zip(frames, (0, 4)):
+        assert frame.shape == (h, w, 3) and _quadrants(frame) == tuple(float(v - darkened) for v in shown)
