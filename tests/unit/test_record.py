@@ -135,6 +135,19 @@ def test_a_torn_or_lost_job_record_falls_back_to_the_outputs_own_records(tmp_pat
     assert _plan(out, [a, b], _recipe(dtype="fp16")).different == {a: ["dtype"], b: ["dtype"]}
 
 
+def test_a_foreign_line_is_dropped_so_later_lines_stay_whole(tmp_path):
+    out = tmp_path / "out"
+    a, b = _source(tmp_path, "a.png", 1), _source(tmp_path, "b.png", 2)
+    _write(out, a, RECIPE)
+    with open(out / "iconmatting-job.jsonl", "a") as f:
+        f.write('{"files": ')  # no newline: a later line appended as is would be glued to it
+    record = rec.JobRecord(out, RECIPE)
+    assert record.plan([a, b], ["alpha", "rgba"]).done == [a]
+    record.write_images(b, np.zeros((6, 8), np.uint8), np.zeros((6, 8, 4), np.uint8))
+    lines = [json.loads(x) for x in (out / "iconmatting-job.jsonl").read_text().splitlines()]
+    assert [sorted(x["files"]) for x in lines] == [["a_alpha.png", "a_rgba.png"], ["b_alpha.png", "b_rgba.png"]]
+
+
 def test_a_file_replaced_since_its_line_is_judged_by_its_own_record(tmp_path):
     out = tmp_path / "out"
     a = _source(tmp_path, "a.png")
