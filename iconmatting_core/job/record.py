@@ -127,15 +127,16 @@ def read_embedded(path: Path) -> Optional[dict]:
 
             with Image.open(path) as im:
                 text = im.info.get(RECORD_KEY)
-            return json.loads(text) if text else None
-        from ..video import import_av
+        else:
+            from ..video import import_av
 
-        with import_av().open(str(path)) as container:  # mp4 names the tag "comment", Matroska "COMMENT"
-            comment = next((v for k, v in container.metadata.items() if k.lower() == "comment"), None)
-        text = json.loads(comment).get(RECORD_KEY) if comment else None
-        return json.loads(text) if text else None
+            with import_av().open(str(path)) as container:  # mp4 names the tag "comment", Matroska "COMMENT"
+                comment = next((v for k, v in container.metadata.items() if k.lower() == "comment"), None)
+            text = json.loads(comment).get(RECORD_KEY) if comment else None
+        made = json.loads(text) if text else None
     except Exception:  # noqa: BLE001 - an unreadable or foreign file has no record of ours
         return None
+    return made if isinstance(made, dict) else None
 
 
 @dataclass

@@ -382,3 +382,30 @@ def test_seeds_the_noise_generator_cannot_take_are_usage_errors(job, capsys):
     for seed in (-(2**62), 2**63 - 1):  # the ends of the range seed both noise streams
         for stream in (0, 1):
             torch.Generator().manual_seed(2 * seed + stream)
+
+
+def test_a_full_disk_while_recording_stops_the_job_and_the_outputs_still_count(job, monkeypatch, capsys):
+    """The disk fills up between a target's PNGs and its line in the job record: one line, and the
+    re-run takes the PNGs' own records (half a line is dropped)."""
+    import errno
+
+    from iconmatting_core import files
+
+    real = files._write_bytes
+
+    def full_at_the_record(path, data, append=False):
+        if append:
+            with open(path, "ab") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data, append)
+
+    monkeypatch.setattr(files, "_write_bytes", full_at_the_record)
+    assert job() == 1
+    assert f"error: stopped: no space left on the disk writing {job.out / JOB_RECORD}" in capsys.readouterr().err
+    monkeypatch.setattr(files, "_write_bytes", real)
+    assert job() == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 target(s)" in err and "2 matted, 0 failed" in err
+    lines = [json.loads(x) for x in (job.out / JOB_RECORD).read_text().splitlines()]
+    assert sorted(f for x in lines for f in x["files"]) == [f"t{i}_{k}.png" for i in range(3) for k in ("alpha", "rgba")]
