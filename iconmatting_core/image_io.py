@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def read_trimap(path: Path) -> np.ndarray:
     return np.asarray(open_image(path).convert("L"), dtype=np.uint8)
 
 
-def png_info(text: Optional[Mapping[str, str]]):
+def png_info(text: dict | None):
     """Pillow's PngInfo holding ``text`` as tEXt chunks (before the pixels, so a reader finds them
     without decoding the image), or None."""
     if not text:
@@ -84,7 +83,7 @@ def png_info(text: Optional[Mapping[str, str]]):
     return info
 
 
-def png_bytes(array: np.ndarray, mode: str, text: Optional[Mapping[str, str]] = None) -> bytes:
+def png_bytes(array: np.ndarray, mode: str, text: dict | None = None) -> bytes:
     """[H, W] (mode "L") or [H, W, 4] (mode "RGBA") uint8 -> PNG file bytes, with ``text`` chunks."""
     from PIL import Image
 
