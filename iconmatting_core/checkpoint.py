@@ -14,7 +14,6 @@ outside a short allow-list: anything else becomes an inert placeholder, so no co
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import zipfile
@@ -246,31 +245,14 @@ def load_head(path, config: Optional[IconMattingConfig] = None, operations=None)
 
 
 def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torch.Tensor] = None) -> None:
-    """Write our ``.safetensors`` (config stored in the metadata) as a normal file: its mode is
-    0666 less the umask, like any file the user writes (``safetensors.torch.save_file`` would
-    create it 0600)."""
-    from safetensors.torch import save
+    """Write our ``.safetensors`` (config stored in the metadata), atomically and with the user's
+    file mode (``files.write_safetensors``)."""
+    from .files import write_safetensors
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     if empty_prompt_embedding is not None:
         tensors[EMPTY_PROMPT_KEY] = empty_prompt_embedding.detach().float().contiguous().cpu()
-    Path(path).write_bytes(save(tensors, metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())}))
-
-
-def current_umask() -> int:
-    """(Used by ``context_file``.) The process's umask, read without changing it (``os.umask`` can only read it by setting it,
-    which races with other threads creating files, e.g. inside ComfyUI): Linux's
-    ``/proc/self/status``; elsewhere the set-and-restore fallback."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o077)  # the fallback's brief value only ever restricts
-    os.umask(umask)
-    return umask
+    write_safetensors(path, tensors, {CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())})
 
 
 def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:

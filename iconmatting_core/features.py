@@ -246,3 +246,16 @@ class FeatureExtractor(nn.Module):
                 f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf): {OVERFLOW_ADVICE}."
             )
         return ImageFeatures(up_features=ups, attention=attention)
+
+
+# the generator of stream s is seeded with 2 * seed + s; torch takes seeds in [-2**63, 2**64 - 1]
+SEED_RANGE = (-(2**62), 2**63 - 1)
+
+
+def seed_problem(seed) -> Optional[str]:
+    """Why ``seed`` cannot seed the noise of both streams ("not a whole number", "outside ..."), or None."""
+    if type(seed) is not int:
+        return "not a whole number"
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        return f"outside the noise generator's range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+    return None

@@ -150,10 +150,23 @@ def read_trimap(path: Path) -> np.ndarray:
     return np.asarray(open_image(path).convert("L"), dtype=np.uint8)
 
 
-def png_bytes(array: np.ndarray, mode: str) -> bytes:
-    """[H, W] (mode "L") or [H, W, 4] (mode "RGBA") uint8 -> PNG file bytes."""
+def png_info(text: dict | None):
+    """Pillow's PngInfo holding ``text`` as tEXt chunks (before the pixels, so a reader finds them
+    without decoding the image), or None."""
+    if not text:
+        return None
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return info
+
+
+def png_bytes(array: np.ndarray, mode: str, text: dict | None = None) -> bytes:
+    """[H, W] (mode "L") or [H, W, 4] (mode "RGBA") uint8 -> PNG file bytes, with ``text`` chunks."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
+    Image.fromarray(array, mode).save(buf, format="PNG", pnginfo=png_info(text))
     return buf.getvalue()

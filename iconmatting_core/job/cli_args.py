@@ -31,6 +31,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed_value(text: str) -> int:
+    from ..features import seed_problem
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    problem = seed_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{value} is {problem}")
+    return value
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -93,7 +106,7 @@ def add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--mask", nargs="+", required=required,
                    help="foreground mask of each reference (white = foreground; or an image's alpha); one mask for all is fine")
     p.add_argument("--pooling", default="mask", choices=["mask", "scribble"], help="'scribble' for strokes/points")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise added before feature extraction")
 
 
 def load_pipe(args):

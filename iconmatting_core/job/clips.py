@@ -9,20 +9,27 @@ each frame's timestamp (a variable-frame-rate clip stays variable):
   (``video.read_rgba_frames``), since FFmpeg's built-in vp9 decoder drops the alpha plane;
 * ``png``: ``clip_frames/clip_000000.png`` ..., the RGBA cut-outs as a PNG sequence.
 
-Each output is written under a ``.partial`` name and renamed when the clip is complete, so an
-interrupted run leaves no output that a re-run would take for done. H.264 4:2:0 needs even sizes:
-the alpha video of an odd-sized clip repeats its last row/column. Decoding, probing and the codecs
-are ``iconmatting_core.video``'s.
+Each output is written under a temporary name (``files.partial_path``: short, whatever the
+output's length) and renamed when the clip is complete, every old output of the clip removed
+first, so an interrupted run leaves no output that a re-run would take for done, and never an old
+output beside a new one. ``tags`` (the job record's ``{"iconmatting": record}``) go into every
+output: the videos' ``comment`` tag (as JSON) and each PNG frame's text chunks. H.264 4:2:0 needs
+even sizes: the alpha video of an odd-sized clip repeats its last row/column. Decoding, probing and
+the codecs are ``iconmatting_core.video``'s.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..files import partial_path, remove_path
+from ..image_io import png_info
 from ..video import ALPHA_CODEC, RGBA_CODEC, VideoInfo, check_complete, import_av, iter_timed_chunks, probe, to_uint8
 
 VIDEO_OUTPUTS = ("alpha", "rgba", "png")
@@ -36,15 +43,13 @@ def output_paths(out_dir: Path, video: Path, kinds: Sequence[str], name: Optiona
     return {k: Path(out_dir) / names[k] for k in kinds}
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.stem + ".partial" + path.suffix)
-
-
 class VideoOutputs:
     """Writes the requested outputs of one clip frame by frame; :meth:`close` completes them."""
 
-    def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str], name: Optional[str] = None):
+    def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str], name: Optional[str] = None,
+                 tags: Optional[Mapping[str, str]] = None):
         self.final = output_paths(out_dir, video, kinds, name)
+        self.tags = dict(tags or {})
         self.stem, self.info, self.count = (name or video.stem).rsplit("/", 1)[-1], info, 0
         self.containers: Dict[str, object] = {}
         self.streams: Dict[str, object] = {}
@@ -54,7 +59,7 @@ class VideoOutputs:
             next(iter(self.final.values())).parent.mkdir(parents=True, exist_ok=True)
             for kind in kinds:
                 if kind == "png":
-                    _partial(self.final[kind]).mkdir(parents=True, exist_ok=True)
+                    partial_path(self.final[kind]).mkdir(parents=True, exist_ok=True)
                 else:
                     self._open(kind)
         except Exception:
@@ -66,8 +71,11 @@ class VideoOutputs:
         codec = ALPHA_CODEC if kind == "alpha" else RGBA_CODEC
         if codec not in av.codecs_available:
             raise RuntimeError(f"this PyAV's FFmpeg has no {codec} encoder, needed for the {kind} video")
-        container = av.open(str(_partial(self.final[kind])), "w")
+        # the format by name: the temporary file has no extension to tell it
+        container = av.open(str(partial_path(self.final[kind])), "w", format="mp4" if kind == "alpha" else "webm")
         self.containers[kind] = container
+        if self.tags:
+            container.metadata["comment"] = json.dumps(self.tags)
         # libvpx's default (best-quality search) takes ~10x longer than matting a frame; realtime speed 8
         # keeps the same size at this quality for mattes, and buffers no frames (flat memory)
         options = {"crf": "12"} if kind == "alpha" else {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1"}
@@ -105,20 +113,21 @@ class VideoOutputs:
         if "rgba" in self.streams:
             self._encode("rgba", rgba, "rgba", pts)
         if "png" in self.final:
-            Image.fromarray(rgba, "RGBA").save(_partial(self.final["png"]) / f"{self.stem}_{self.count:06d}.png")
+            Image.fromarray(rgba, "RGBA").save(partial_path(self.final["png"]) / f"{self.stem}_{self.count:06d}.png",
+                                               pnginfo=png_info(self.tags))
         self.count += 1
 
     def close(self) -> None:
-        """Flush the encoders and move every output to its final name."""
+        """Flush the encoders and move every output to its final name (the old outputs removed first)."""
         for kind, stream in self.streams.items():
             for packet in stream.encode():
                 self.containers[kind].mux(packet)
             self.containers[kind].close()
         self.containers, self.streams = {}, {}
         for path in self.final.values():
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            _partial(path).rename(path)
+            remove_path(path)
+        for path in self.final.values():
+            os.replace(partial_path(path), path)
 
     def abort(self) -> None:
         """Drop the partial outputs (after an error)."""
@@ -129,7 +138,7 @@ class VideoOutputs:
                 pass
         self.containers, self.streams = {}, {}
         for path in self.final.values():
-            p = _partial(path)
+            p = partial_path(path)
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
@@ -137,13 +146,14 @@ class VideoOutputs:
 
 
 def matte_video(pipe, context, video: Path, out_dir: Path, kinds: Sequence[str], resize_mode: str,
-                chunk_size: int = 4, estimate_colors: bool = True, on_frames=None, name: Optional[str] = None) -> int:
+                chunk_size: int = 4, estimate_colors: bool = True, on_frames=None, name: Optional[str] = None,
+                tags: Optional[Mapping[str, str]] = None) -> int:
     """Matte every frame of ``video`` against ``context`` and write the outputs (named by ``name``,
-    default the clip's stem); returns the frame count. ``on_frames(n)`` is called after each chunk
-    of n frames (progress). A clip that decodes to no frames, or ends before its container says it
-    should, raises ValueError and leaves no outputs."""
+    default the clip's stem, carrying ``tags``); returns the frame count. ``on_frames(n)`` is called
+    after each chunk of n frames (progress). A clip that decodes to no frames, or ends before its
+    container says it should, raises ValueError and leaves no outputs."""
     info = probe(video)
-    outputs = VideoOutputs(out_dir, video, info, kinds, name)
+    outputs = VideoOutputs(out_dir, video, info, kinds, name, tags)
     last = None
     try:
         for frames, times in iter_timed_chunks(video, chunk_size):

@@ -4,15 +4,18 @@ machine or a cluster.
 Image targets become a dataset of paths; a light read stage turns each into a pixel row,
 ``map_batches`` runs the rows through a pool of actors that each hold one model (one GPU per actor
 when the cluster has GPUs, ``--cpus-per-worker`` CPUs otherwise), and the driver writes the PNGs as
-results arrive. The reference context is put in the object store once and shared by every actor.
+results arrive, with their records, through the same call as the local engine
+(``record.JobRecord.write_images``); the driver holds the output folder's lock for the whole job.
+The reference context is put in the object store once and shared by every actor.
 Clips are not sent to Ray: the command line mattes them with the local engine, streamed, so memory
 stays flat in clip length (``job.matte``).
 
-Resuming and failures work as with the local engine: targets whose outputs exist are left out of
-the dataset; a failing target comes back as an error row, is reported and listed in
+Resuming and failures work as with the local engine: targets whose outputs were made the same way
+are left out of the dataset; a failing target comes back as an error row, is reported and listed in
 ``failures.jsonl``, and never stops the others. A worker that cannot set up (model files missing,
-weights not the context file's) stops the job with its own error (``WorkerSetupError``); a job
-that breaks mid-run lists every target it did not finish in ``failures.jsonl``.
+a context file that does not fit its model: ``context_file.check_fits``) stops the job with its own
+error (``WorkerSetupError``); a job that breaks mid-run lists every target it did not finish in
+``failures.jsonl``.
 
 A local Ray started by the job runs without the dashboard and its agents (``ray.init`` with
 ``include_dashboard=False``), logs only errors, and is shut down at the end.
@@ -35,19 +38,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..image_io import png_bytes, read_image_uint8
+from ..image_io import read_image_uint8
 from ..video import to_uint8
-from .outputs import (
-    OUT_OF_MEMORY,
-    Failures,
-    JobStopped,
-    Progress,
-    error_text,
-    is_out_of_memory,
-    output_paths,
-    stop_reason,
-    write_file,
-)
+from .outputs import OUT_OF_MEMORY, Failures, JobStopped, Progress, error_text, is_out_of_memory, stop_reason
+from .record import JobRecord
 from .targets import Target
 
 
@@ -87,7 +81,7 @@ class RayJob:
 
     pipe_factory: Callable
     context: object  # ReferenceContext
-    expected_fingerprint: Optional[str]  # of a context file; each worker checks its model against it
+    context_header: Optional[dict]  # of a context file; each worker checks its model against it
     resize_mode: str
     video_outputs: Sequence[str]
     estimate_colors: bool = True
@@ -98,15 +92,10 @@ class RayJob:
     context_file: Optional[str] = None  # named in the workers' errors
 
     @classmethod
-    def from_args(cls, args, context, resize_mode, video_outputs, pipe_factory=None) -> "RayJob":
-        expected = None
-        if args.context:
-            from ..context_file import read_context_metadata
-
-            expected = read_context_metadata(args.context).get("fingerprint")
+    def from_args(cls, args, context, context_header, resize_mode, video_outputs, pipe_factory=None) -> "RayJob":
         if pipe_factory is None:
             pipe_factory = PipelineSpec(args.matting_weights, args.sd, args.models_dir, args.device, args.dtype).build
-        return cls(pipe_factory, context, expected, resize_mode, list(video_outputs), not args.no_foreground,
+        return cls(pipe_factory, context, context_header, resize_mode, list(video_outputs), not args.no_foreground,
                    args.chunk_size, args.address, args.workers, args.cpus_per_worker, args.context)
 
 
@@ -117,25 +106,20 @@ class MatteWorker:
     arrived failed from the read stage); the others are unaffected.
     """
 
-    def __init__(self, pipe_factory, context_ref, expected_fingerprint, resize_mode, estimate_colors, threads,
+    def __init__(self, pipe_factory, context_ref, context_header, resize_mode, estimate_colors, threads,
                  context_file=None):
         import ray
         import torch
 
+        from ..context_file import check_fits
+
         if threads:
             torch.set_num_threads(threads)
         self.pipe = pipe_factory()
-        from ..context_file import ContextFileError, fingerprint_label, same_weights
-
-        if expected_fingerprint is not None and not same_weights(self.pipe.fingerprint, expected_fingerprint):
-            named = f" {context_file}" if context_file else ""
-            raise ContextFileError(
-                f"The context file{named} was encoded with other model weights "
-                f"(fingerprint {fingerprint_label(expected_fingerprint)}) "
-                f"than this Ray worker loaded ({fingerprint_label(self.pipe.fingerprint)}). Give the workers the weights it "
-                "was made with, or encode the reference again with these."
-            )
         self.context = ray.get(context_ref[0])
+        if context_header is not None:
+            check_fits(context_file, context_header, self.context, self.pipe.fingerprint, self.pipe.config,
+                       "a Ray worker loaded")
         self.resize_mode, self.estimate_colors = resize_mode, estimate_colors
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -220,9 +204,9 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Failures) -> int:
-    """Matte the image targets ``todo`` on Ray; writes outputs into out_dir, records failures;
-    returns targets matted. Raises WorkerSetupError when the workers cannot load their model
+def run_ray_job(job: RayJob, todo: Sequence[Target], record: JobRecord, failures: Failures) -> int:
+    """Matte the image targets ``todo`` on Ray; writes outputs with their records (``record``),
+    records failures; returns targets matted. Raises WorkerSetupError when the workers cannot load their model
     (files missing, weights not the context file's), JobStopped on an error every target would meet."""
     ray = _ray()
     started_here = not ray.is_initialized()
@@ -244,7 +228,7 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], out_dir: Path, failures: Fa
         ctx.print_on_execution_start = False
         ctx.execution_options.preserve_order = True
         with _without_native_log_lines():
-            return _run(ray, job, list(todo), out_dir, failures)
+            return _run(ray, job, list(todo), record, failures)
     finally:
         if started_here:
             ray.shutdown()
@@ -324,7 +308,7 @@ def _start_reaper():
     return reaper
 
 
-def _run(ray, job: RayJob, todo: List[Target], out_dir: Path, failures: Failures) -> int:
+def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures) -> int:
     from ray.data import TaskPoolStrategy
 
     by_path = {str(t.path): t for t in todo}
@@ -334,7 +318,7 @@ def _run(ray, job: RayJob, todo: List[Target], out_dir: Path, failures: Failures
     ds = ds.map_batches(read_targets, batch_size=1, batch_format="numpy", num_cpus=0,
                         compute=TaskPoolStrategy(size=min(len(todo), workers + 1)))
     kwargs = dict(pipe_factory=job.pipe_factory, context_ref=[ray.put(job.context)],
-                  expected_fingerprint=job.expected_fingerprint, resize_mode=job.resize_mode,
+                  context_header=job.context_header, resize_mode=job.resize_mode,
                   estimate_colors=job.estimate_colors, threads=threads, context_file=job.context_file)
     ds = ds.map_batches(MatteWorker, fn_constructor_kwargs=kwargs, batch_size=job.chunk_size, **pool)
 
@@ -352,10 +336,8 @@ def _run(ray, job: RayJob, todo: List[Target], out_dir: Path, failures: Failures
                     bar.log(f"{t.path.name}: FAILED: {error}")
                     finished.add(str(target))
                 else:
-                    alpha_path, rgba_path = output_paths(out_dir, t.name)
                     try:
-                        write_file(alpha_path, png_bytes(alpha, "L"))
-                        write_file(rgba_path, png_bytes(rgba, "RGBA"))
+                        record.write_images(t, alpha, rgba)
                     except OSError as exc:
                         reason = stop_reason(exc)
                         if reason is not None:

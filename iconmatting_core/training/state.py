@@ -25,7 +25,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import CONFIG_METADATA_KEY, EMPTY_PROMPT_KEY, current_umask
+from ..checkpoint import CONFIG_METADATA_KEY, EMPTY_PROMPT_KEY
+from ..files import write_safetensors
 
 TRAINING_METADATA_KEY = "iconmatting_training"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,25 +36,14 @@ class ResumeError(ValueError):
     """--resume points at nothing usable; the message says what to do."""
 
 
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_head(path, head: torch.nn.Module, config, training: dict, empty_prompt: Optional[torch.Tensor] = None) -> Path:
     """The head as ``convert`` writes it (IconMattingHead keys, config in the metadata), plus the
-    training metadata (JSON under ``iconmatting_training``); written to a temporary file and renamed."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+    training metadata (JSON under ``iconmatting_training``); written atomically (``files.write_safetensors``)."""
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in head.state_dict().items()}
     if empty_prompt is not None:
         tensors[EMPTY_PROMPT_KEY] = empty_prompt.detach().float().contiguous().cpu()
-    tmp = _atomic_target(path)
-    save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config.to_dict()),
-                                          TRAINING_METADATA_KEY: json.dumps(training, sort_keys=True)})
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tensors, {CONFIG_METADATA_KEY: json.dumps(config.to_dict()),
+                                             TRAINING_METADATA_KEY: json.dumps(training, sort_keys=True)})
 
 
 def rng_states() -> dict:

@@ -155,7 +155,7 @@ def test_names_do_not_change_as_a_job_grows_and_collisions_are_refused(tmp_path,
     out = tmp_path / "out"
     ref = ["--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png")]
     assert main(["matte", *ref, "--targets", str(tmp_path / "a"), "--out", str(out)], pipe_factory=lambda: pipe) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
     stamp = (out / "t0_alpha.png").stat().st_mtime_ns
     capsys.readouterr()
     # growing the job by b/deep/t5.png: a's outputs keep their names and are not redone; b's tree is mirrored

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iconmatting_core import files
 from iconmatting_core.__main__ import main
 from iconmatting_core.job import outputs
 from sample_inputs import save_reference_and_targets
@@ -40,30 +41,30 @@ def test_disk_full_stops_at_once_removes_partials_and_keeps_the_failures(tmp_pat
     targets = save_reference_and_targets(tmp_path, 0)
     (targets / "a_broken.png").write_bytes(b"not a png")
     _images(targets, [f"t{i}.png" for i in range(5)])
-    real, calls = outputs._write_bytes, []
+    real, calls = files._write_bytes, []
 
-    def fill_up(path, data):  # the third file written finds the disk full, after half its bytes
+    def fill_up(path, data, append=False):  # the fourth write finds the disk full, after half its bytes
         calls.append(path.name)
-        if len(calls) >= 3:
-            with open(path, "wb") as f:
+        if len(calls) >= 4:
+            with open(path, "ab" if append else "wb") as f:
                 f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, append)
 
-    monkeypatch.setattr(outputs, "_write_bytes", fill_up)
+    monkeypatch.setattr(files, "_write_bytes", fill_up)
     out = tmp_path / "out"
     assert main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     err = capsys.readouterr().err
-    assert len(calls) == 4  # t0's pair, t1's alpha, then failures.jsonl: nothing after the first "no space"
+    assert len(calls) == 5  # t0's pair and its record line, t1's alpha, then failures.jsonl: nothing after the first "no space"
     assert "error: stopped: no space left on the disk writing" in err
     # failures.jsonl could not be written either: the list is printed instead
     assert f'{{"path": "{targets / "a_broken.png"}", "error": ' in err
-    assert _files(out) == ["t0_alpha.png", "t0_rgba.png"]  # no .partial left
+    assert _files(out) == ["iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png"]  # no .partial left
 
-    monkeypatch.setattr(outputs, "_write_bytes", real)  # space freed: the re-run resumes
+    monkeypatch.setattr(files, "_write_bytes", real)  # space freed: the re-run resumes
     assert main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     assert "skipping 1 target(s)" in capsys.readouterr().err
-    assert _files(out) == ["failures.jsonl"] + [f"t{i}_{k}.png" for i in range(5) for k in ("alpha", "rgba")]
+    assert _files(out) == ["failures.jsonl", "iconmatting-job.jsonl"] + [f"t{i}_{k}.png" for i in range(5) for k in ("alpha", "rgba")]
     assert [json.loads(x)["path"] for x in (out / "failures.jsonl").read_text().splitlines()] == [str(targets / "a_broken.png")]
 
 
@@ -93,8 +94,8 @@ def test_out_inside_targets_is_never_matted_again(tmp_path, pipe, capsys):
     out = targets / "out"
     for _ in range(3):
         assert main(["matte", *_ref(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 0
-    assert _files(out) == ["t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
-    assert "note: left out 4 file(s) under the output folder" in capsys.readouterr().err
+    assert _files(out) == ["iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
+    assert "note: left out 5 file(s) under the output folder" in capsys.readouterr().err  # the 4 PNGs and the job record
 
 
 def test_link_loops_are_skipped_and_reported(tmp_path, pipe, capsys):
@@ -106,7 +107,7 @@ def test_link_loops_are_skipped_and_reported(tmp_path, pipe, capsys):
     err = capsys.readouterr().err
     assert f"note: skipped {targets / 'loop'}: a link to {targets}, a folder that holds it; not followed" in err
     assert f"note: skipped {targets / 'self.png'}: a link loop; not followed" in err
-    assert _files(out) == ["failures.jsonl", "t0_alpha.png", "t0_rgba.png"]  # both listed there (test_target_inputs.py)
+    assert _files(out) == ["failures.jsonl", "iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png"]  # both listed there (test_target_inputs.py)
 
 
 class _Failing:
@@ -178,18 +179,21 @@ def test_a_float_image_in_0_255_is_refused():
 
 
 def test_write_file_goes_through_a_partial_name(tmp_path, monkeypatch):
+    import hashlib
+
     seen = []
     real = os.replace
-    monkeypatch.setattr(outputs.os, "replace", lambda a, b: (seen.append((Path(a).name, Path(b).name)), real(a, b)))
-    outputs.write_file(tmp_path / "x_alpha.png", b"abc")
-    assert seen == [("x_alpha.png.partial", "x_alpha.png")] and (tmp_path / "x_alpha.png").read_bytes() == b"abc"
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (seen.append((Path(a).name, Path(b).name)), real(a, b)))
+    files.write_file(tmp_path / "x_alpha.png", b"abc")
+    short = f".{hashlib.sha256(b'x_alpha.png').hexdigest()[:16]}.{os.getpid()}.partial"
+    assert seen == [(short, "x_alpha.png")] and (tmp_path / "x_alpha.png").read_bytes() == b"abc"
 
     def broken(a, b):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(outputs.os, "replace", broken)
+    monkeypatch.setattr(files.os, "replace", broken)
     with pytest.raises(OSError):
-        outputs.write_file(tmp_path / "y_alpha.png", b"abc")
+        files.write_file(tmp_path / "y_alpha.png", b"abc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_alpha.png"]  # no half file, no .partial
 
 
@@ -224,7 +228,7 @@ def test_sigkill_then_resume_redoes_nothing(tmp_path, tiny_dir):
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"skipping {len(done)} target(s)" in again.stderr and f"done: {10 - len(done)} matted, 0 failed" in again.stderr
-    assert _files(out) == [f"t{i:02d}_{k}.png" for i in range(10) for k in ("alpha", "rgba")]
+    assert _files(out) == ["iconmatting-job.jsonl"] + [f"t{i:02d}_{k}.png" for i in range(10) for k in ("alpha", "rgba")]
     assert "\r" not in again.stderr  # not a terminal: plain progress lines
 
 

@@ -60,13 +60,17 @@ def test_ray_engine_images_and_video_with_failures_and_resume(pipe, tiny_dir, tm
         for a, b in zip(output_paths(out, target), output_paths(local, target)):
             with Image.open(a) as x, Image.open(b) as y:
                 assert x.mode == y.mode and np.abs(np.asarray(x, int) - np.asarray(y, int)).max() <= 1
+    with Image.open(output_paths(out, tmp_path / "images" / "t0.png")[0]) as im:  # the driver wrote its record
+        made = json.loads(im.text["iconmatting"])
+    assert made["source"]["sha256"] == __import__("hashlib").sha256((tmp_path / "images" / "t0.png").read_bytes()).hexdigest()
     paths = video_output_paths(out, clip, ["alpha", "rgba"])
     fps, rgbas = read_rgba_frames(paths["rgba"])
     assert fps == FPS and len(rgbas) == 5 and rgbas[0].shape == (48, 64, 4)
     with __import__("av").open(str(paths["alpha"])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
 
-    # resume, with the context from a file (the driver loads no model; the actors check its fingerprint)
+    # resume, with the context from a file of the same reference (`encode` stores its recipe: the outputs match; the
+    # driver loads no model; the actors check the file against theirs)
     ctx = tmp_path / "ctx.safetensors"
     assert main(["encode", *ref, "--out", str(ctx), *models]) == 0
     t0 = output_paths(out, tmp_path / "images" / "t0.png")[0]
@@ -95,8 +99,9 @@ def test_worker_with_other_weights_than_the_context_is_a_clear_error(tiny_dir, t
                  "--engine", "ray", "--workers", "1", "--matting-weights", str(other), *sd])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"error: The context file {ctx} was encoded with other model weights" in err
-    assert "Give the workers the weights it was made with" in err and "Traceback" not in err.split("error:")[-1]
+    assert f"error: {ctx} was encoded with other model weights" in err and "than the ones a Ray worker loaded" in err
+    assert "Load the IconMatting and Stable Diffusion 2.1 weights it was made with" in err
+    assert "Traceback" not in err.split("error:")[-1]
     assert not list(out.glob("*.png"))
 
 
@@ -115,17 +120,16 @@ def test_a_folder_tree_on_ray_is_mirrored(pipe, tmp_path, capsys):
 
 
 def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, monkeypatch, capsys):
-    from iconmatting_core.job import ray_engine
+    from iconmatting_core.job.record import JobRecord
 
     images = save_reference_and_targets(tmp_path, 3)
-    real_write = ray_engine.write_file
+    real_write = JobRecord.write_images
 
-    def write_then_break(path, data):  # the driver loses the job after the first image
-        real_write(path, data)
-        if path.name.endswith("_rgba.png"):
-            raise ray.exceptions.RayActorError()
+    def write_then_break(self, target, alpha, rgba):  # the driver loses the job after the first image
+        real_write(self, target, alpha, rgba)
+        raise ray.exceptions.RayActorError()
 
-    monkeypatch.setattr(ray_engine, "write_file", write_then_break)
+    monkeypatch.setattr(JobRecord, "write_images", write_then_break)
     out = tmp_path / "out"
     assert main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"), "--targets",
                  str(images), "--out", str(out), "--engine", "ray", "--workers", "1"], pipe_factory=lambda: pipe) == 1

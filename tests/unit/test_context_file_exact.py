@@ -118,7 +118,10 @@ def test_format_1_without_checksums_loads_and_format_2_needs_them(tmp_path):
         h.update(format_version=1)
         del h["tensor_shapes"], h["tensor_sha256"]
 
-    assert load_context(_rewrite(tmp_path, "v1", v1)).token_counts == (3, 2)
+    p1 = _rewrite(tmp_path, "v1", v1)
+    assert load_context(p1, trust_unverified=True).token_counts == (3, 2)
+    with pytest.raises(ContextFileError, match="is a context file of format 1, which carries no checksums"):
+        load_context(p1)  # unverifiable: only when trusted explicitly
     p = _rewrite(tmp_path, "noshapes", lambda h: h.pop("tensor_shapes"))
     assert _message(p) == f"{p}: tensor_shapes is missing, not a dict{TAIL}"
 

@@ -118,11 +118,12 @@ def test_consistent_but_wrong_tokens_are_caught_by_their_checks(good, tmp_path):
             load_context(_write(tmp_path / f"{name}.safetensors", h, t))
 
 
-def test_a_version_1_file_without_checksums_still_loads(good, tmp_path, pipe):
+def test_a_version_1_file_without_checksums_loads_when_trusted(good, tmp_path, pipe):
     path, header, tokens = good
     old = {k: v for k, v in header.items() if k not in ("tensor_shapes", "tensor_sha256")}
     old["format_version"] = 1
-    loaded = load_context(_write(tmp_path / "v1.safetensors", old, tokens), expected_fingerprint=pipe.fingerprint)
+    loaded = load_context(_write(tmp_path / "v1.safetensors", old, tokens), expected_fingerprint=pipe.fingerprint,
+                          trust_unverified=True)
     assert torch.equal(loaded.tokens, tokens)
 
 

@@ -70,7 +70,7 @@ def test_odd_sized_clip_and_default_outputs(pipe, tmp_path):
     out = tmp_path / "out"
     assert main(["matte", *_reference(tmp_path), "--targets", str(clip), "--out", str(out)], pipe_factory=lambda: pipe) == 0
     paths = output_paths(out, clip, ["alpha", "rgba"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(["iconmatting-job.jsonl", *(p.name for p in paths.values())])
     assert _decode(paths["alpha"])[1][0].shape == (22, 34)
     fps, rgbas = read_rgba_frames(paths["rgba"])
     assert fps == 10 and len(rgbas) == 2 and rgbas[0].shape == (21, 33, 4)
@@ -85,7 +85,7 @@ def test_broken_video_is_a_recorded_failure_without_partial_outputs(pipe, tmp_pa
     assert main(["matte", *_reference(tmp_path), "--targets", str(targets), "--out", str(out)], pipe_factory=lambda: pipe) == 1
     err = capsys.readouterr().err
     assert "broken.mp4: FAILED" in err and "1 matted, 1 failed" in err
-    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good_alpha.mp4", "good_rgba.webm"]
+    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "good_alpha.mp4", "good_rgba.webm", "iconmatting-job.jsonl"]
 
 
 def test_clip_without_frames_is_a_failure(pipe, tmp_path, monkeypatch, capsys):
@@ -109,4 +109,4 @@ def test_same_named_clips_in_a_tree_get_mirrored_outputs(pipe, tmp_path):
                  "--video-out", "alpha,png"], pipe_factory=lambda: pipe) == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "a", "a/clip_alpha.mp4", "a/clip_frames", "a/clip_frames/clip_000000.png",
-        "b", "b/clip_alpha.mp4", "b/clip_frames", "b/clip_frames/clip_000000.png"]
+        "b", "b/clip_alpha.mp4", "b/clip_frames", "b/clip_frames/clip_000000.png", "iconmatting-job.jsonl"]
