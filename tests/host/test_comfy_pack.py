@@ -208,7 +208,8 @@ def test_native_ensemble_runs_in_smaller_groups_when_memory_is_short_with_the_sa
     out = comfy_run[0]["scripts"][0]["result"]
     groups = out["groups"]
     assert groups["copies"] == 4 and groups["passes"] == [3, 1]  # room for 3 copies: one image's copies split
-    assert groups["up1"] <= 1e-6 * out["feature_scale"] and groups["attention"] <= 1e-6 and groups["alpha"] <= 1e-6, groups
+    # other batch sizes take other GEMM blockings: float32 rounding, the same bound as the UNet comparison above
+    assert groups["up1"] <= 1e-5 * out["feature_scale"] and groups["attention"] <= 1e-6 and groups["alpha"] <= 1e-6, groups
 
 
 def test_empty_prompt_under_the_default_fp16_text_encoder_equals_the_fp32_one(comfy_run):

@@ -107,7 +107,8 @@ def test_link_loops_are_skipped_and_reported(tmp_path, pipe, capsys):
     err = capsys.readouterr().err
     assert f"note: skipped {targets / 'loop'}: a link to {targets}, a folder that holds it; not followed" in err
     assert f"note: skipped {targets / 'self.png'}: a link loop; not followed" in err
-    assert _files(out) == ["failures.jsonl", "iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png"]  # both listed there (test_target_inputs.py)
+    # both listed there (test_target_inputs.py)
+    assert _files(out) == ["failures.jsonl", "iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png"]
 
 
 class _Failing:

@@ -107,7 +107,8 @@ def test_the_installed_command_prints_help_and_mattes_a_tiny_job(installed, tmp_
     _run([command, "matte", "--reference", tmp_path / "ref.png", "--mask", tmp_path / "mask.png", "--targets", targets,
           "--out", out, "--matting-weights", tiny_dir / "head.safetensors", "--sd", tiny_dir / "sd", "--device", "cpu"],
          tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["t0_alpha.png", "t0_rgba.png", "t1_alpha.png", "t1_rgba.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png", "t1_alpha.png",
+                                                  "t1_rgba.png"]
 
 
 def test_the_launcher_runs_from_a_comfyui_folder(tmp_path):

@@ -188,7 +188,7 @@ def test_listing_problems_are_lines_of_failures_jsonl(tmp_path, pipe, capsys):
         assert main(args, pipe_factory=lambda: pipe) == 1
         err = capsys.readouterr().err
         assert "done: 1 matted, 3 failed" in err and f"note: skipped {targets / 's.png'}: not a regular file" in err
-        assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "t0_alpha.png", "t0_rgba.png"]
+        assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "iconmatting-job.jsonl", "t0_alpha.png", "t0_rgba.png"]
         assert [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()] == expected
         # a re-run with every target done still lists them (and still exits 1)
         assert main(args, pipe_factory=lambda: pipe) == 1

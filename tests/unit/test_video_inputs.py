@@ -162,7 +162,7 @@ def test_animated_webp_and_gif_are_clips_with_their_frame_times(tmp_path, pipe, 
                  "--no-foreground"], pipe_factory=lambda: pipe) == 0
     assert "3 matted, 0 failed" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["anim2_alpha.mp4", "anim2_frames", "anim_alpha.mp4", "anim_frames",
-                                                     "still_alpha.png", "still_rgba.png"]
+                                                     "iconmatting-job.jsonl", "still_alpha.png", "still_rgba.png"]
     for stem in ("anim", "anim2"):
         paths = output_paths(out, targets / f"{stem}.x", ["alpha", "png"])
         frames = _pngs(paths["png"])
