@@ -1,9 +1,11 @@
 """Alpha-matte error metrics: SAD, MSE, Grad and Conn (pure numpy, float64, no scipy).
 
-The definitions follow the Deep Image Matting MATLAB evaluation code (``DIM_evaluation_code``) and
-its Python port that the IconMatting reference repository ships as
-``icm/criterion/matting_criterion_eval.py`` (``compute_sad_loss``, ``compute_mse_loss``,
-``compute_gradient_loss``, ``compute_connectivity_error``).
+Grad and Conn are the gradient and connectivity errors of Rhemann et al. 2009 ("A Perceptually
+Motivated Online Benchmark for Image Matting"); SAD and MSE are the plain sums and means. Each
+function's docstring states its definition. Constants, scales and tie-breaks are those of the
+Deep Image Matting evaluation code and of the Python version that the IconMatting reference
+repository ships (``icm/criterion/matting_criterion_eval.py``), so our numbers compare with the
+published ones; where that Python version departs from the definition it is said below.
 
 Conventions (all functions):
 
@@ -17,14 +19,16 @@ Conventions (all functions):
   connectivity maps are always computed on the whole image; only the summation is restricted.
 * Reported scales, as in the matting literature and the reference code:
 
-  - SAD  = sum |pred - gt| over the region, / 1000                       (``compute_sad_loss``)
+  - SAD  = sum |pred - gt| over the region, / 1000                   (reference ``compute_sad_loss``)
   - MSE  = mean (pred - gt)^2 over the region's pixels, x 1000 by default (``compute_mse_loss``
     returns the plain mean; the ``scale`` argument of :func:`mse` gives it with ``scale=1``).
     An empty region gives 0 (the reference divides by ``count + 1e-8``).
   - Grad = sum (|grad pred| - |grad gt|)^2 over the region, / 1000, where the gradients are first
     derivatives of a Gaussian with sigma = 1.4 (``gaussgradient``).
   - Conn = sum |phi(pred) - phi(gt)| over the region, / 1000, with thresholds 0, 0.1, ..., 1
-    (``compute_connectivity_error`` with ``step=0.1``).
+    (reference ``compute_connectivity_error`` with ``step=0.1``). The reference's largest
+    component can be the background; ``reference_compat=True`` of :func:`connectivity_error`
+    reproduces that, the default follows the definition (see :func:`largest_component`).
 
 ``compute_all`` evaluates the whole image by default (the ICM-57 setting: the released data set
 has no trimaps, see :mod:`iconmatting_core.eval`), or the trimap's unknown region with
@@ -52,6 +56,7 @@ __all__ = [
 
 GRAD_SIGMA = 1.4
 CONN_STEP = 0.1
+_PHI_MARGIN = 0.15  # connectivity: how far alpha may exceed its connected level and still count as connected
 
 
 # --------------------------------------------------------------------------- input handling
@@ -150,6 +155,12 @@ def unknown_region(trimap) -> np.ndarray:
 # --------------------------------------------------------------------------- SAD / MSE
 
 
+def _thousandths(err: np.ndarray, region: Optional[np.ndarray]) -> float:
+    """Sum of a per-pixel error map over the region (None = all pixels), in thousandths."""
+    total = err.sum() if region is None else err[region].sum()
+    return float(total / 1000.0)
+
+
 def sad(pred, gt, mask=None) -> float:
     """Sum of absolute differences / 1000.
 
@@ -158,8 +169,7 @@ def sad(pred, gt, mask=None) -> float:
     """
     p, g = _pair(pred, gt)
     m = _region(mask, p.shape)
-    err = np.abs(p - g)
-    return float((err.sum() if m is None else err[m].sum()) / 1000.0)
+    return _thousandths(np.abs(p - g), m)
 
 
 def mse(pred, gt, mask=None, scale: float = 1e3) -> float:
@@ -182,23 +192,22 @@ def mse(pred, gt, mask=None, scale: float = 1e3) -> float:
 # --------------------------------------------------------------------------- Grad
 
 
-def _gauss(x, sigma):
-    return np.exp(-(x ** 2) / (2.0 * sigma ** 2)) / (sigma * np.sqrt(2.0 * np.pi))
+def _derivative_of_gaussian_taps(sigma: float):
+    """The Grad filter as its two 1-D factors: (Gaussian density G, its derivative G').
 
-
-def _gauss_kernels(sigma: float):
-    """1-D Gaussian and derivative-of-Gaussian taps of the DIM ``gaussgradient`` filter.
-
-    The 2-D filter is ``hx[i, j] = g(i - h) * dg(j - h)`` normalised to unit L2 norm; it is
-    separable, so the two 1-D factors carry the normalisation ``1 / (|g| * |dg|)``.
+    The 2-D filter is ``G(y) * G'(x)`` over offsets ``-r..r``, where ``r`` is where the density
+    has fallen to 0.01 (rounded up): ``G(r) = 0.01`` gives ``r = sigma * sqrt(2 ln(G(0) / 0.01))``,
+    4 for sigma 1.4. The filter is scaled to unit L2 norm; being an outer product, its norm is
+    ``|G| * |G'|``, so G' alone carries the scaling.
     """
-    eps = 1e-2
-    half = int(np.ceil(sigma * np.sqrt(-2.0 * np.log(np.sqrt(2.0 * np.pi) * sigma * eps))))
-    u = np.arange(-half, half + 1, dtype=np.float64)
-    g = _gauss(u, sigma)
-    dg = -u * g / sigma ** 2
-    norm = np.sqrt((g ** 2).sum() * (dg ** 2).sum())
-    return g, dg / norm
+    area = sigma * np.sqrt(2.0 * np.pi)  # G(u) = exp(-u^2 / (2 sigma^2)) / area
+    reach = int(np.ceil(sigma * np.sqrt(2.0 * np.log(1.0 / (0.01 * area)))))
+    variance = sigma ** 2
+    offsets = np.arange(-reach, reach + 1, dtype=np.float64)
+    density = np.exp(-(offsets * offsets) / (2.0 * variance)) / area
+    slope = -offsets * density / variance  # G'(u) = -u G(u) / sigma^2
+    l2 = np.sqrt((density * density).sum() * (slope * slope).sum())
+    return density, slope / l2
 
 
 def _convolve1d_nearest(im: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
@@ -227,25 +236,28 @@ def gaussian_gradient(im, sigma: float = GRAD_SIGMA):
     convolution with replicated borders; gy uses the transposed kernel.
     """
     im = np.asarray(im, dtype=np.float64)
-    g, dg = _gauss_kernels(sigma)
-    gx = _convolve1d_nearest(_convolve1d_nearest(im, g, 0), dg, 1)
-    gy = _convolve1d_nearest(_convolve1d_nearest(im, dg, 0), g, 1)
+    density, slope = _derivative_of_gaussian_taps(sigma)
+    gx = _convolve1d_nearest(_convolve1d_nearest(im, density, 0), slope, 1)
+    gy = _convolve1d_nearest(_convolve1d_nearest(im, slope, 0), density, 1)
     return gx, gy
+
+
+def _gradient_magnitude(a: np.ndarray, sigma: float) -> np.ndarray:
+    gx, gy = gaussian_gradient(a, sigma)
+    return np.sqrt(gx * gx + gy * gy)
 
 
 def gradient_error(pred, gt, mask=None, sigma: float = GRAD_SIGMA) -> float:
     """Gradient error / 1000.
 
     pred, gt: ``[H, W]`` mattes; mask: optional bool ``[H, W]`` region (None = whole image).
-    Returns ``sum((|grad pred| - |grad gt|)^2 over the region) / 1000`` with Gaussian first
-    derivatives (sigma 1.4) of the mattes in [0, 1].
+    Definition: ``sum over the region of (|grad pred| - |grad gt|)^2``, / 1000, where ``grad`` is
+    :func:`gaussian_gradient` (first derivatives of a Gaussian, sigma 1.4) of the mattes in [0, 1].
     """
     p, g = _pair(pred, gt)
     m = _region(mask, p.shape)
-    px, py = gaussian_gradient(p, sigma)
-    gx, gy = gaussian_gradient(g, sigma)
-    err = (np.sqrt(px ** 2 + py ** 2) - np.sqrt(gx ** 2 + gy ** 2)) ** 2
-    return float((err.sum() if m is None else err[m].sum()) / 1000.0)
+    gap = _gradient_magnitude(p, sigma) - _gradient_magnitude(g, sigma)
+    return _thousandths(gap * gap, m)
 
 
 # --------------------------------------------------------------------------- Conn
@@ -329,9 +341,33 @@ def largest_component(seg, include_background: bool = False) -> np.ndarray:
     return out
 
 
-def _phi(alpha: np.ndarray, l_map: np.ndarray) -> np.ndarray:
-    d = alpha - l_map
-    return 1.0 - d * (d >= 0.15)
+def _connected_levels(p: np.ndarray, g: np.ndarray, step: float, reference_compat: bool) -> np.ndarray:
+    """Per pixel, the highest threshold up to which it stays connected (``l`` of Rhemann et al.).
+
+    Thresholds ``t_k = k * step`` (k = 0..n, ``n = round(1 / step)``); ``Omega_k`` is the largest
+    4-connected component of ``(p >= t_k) & (g >= t_k)``. A pixel lying in ``Omega_1..Omega_j`` but
+    not in ``Omega_{j+1}`` gets ``t_j``; one lying in all of them gets 1. So ``l`` is indexed by
+    the length ``j`` of the run of components, from the first, that hold the pixel.
+    """
+    n = int(round(1.0 / step))
+    # for a step that divides 1, the same floats as the reference's np.arange(0, 1 + step, step)
+    thresholds = np.arange(n + 1) * step
+    held = np.ones(p.shape, dtype=bool)  # in every component so far
+    run = np.zeros(p.shape, dtype=np.int64)
+    for t in thresholds[1:]:
+        held &= largest_component((p >= t) & (g >= t), include_background=reference_compat)
+        if not held.any():
+            break
+        run += held
+    return np.append(thresholds[:n], 1.0)[run]
+
+
+def _phi(alpha: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Rhemann et al.'s degree of connectivity: with ``d = alpha - level``, ``1 - d`` where
+    ``d >= 0.15`` and 1 elsewhere (alpha within 0.15 above the connected level counts as
+    fully connected)."""
+    d = alpha - level
+    return np.where(d >= _PHI_MARGIN, 1.0 - d, 1.0)
 
 
 def connectivity_error(
@@ -340,29 +376,21 @@ def connectivity_error(
     """Connectivity error / 1000.
 
     pred, gt: ``[H, W]`` mattes; mask: optional bool ``[H, W]`` region (None = whole image).
-    For thresholds ``t_i = i * step`` (i = 1..1/step), Omega_i is the largest 4-connected component
-    of ``(pred >= t_i) & (gt >= t_i)``; each pixel's level ``l`` is the threshold before the first
-    one whose Omega_i excludes it (1 if none does). With ``d = alpha - l``,
-    ``phi = 1 - d * [d >= 0.15]`` and the error is ``sum |phi(pred) - phi(gt)|`` over the region
-    / 1000. This is the DIM MATLAB definition; ``reference_compat=True`` instead reproduces the
-    reference Python port's ``getLargestCC``, which can pick the background as "largest
-    component" (see :func:`largest_component`).
+    Definition (Rhemann et al. 2009): thresholds in steps of ``step`` (0.1); at each threshold
+    ``t``, the largest 4-connected component of the pixels where both pred and gt are ``>= t``;
+    ``l_i`` = the last threshold at which pixel ``i`` still belonged to that component, before
+    the first one where it was lost (1 if never lost; :func:`_connected_levels`);
+    ``d_i = alpha_i - l_i``, ``phi_i = 1 - d_i * [d_i >= 0.15]``; the error is
+    ``sum |phi(pred) - phi(gt)|`` over the region, / 1000. ``reference_compat=True`` takes the
+    largest component as the reference Python version does, which may be the background (see
+    :func:`largest_component`).
     """
     p, g = _pair(pred, gt)
     m = _region(mask, p.shape)
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
-    n = int(round(1.0 / step))
-    thresholds = np.arange(n + 1) * step  # same values as the reference's np.arange(0, 1 + step, step)
-    l_map = np.full(p.shape, -1.0)
-    for i in range(1, len(thresholds)):
-        both = (p >= thresholds[i]) & (g >= thresholds[i])
-        omega = largest_component(both, include_background=reference_compat)
-        flag = (l_map == -1) & ~omega
-        l_map[flag] = thresholds[i - 1]
-    l_map[l_map == -1] = 1.0
-    err = np.abs(_phi(p, l_map) - _phi(g, l_map))
-    return float((err.sum() if m is None else err[m].sum()) / 1000.0)
+    level = _connected_levels(p, g, step, reference_compat)
+    return _thousandths(np.abs(_phi(p, level) - _phi(g, level)), m)
 
 
 # --------------------------------------------------------------------------- all four

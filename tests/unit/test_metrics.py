@@ -157,7 +157,7 @@ def test_gaussian_gradient_matches_slow_2d_convolution():
 
 
 def test_gaussian_kernel_is_9_taps_for_sigma_1_4():
-    g, dg = M._gauss_kernels(1.4)
+    g, dg = M._derivative_of_gaussian_taps(1.4)
     assert len(g) == len(dg) == 9
     # separable factors carry the unit L2 norm of the 2-D kernel
     assert np.sqrt((np.outer(g, dg) ** 2).sum()) == pytest.approx(1.0)
@@ -223,6 +223,38 @@ def test_connectivity_hand_computed():
     assert M.connectivity_error(pred, gt) == pytest.approx(slow_conn(pred, gt))
     # the reference Python port picks the background "component" here and sees no error
     assert M.connectivity_error(pred, gt, reference_compat=True) == 0.0
+
+
+def test_connectivity_counts_a_pixel_at_exactly_the_threshold():
+    # 0.5 is exactly the threshold 5 * 0.1. Both pixels are in the component up to t = 0.5 and
+    # pixel 0 leaves it at 0.6, so its level is 0.5: phi(pred) = 1, phi(gt) = 1 - 0.5 -> 0.5 / 1000.
+    # Comparing with '>' would lose it at 0.5 (level 0.4, phi(gt) = 0.4 -> 0.6 / 1000).
+    pred = np.array([[0.5, 1.0]])
+    gt = np.array([[1.0, 1.0]])
+    assert M.connectivity_error(pred, gt) == pytest.approx(0.5 / 1000)
+
+
+@pytest.mark.parametrize("alpha, expected", [(0.1, 0.0), (0.149, 0.0), (0.15, 0.15), (0.2, 0.2), (0.9, 0.9)])
+def test_connectivity_counts_only_alpha_at_least_0_15_above_its_level(alpha, expected):
+    # pixel 0 has pred 0, so it leaves the component at the first threshold: level 0, and
+    # phi(gt) = 1 - alpha only when alpha >= 0.15; pixel 1 stays connected (level 1, phi 1)
+    pred = np.array([[0.0, 1.0]])
+    gt = np.array([[alpha, 1.0]])
+    assert M.connectivity_error(pred, gt) == pytest.approx(expected / 1000, abs=1e-15)
+
+
+def test_connectivity_matches_slow_reference_on_the_threshold_grid():
+    # alphas k * 0.1 are the thresholds themselves, so every '>=' is decided at equality somewhere
+    rng = np.random.default_rng(11)
+    grid = np.arange(11) * 0.1
+    for _ in range(30):
+        h, w = rng.integers(1, 9, 2)
+        gt = grid[rng.integers(0, 11, (h, w))]
+        near = np.clip(np.rint(gt * 10).astype(int) + rng.integers(-2, 3, (h, w)), 0, 10)
+        pred = grid[near] if rng.random() < 0.5 else grid[rng.integers(0, 11, (h, w))]
+        region = rng.random((h, w)) < 0.6
+        assert M.connectivity_error(pred, gt) == pytest.approx(slow_conn(pred, gt), abs=1e-15)
+        assert M.connectivity_error(pred, gt, region) == pytest.approx(slow_conn(pred, gt, region), abs=1e-15)
 
 
 def test_connectivity_matches_slow_reference():
