@@ -40,6 +40,7 @@ Typical use in a test::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -554,9 +555,12 @@ BOOTS: List[Tuple[str, int, float]] = []
 STARTUP_TIMEOUT_S = 300
 
 
-def run_jobs(jobs: List[ComfyJob], host: Union[ComfyHost, str, None] = None) -> List[Union[dict, ComfyRunError]]:
+def run_jobs(jobs: List[ComfyJob], host: Union[ComfyHost, str, None] = None,
+             keep_in: Optional[Path] = None) -> List[Union[dict, ComfyRunError]]:
     """Run ``jobs`` in as few ComfyUI processes of ``host`` as their flags allow: one per distinct
     (``comfy_args``, ``cpu``, ``extra_env``); a job whose ``comfy_args`` is None joins the first boot.
+    ``keep_in``: a folder that keeps each boot's files (ComfyUI's base directory, the folders of jobs
+    without a ``work_dir``), so that paths ComfyUI reported stay valid; default: removed after the boot.
 
     Returns, per job in order, its report (shaped as :func:`run_comfy`'s) or the :class:`ComfyRunError`
     that stopped it (a job that cannot share the boot, e.g. another pack under the same folder name, a job
@@ -576,7 +580,7 @@ def run_jobs(jobs: List[ComfyJob], host: Union[ComfyHost, str, None] = None) -> 
     for (args, cpu, env), indices in groups.items():
         pending = list(indices)
         while pending:
-            done = _boot(host, [jobs[i] for i in pending], args, cpu, dict(env))
+            done = _boot(host, [jobs[i] for i in pending], args, cpu, dict(env), keep_in)
             for i, outcome in zip(pending, done):
                 outcomes[i] = outcome
             pending = [i for i in pending if outcomes[i] is None]  # after a job during which ComfyUI died
@@ -599,15 +603,20 @@ def _packs_of(jobs: List[ComfyJob]) -> Tuple[Dict[str, str], Dict[int, ComfyRunE
     return packs, refused
 
 
-def _boot(host: ComfyHost, jobs: List[ComfyJob], comfy_args, cpu: bool, extra_env: Mapping[str, str]):
+def _boot(host: ComfyHost, jobs: List[ComfyJob], comfy_args, cpu: bool, extra_env: Mapping[str, str],
+          keep_in: Optional[Path]):
     """One ComfyUI process for ``jobs``: their outcomes in order; None for jobs it did not get to (it died)."""
     packs, refused = _packs_of(jobs)
     outcomes: List[Union[dict, ComfyRunError, None]] = [refused.get(i) for i in range(len(jobs))]
     runnable = [i for i in range(len(jobs)) if i not in refused]
     if not runnable:
         return outcomes
-    with tempfile.TemporaryDirectory(prefix="comfy-run-") as tmp:
-        tmp = Path(tmp)
+    if keep_in is not None:
+        Path(keep_in).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="comfy-run-", dir=keep_in))
+        if keep_in is None:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         specs = []
         for i in runnable:
             job = jobs[i]
@@ -797,6 +806,8 @@ class HostJobs:
         import inspect
         import traceback
 
+        keep_in = self.request.getfixturevalue("tmp_path_factory").mktemp(f"comfy{host}-boots")
+
         jobs, owners = [], []
         for declare in declarations:
             try:
@@ -812,7 +823,7 @@ class HostJobs:
                 continue
             jobs.append(job)
             owners.append((declare, made))
-        for (declare, made), outcome in zip(owners, run_jobs(jobs, host)):
+        for (declare, made), outcome in zip(owners, run_jobs(jobs, host, keep_in)):
             key = (declare, host.version)
             if isinstance(outcome, ComfyRunError):
                 self.outcomes[key] = (False, str(outcome))
