@@ -6,7 +6,13 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tests run many small torch ops on two shared cores. OpenMP threads that spin while they wait for work take the
+# cores from whatever else runs (the ComfyUI, CLI or Ray process a test waits for, or other jobs on the machine):
+# a tiny UNet pass measured 25x slower so. Waiting threads sleep instead, here and in every process the tests start
+# (they inherit the environment). Set before torch loads its OpenMP runtime, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "support"  # the tests' helpers (tiny models, sample inputs, the ComfyUI and browser harnesses)
