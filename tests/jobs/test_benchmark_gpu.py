@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # boots ComfyUI for itself, and the diffusers path runs in bf16 (emulated on most CPUs): ~30 s
 def test_gpu_benchmark_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     out_path = tmp_path / "bench.json"
     proc = subprocess.run(
