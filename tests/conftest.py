@@ -6,7 +6,13 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tests run many small torch ops on two shared cores. OpenMP threads that spin while they wait for work take the
+# cores from whatever else runs (the ComfyUI, CLI or Ray process a test waits for, or other jobs on the machine):
+# a tiny UNet pass measured 25x slower so. Waiting threads sleep instead, here and in every process the tests start
+# (they inherit the environment). Set before torch loads its OpenMP runtime, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "support"  # the tests' helpers (tiny models, sample inputs, the ComfyUI and browser harnesses)
@@ -62,6 +68,25 @@ def comfy_host(request):
 
 
 @pytest.fixture(scope="session")
+def comfy_jobs(request):
+    """The jobs of every selected test that uses a ``comfy_harness.host_job`` fixture, run in one ComfyUI
+    boot per host (``comfy_harness.HostJobs``)."""
+    from comfy_harness import HostJobs
+
+    return HostJobs(request)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many ComfyUI processes this run started (one per host for all host jobs, see comfy_harness)."""
+    from comfy_harness import BOOTS
+
+    if BOOTS:
+        per_host = ", ".join(f"{v}: {sum(1 for b in BOOTS if b[0] == v)}" for v in dict.fromkeys(b[0] for b in BOOTS))
+        terminalreporter.write_line(f"ComfyUI boots: {len(BOOTS)} ({per_host}) for {sum(b[1] for b in BOOTS)} job(s), "
+                                    f"{sum(b[2] for b in BOOTS):.0f} s")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny SD diffusers folder + head weights, written once per session."""
     from tiny_models import save_tiny_head, save_tiny_sd_folder
@@ -70,6 +95,15 @@ def tiny_dir(tmp_path_factory):
     save_tiny_sd_folder(d / "sd", seed=0)
     save_tiny_head(d / "head.safetensors", seed=0)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_comfy_checkpoint(tmp_path_factory):
+    """The tiny SD 2.x single file ComfyUI's own loader reads (``tiny_sd2_checkpoint``), under the real SD 2.1
+    file's name, written once per session: host jobs and browser tests link it into their models folders."""
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
+
+    return save_tiny_comfy_sd2_checkpoint(tmp_path_factory.mktemp("tiny_comfy") / "v2-1_768-ema-pruned.safetensors")
 
 
 @pytest.fixture(scope="session")

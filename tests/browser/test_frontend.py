@@ -13,11 +13,11 @@
   screenshot). The newest frontend also with its Vue nodes ("Nodes 2.0"): no node overlaps another
   (DOM boxes) and no text is cut.
 
-Models are tiny random-weight files (``frontend_harness.TINY_MODELS``). Skipped when Chromium or
-Playwright is missing, except in CI (``CI=true``), where that fails.
+Models are tiny random-weight files (``frontend_harness.TINY_MODELS``). The apps (``app``, ``newest_app``: one
+server per configuration, shared with the other browser modules) come from ``tests/browser/conftest.py``. Skipped
+when Chromium or Playwright is missing, except in CI (``CI=true``), where that fails.
 """
 import io
-import json
 import urllib.parse
 from pathlib import Path
 
@@ -25,70 +25,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frontend_harness import (LEFT_MISSING, NEWEST_FRONTEND, PACK_NAME, WORKFLOWS, ComfyApp, ComfyServer,
-                              launch_browser, overlaps, prepare_user, prepare_workflow, require_browser, text_drawn)
-from api_to_ui import VIEW_HEIGHT, VIEW_LEFT, VIEW_TOP, VIEW_WIDTH  # tools/, on the path after frontend_harness
-from comfy_harness import comfy_host
+from frontend_harness import LEFT_MISSING, PACK_NAME, WORKFLOWS, overlaps, text_drawn
+from api_to_ui import VIEW_LEFT, VIEW_TOP  # tools/, on the path after frontend_harness
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 NAMES = [p.name for p in WORKFLOW_FILES]
 WORD = "Matte a folder from a word (IconMatting, SAM 3).json"
-#: (host, frontend): None = the frontend the host pins.
-PINNED = [("0.3.75", None), ("0.28.2", None)]
-NEWEST = [("0.28.2", NEWEST_FRONTEND)]
 VIDEO_NODES = ("SaveWEBM", "SaveVideo")
-
-
-def _config_id(config) -> str:
-    host, frontend = config
-    return f"comfy{host}-frontend{frontend or 'pinned'}"
 
 
 def _ids(workflow: dict):
     return [int(n["id"]) for n in workflow["nodes"]]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """One Chromium for every app of this module (Playwright's sync API allows one instance at a time)."""
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_browser(playwright)
-        yield chromium
-        chromium.close()
-
-
-def _start_app(config, browser, tmp_path_factory):
-    """The app open in Chromium, and every workflow prepared: (app, {file name: (workflow, problems)}, work)."""
-    version, frontend = config
-    host = comfy_host(version)
-    work = tmp_path_factory.mktemp("frontend")
-    prepare_user(work)
-    with ComfyServer(work, host=host, frontend=frontend) as server:
-        object_info = server.get("/object_info")
-        # Models and input files are in place before the app loads its model lists.
-        prepared = {path.name: prepare_workflow(json.loads(path.read_text()), object_info, work)
-                    for path in WORKFLOW_FILES}
-        comfy = ComfyApp(browser, server, viewport={"width": VIEW_WIDTH, "height": VIEW_HEIGHT})
-        comfy.open()
-        comfy.startup_errors = comfy.unexpected_errors()
-        comfy.has_sam3 = "SAM3_Detect" in object_info
-        yield comfy, prepared, work
-        comfy.context.close()
-
-
-@pytest.fixture(scope="module", params=PINNED, ids=[_config_id(c) for c in PINNED])
-def app(request, browser, tmp_path_factory):
-    """Each host with the frontend it pins: workflows run, cards, readable templates."""
-    yield from _start_app(request.param, browser, tmp_path_factory)
-
-
-@pytest.fixture(scope="module", params=NEWEST, ids=[_config_id(c) for c in NEWEST])
-def newest_app(request, browser, tmp_path_factory):
-    """The newest frontend on PyPI (layout only: templates readable, Vue nodes)."""
-    yield from _start_app(request.param, browser, tmp_path_factory)
 
 
 def test_there_are_workflows():

@@ -1,9 +1,9 @@
 """Self-check of the ComfyUI test harness with a throwaway node pack.
 
-Boots each real ComfyUI host (CPU, headless) twice: once with a working dummy pack and a few
-prompts (success, a node that raises, a prompt that fails validation, a model loaded through
-ComfyUI's model management), once with a pack whose import fails. The first run downloads and
-caches ComfyUI (see ``comfy_harness.comfy_root``); later runs take a few seconds each.
+Host jobs (``comfy_harness.host_job``), run in the one ComfyUI boot per host that every host test shares:
+a working dummy pack and a few prompts (success, a node that raises, a prompt that fails validation, a model
+loaded through ComfyUI's model management), a pack whose import fails, and two jobs that must not see each
+other's models or cached outputs. The first run downloads and caches ComfyUI (see ``comfy_harness.comfy_root``).
 """
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
 if str(SUPPORT) not in sys.path:  # e.g. under --import-mode=importlib
     sys.path.insert(0, str(SUPPORT))
-from comfy_harness import run_comfy  # noqa: E402
+from comfy_harness import comfy_job, host_job  # noqa: E402
 
 DUMMY_PACK = textwrap.dedent('''
     """Throwaway V1 node pack for the harness self-check."""
@@ -110,15 +108,23 @@ PROMPT_INVALID = {  # DummyInvert's required "image" input is missing
 PROMPT_MODEL = {"1": {"class_type": "DummyModelLoader", "inputs": {}}}
 
 
-@pytest.fixture(scope="module")
+@host_job
 def report(tmp_path_factory, comfy_host):
     pack = tmp_path_factory.mktemp("packs") / "dummy_pack"
     pack.mkdir()
     (pack / "__init__.py").write_text(DUMMY_PACK)
     models = tmp_path_factory.mktemp("models")
     work = tmp_path_factory.mktemp("comfy_work")
-    return run_comfy(pack, [PROMPT_OK, PROMPT_RAISES, PROMPT_INVALID, PROMPT_MODEL],
+    return comfy_job(pack, [PROMPT_OK, PROMPT_RAISES, PROMPT_INVALID, PROMPT_MODEL],
                      models_dir=models, work_dir=work, host=comfy_host)
+
+
+@host_job
+def broken_report(tmp_path):
+    pack = tmp_path / "broken_pack"
+    pack.mkdir()
+    (pack / "__init__.py").write_text("raise ImportError('missing thing y')\n")
+    return comfy_job(pack, [])
 
 
 def test_pack_imports_and_registers_nodes(report, comfy_host):
@@ -202,11 +208,87 @@ def test_models_dir_is_comfyui_models_dir(report):
     assert checkpoints[0] == str(Path(folders["models_dir"]) / "checkpoints")
 
 
-def test_import_failure_is_reported(tmp_path, comfy_host):
-    pack = tmp_path / "broken_pack"
-    pack.mkdir()
-    (pack / "__init__.py").write_text("raise ImportError('missing thing y')\n")
-    report = run_comfy(pack, [], host=comfy_host)
+def test_import_failure_is_reported(broken_report):
+    report = broken_report
     assert report["pack"]["import_failed"] is True
     assert report["pack"]["nodes"] == []
     assert any("missing thing y" in line for line in report["pack"]["import_log"])
+
+
+# --- jobs sharing one boot: each sees only its own models and computes its own outputs ------------
+LISTER_PACK = textwrap.dedent('''
+    """Throwaway V1 node pack: a node whose combo lists models/checkpoints, and a pass-through."""
+    import folder_paths
+
+
+    class DummyListCheckpoints:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),),
+                                 "image": ("IMAGE",)}}
+
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "run"
+        CATEGORY = "dummy"
+
+        def run(self, ckpt_name, image):
+            return (image,)
+
+
+    NODE_CLASS_MAPPINGS = {"DummyListCheckpoints": DummyListCheckpoints}
+''')
+
+
+def _lister_pack(tmp_path_factory) -> Path:
+    """One folder for every job of the session: two jobs sharing a boot may not bring two packs under one name."""
+    pack = tmp_path_factory.getbasetemp() / "lister_pack"
+    if not pack.is_dir():
+        pack.mkdir()
+        (pack / "__init__.py").write_text(LISTER_PACK)
+    return pack
+
+
+def _listing_job(tmp_path, tmp_path_factory, checkpoint):
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / checkpoint).write_bytes(b"")
+    prompt = {**_empty_image(),
+              "2": {"class_type": "DummyListCheckpoints", "inputs": {"ckpt_name": checkpoint, "image": ["1", 0]}},
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "listed"}}}
+    return comfy_job(_lister_pack(tmp_path_factory), [prompt], models_dir=tmp_path / "models", work_dir=tmp_path / "work")
+
+
+@host_job
+def listing_a(tmp_path, tmp_path_factory):
+    return _listing_job(tmp_path, tmp_path_factory, "a.safetensors")
+
+
+@host_job
+def listing_b(tmp_path, tmp_path_factory):
+    return _listing_job(tmp_path, tmp_path_factory, "b.safetensors")
+
+
+def test_jobs_in_one_boot_see_only_their_own_models_and_outputs(listing_a, listing_b):
+    for report, name in ((listing_a, "a.safetensors"), (listing_b, "b.safetensors")):
+        assert report["pack"]["object_info"]["DummyListCheckpoints"]["input"]["required"]["ckpt_name"][0] == [name]
+        run = report["prompts"][0]
+        assert run["validation"]["ok"], run["validation"]  # the other job's checkpoint would not validate
+        assert run["execution"]["executed_nodes"] == ["1", "2", "3"]  # nothing reused from the other job's cache
+        (saved,) = run["execution"]["outputs"]["3"]["images"]
+        assert (Path(report["work_dir"]) / "output" / saved["filename"]).is_file()
+    assert listing_a["comfyui_version"] == listing_b["comfyui_version"]
+
+
+def test_a_job_during_which_comfyui_dies_fails_alone_and_the_jobs_after_it_still_run(tmp_path, tmp_path_factory):
+    """Its own boots (default host): the job that kills ComfyUI fails with the exit status; the job after it
+    gets a new process."""
+    from comfy_harness import BOOTS, ComfyRunError, run_jobs
+
+    (tmp_path / "exit.py").write_text("import os\n\n\ndef run(ctx):\n    os._exit(3)\n")
+    prompt = {**_empty_image(), "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    pack = _lister_pack(tmp_path_factory)
+    boots = len(BOOTS)
+    before, dying, after = run_jobs([comfy_job(pack, [prompt]), comfy_job(pack, [], scripts=[tmp_path / "exit.py"]),
+                                     comfy_job(pack, [prompt])])
+    assert isinstance(dying, ComfyRunError) and "exited (3) while running this job" in str(dying), dying
+    assert before["prompts"][0]["execution"]["success"] and after["prompts"][0]["execution"]["success"]
+    assert len(BOOTS) - boots == 2

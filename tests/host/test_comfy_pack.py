@@ -1,9 +1,10 @@
 """The node pack inside a real ComfyUI (each host in comfy_harness.HOSTS): V3 registration, the shipped workflows on the host's own
 SD 2.x (stock Load Checkpoint), equivalence with the core's diffusers path, errors, memory management.
 
-One ComfyUI process per host runs everything (module fixture). SD 2.x is a tiny random-weight single file in the
-real layout, loaded by ComfyUI's own CheckpointLoaderSimple (tests/support/comfy_tiny_sd2 teaches ComfyUI its
-sizes); it is named like the real file, so the workflows run as shipped but for the matting weights.
+One host job (``comfy_run``) holds every prompt and script; it runs in the ComfyUI boot all host tests share. SD 2.x
+is a tiny random-weight single file in the real layout, loaded by ComfyUI's own CheckpointLoaderSimple
+(tests/support/comfy_tiny_sd2 teaches ComfyUI its sizes); it is named like the real file, so the workflows run as
+shipped but for the matting weights.
 """
 import copy
 import json
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import assert_one_matte_per_target, run_comfy
+from comfy_harness import assert_one_matte_per_target, comfy_job, host_job, link_file
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
@@ -51,12 +52,11 @@ def tiny_head_config():
     return tiny_config(unet_feature_channels=(128, 128))  # the up-block channels of the tiny comfy SD 2.x UNet
 
 
-def make_models(models: Path) -> Path:
-    """models/checkpoints/<SD 2.1 name> (tiny SD 2.x single file) + models/iconmatting/icm.safetensors."""
+def make_models(models: Path, checkpoint: Path) -> Path:
+    """models/checkpoints/<SD 2.1 name> (``checkpoint``: the tiny SD 2.x single file) + models/iconmatting/icm.safetensors."""
     from tiny_models import save_tiny_head
-    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
-    save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / SD_FILE)
+    link_file(models / "checkpoints" / SD_FILE, checkpoint)
     save_tiny_head(models / "iconmatting" / HEAD_FILE, tiny_head_config())
     return models
 
@@ -87,10 +87,10 @@ def node_id(prompt, class_type):
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
-@pytest.fixture(scope="module")
-def comfy_run(tmp_path_factory, comfy_host):
+@host_job
+def comfy_run(tmp_path_factory, comfy_host, tiny_comfy_checkpoint):
     base = tmp_path_factory.mktemp("comfy")
-    models = make_models(base / "models")
+    models = make_models(base / "models", tiny_comfy_checkpoint)
     work = base / "work"
     write_inputs(work / "input")
 
@@ -124,7 +124,7 @@ def comfy_run(tmp_path_factory, comfy_host):
     empty_folder[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = ""
     prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs,
                points, null_weights, empty_folder]
-    result = run_comfy(
+    result = yield comfy_job(
         ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900, host=comfy_host,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
         scripts=[{"path": str(EQUIVALENCE_SCRIPT), "args": {"ckpt": SD_FILE, "head": str(models / "iconmatting" / HEAD_FILE)}},

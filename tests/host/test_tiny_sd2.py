@@ -1,7 +1,7 @@
 """The tiny SD 2.x single file loads in the real ComfyUI 0.3.75 (stock Load Checkpoint) and in our core
 alike, with the same weights: UNet output, VAE encoder moments and the empty-prompt conditioning agree.
 
-One ComfyUI boot runs ``tests/support/comfy_tiny_sd2/checks.py`` in-process (``run_comfy`` ``scripts``), with the
+A host job (in the ComfyUI boot all host tests share) runs ``tests/support/comfy_tiny_sd2/checks.py`` in-process, with the
 test-only ``tests/support/comfy_tiny_sd2`` module registering the tiny model type (``extra_packs``). ComfyUI runs
 its text encoder in float16 on CPU by default; ``--fp32-text-enc`` makes the comparison float32 throughout.
 """
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import run_comfy
+from comfy_harness import comfy_job, host_job, link_file
 from iconmatting_core.clip_text import OPEN_CLIP_PREFIX
 from iconmatting_core.sd_loading import UNET_PREFIX, VAE_PREFIX
-from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SD2_PACK = ROOT / "tests" / "support" / "comfy_tiny_sd2"
@@ -24,16 +23,17 @@ LOAD_PROBLEM = re.compile(r"missing|unexpected|left over keys|leftover", re.IGNO
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def tiny_checkpoint(tmp_path_factory, tiny_comfy_checkpoint) -> Path:
     models = tmp_path_factory.mktemp("models")
-    return save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / CHECKPOINT)
+    return link_file(models / "checkpoints" / CHECKPOINT, tiny_comfy_checkpoint)
 
 
-@pytest.fixture(scope="module")
-def checks(tiny_checkpoint, comfy_host) -> dict:
-    report = run_comfy(ROOT, [], models_dir=tiny_checkpoint.parents[1], pack_name="comfyui-iconmatting",
-                       extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
-                       scripts=[{"path": CHECKS, "args": {"checkpoint": CHECKPOINT, "repo_root": str(ROOT)}}])
+@host_job
+def checks(tmp_path, tiny_comfy_checkpoint, comfy_host):
+    tiny_checkpoint = link_file(tmp_path / "models" / "checkpoints" / CHECKPOINT, tiny_comfy_checkpoint)
+    report = yield comfy_job(ROOT, [], models_dir=tiny_checkpoint.parents[1], pack_name="comfyui-iconmatting",
+                             extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
+                             scripts=[{"path": CHECKS, "args": {"checkpoint": CHECKPOINT, "repo_root": str(ROOT)}}])
     assert report["extra_packs"][0]["import_failed"] is False, report["extra_packs"]
     (script,) = report["scripts"]
     assert script["ok"], script["error"] + "\n".join(script["log"][-30:])

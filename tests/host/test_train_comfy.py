@@ -1,5 +1,6 @@
 """A head trained by `iconmatting_core.training`, saved in models/iconmatting/, is offered by the Load
-node of a real ComfyUI (0.3.75) and mattes in the shipped batch workflow (tiny models, one ComfyUI run)."""
+node of a real ComfyUI (0.3.75) and mattes in the shipped batch workflow (tiny models, a host job in the
+ComfyUI boot all host tests share)."""
 import shutil
 from pathlib import Path
 
@@ -9,20 +10,20 @@ import torch
 from PIL import Image
 
 import test_comfy_pack as pack
-from comfy_harness import run_comfy
+from comfy_harness import DEFAULT_HOST, comfy_job, host_job, link_file
 
 TRAINED = "my_trained_head.safetensors"
 
 
-def _train_tiny_head(models: Path, tmp: Path) -> Path:
+def _train_tiny_head(models: Path, tmp: Path, checkpoint: Path) -> Path:
     from iconmatting_core.sd_features import SDFeatureExtractor
     from iconmatting_core.sd_loading import load_sd_components
     from tiny_models import tiny_head
-    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint, tiny_comfy_sd2_configs
+    from tiny_sd2_checkpoint import tiny_comfy_sd2_configs
     from iconmatting_core.training.data import load_train_data
     from iconmatting_core.training.trainer import Trainer, TrainSettings
 
-    ckpt = save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / pack.SD_FILE)
+    ckpt = link_file(models / "checkpoints" / pack.SD_FILE, checkpoint)
     rng = np.random.default_rng(0)
     for i in range(2):
         a = np.zeros((64, 80), np.uint8)
@@ -40,16 +41,21 @@ def _train_tiny_head(models: Path, tmp: Path) -> Path:
     return Path(shutil.copyfile(final, models / "iconmatting" / TRAINED))
 
 
-@pytest.mark.slow  # trains, then boots ComfyUI once for itself: ~45 s
-def test_a_trained_head_is_offered_by_load_and_mattes_in_the_batch_workflow(tmp_path):
+@host_job(hosts=(DEFAULT_HOST,))
+def trained_run(tmp_path, tiny_comfy_checkpoint):
     models = tmp_path / "models"
-    _train_tiny_head(models, tmp_path)
+    _train_tiny_head(models, tmp_path, tiny_comfy_checkpoint)
     work = tmp_path / "work"
     pack.write_inputs(work / "input")
     prompt = pack.load_api(pack.BATCH)
     prompt[pack.node_id(prompt, "IconMattingLoad")]["inputs"]["matting_model"] = TRAINED
-    result = run_comfy(pack.ROOT, [prompt], models_dir=models, work_dir=work, pack_name="comfyui-iconmatting",
-                       timeout=900, extra_packs=[pack.TINY_SD2_PACK], comfy_args=["--fp32-text-enc"])
+    return comfy_job(pack.ROOT, [prompt], models_dir=models, work_dir=work, pack_name="comfyui-iconmatting",
+                     timeout=900, extra_packs=[pack.TINY_SD2_PACK], comfy_args=["--fp32-text-enc"])
+
+
+@pytest.mark.slow  # trains a head (~15 s), then its prompt in the shared ComfyUI boot
+def test_a_trained_head_is_offered_by_load_and_mattes_in_the_batch_workflow(trained_run):
+    result = trained_run
     assert not result["pack"]["import_failed"]
     loader = result["pack"]["object_info"]["IconMattingLoad"]["input"]["required"]
     assert TRAINED in pack.combo_options(loader["matting_model"])

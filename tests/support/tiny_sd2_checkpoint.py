@@ -9,7 +9,7 @@ ComfyUI needs a model class with these sizes registered: tests/support/comfy_tin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -29,6 +29,21 @@ def tiny_comfy_unet_config() -> dict:
 def tiny_comfy_vae_config() -> dict:
     """The VAE of :func:`save_tiny_comfy_sd2_checkpoint` is SD's real one (ComfyUI builds only that)."""
     return load_sd_config("vae")
+
+
+def small_comfy_vae_configs() -> Tuple[dict, dict]:
+    """A small SD-style VAE, (diffusers config, ComfyUI ``comfy.sd.VAE`` config): 32/32/64/64 channels, one
+    resnet per level (ComfyUI's VAE blocks use 32-group norms, so 32 channels is the least). ComfyUI's checkpoint
+    loader detects only the real VAE's sizes, so ComfyUI builds this one from its config
+    (``comfy.sd.VAE(sd=..., config=...)``, as its loaders of other VAE families do); for benchmark smoke runs,
+    where the real VAE in bfloat16 takes minutes per encode on a CPU without bfloat16 arithmetic."""
+    cfg = load_sd_config("vae")
+    channels = [32, 32, 64, 64]
+    cfg.update(block_out_channels=channels, layers_per_block=1, norm_num_groups=32, sample_size=TINY_IMAGE_SIZE)
+    ddconfig = {"double_z": True, "z_channels": cfg["latent_channels"], "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": channels[0], "ch_mult": [c // channels[0] for c in channels], "num_res_blocks": 1,
+                "attn_resolutions": [], "dropout": 0.0}
+    return cfg, {"params": {"ddconfig": ddconfig, "embed_dim": cfg["latent_channels"]}}
 
 
 def tiny_comfy_text_encoder_config() -> dict:

@@ -19,6 +19,14 @@ def test_ci_runs_exactly_the_readme_commands():
     assert ci.index(setup) < ci.index(test)
 
 
+def test_pytest_runs_every_folder_of_tests():
+    """``testpaths`` lists the folders in the order they run; a new folder of tests not listed there would
+    never run under the README's command."""
+    listed = re.search(r"^testpaths = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    folders = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
+    assert folders and folders == set(re.findall(r'"([^"]+)"', listed)), (folders, listed)
+
+
 def test_torch_is_never_a_requirement():
     for name in ("requirements.txt", "requirements-dev.txt"):
         for line in (ROOT / name).read_text().splitlines():
