@@ -65,7 +65,7 @@ from warm_python import WarmProcess
 ROOT = R.ROOT
 SITE = ROOT / "tests" / "support" / "readme_site"
 PLANS = R.plans()
-RUNNABLE = [p for p in PLANS if p.runs and not p.same_as]
+RUNNABLE = [p for p in PLANS if (p.runs and not p.same_as) or p.error]
 PYTHON_BLOCKS = [p for p in PLANS if p.python]
 STEP_TIMEOUT = 420  # s; a hung command fails instead of blocking the suite
 HF_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -638,6 +638,8 @@ def _param(plan: R.Plan):
 
 @pytest.mark.parametrize("plan", [_param(p) for p in RUNNABLE])
 def test_documented_command_runs_as_written(plan, world, tmp_path):
+    if plan.error:
+        pytest.fail(plan.error)
     with ThreadPoolExecutor(2) as pool:  # the terminal and the redirected run side by side
         jobs = [pool.submit(_run_plan, world, plan, tmp_path / name, tty) for name, tty in (("tty", True), ("file", False))]
         for job in jobs:

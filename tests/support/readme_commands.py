@@ -210,9 +210,9 @@ def _logical_lines(name: str, body: List[Tuple[int, str]]) -> List[Line]:
         if first is None:
             first = number
         if line.endswith("\\"):
-            pending += line[:-1] + " "
+            pending += line[:-1].strip() + " "
             continue
-        text = (pending + line).strip()
+        text = (pending + line.strip()).strip()
         pending = ""
         if text.startswith("$ "):
             text = text[2:]
@@ -291,6 +291,7 @@ class Plan:
     steps: List[Step]
     python: str = ""        # python blocks: the code
     same_as: str = ""       # an inline command already run by this block
+    error: str = ""         # why it cannot be mapped (MappingError's message); the plan's test fails with it
 
     @property
     def runs(self) -> List[Step]:
@@ -298,7 +299,8 @@ class Plan:
 
 
 def plans(root: Path = ROOT) -> List[Plan]:
-    """Every plan of every document; raises MappingError for the first command that cannot be mapped."""
+    """Every plan of every document. A block that cannot be mapped gives one plan carrying the
+    MappingError's message (the other blocks still run)."""
     out: List[Plan] = []
     seen: Dict[Tuple[str, ...], str] = {}
     for doc in doc_files(root):
@@ -308,16 +310,28 @@ def plans(root: Path = ROOT) -> List[Plan]:
                 if "iconmatting" in block.source:
                     out.append(Plan(block.ref, [], python=block.source))
                 continue
-            optional = any(_has_brackets(line.text) for line in block.lines)
-            for variant, keep in ([("no-optional", False), ("all-optional", True)] if optional else [("", False)]):
-                plan = Plan(block.ref + (f"[{variant}]" if variant else ""), _plan_block(block, history, keep))
-                keys = [tuple(s.argv) for s in plan.runs]
-                if block.lang == "inline" and keys and all(k in seen for k in keys):
-                    plan.same_as = seen[keys[0]]
-                for s in plan.runs:
-                    seen.setdefault(tuple(s.argv), plan.id)
-                out.append(plan)
+            try:
+                out += _block_plans(block, history, seen)
+            except MappingError as exc:
+                out.append(Plan(block.ref, [], error=str(exc)))
+                continue
             history += [s for s in _plan_block(block, history, True) if s.subcommand]
+    return out
+
+
+def _block_plans(block: Block, history: List[Step], seen: Dict[Tuple[str, ...], str]) -> List[Plan]:
+    """The block's plans: one, or one without and one with its optional groups. ``seen``: argv -> the plan
+    that runs it (an inline command equal to a block's is run there only)."""
+    out = []
+    optional = any(_has_brackets(line.text) for line in block.lines)
+    for variant, keep in ([("no-optional", False), ("all-optional", True)] if optional else [("", False)]):
+        plan = Plan(block.ref + (f"[{variant}]" if variant else ""), _plan_block(block, history, keep))
+        keys = [tuple(s.argv) for s in plan.runs]
+        if block.lang == "inline" and keys and all(k in seen for k in keys):
+            plan.same_as = seen[keys[0]]
+        for s in plan.runs:
+            seen.setdefault(tuple(s.argv), plan.id)
+        out.append(plan)
     return out
 
 
@@ -517,8 +531,9 @@ def _paths(line: Line, step: Step) -> None:
 
 
 def iter_commands(root: Path = ROOT) -> Iterator[Tuple[Plan, Step]]:
+    """Every command of every mapped plan (run or not)."""
     for plan in plans(root):
-        for step in plan.steps:
+        for step in plan.steps:  # (a plan with an error has none)
             if step.kind in ("run", "skip") and step.argv:
                 yield plan, step
 

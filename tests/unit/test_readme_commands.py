@@ -11,8 +11,13 @@ import readme_commands as R
 
 
 def _plans(tmp_path, text):
+    """The plans of a README with ``text``; the first mapping error is raised."""
     (tmp_path / "README.md").write_text(textwrap.dedent(text))
-    return R.plans(tmp_path)
+    plans = R.plans(tmp_path)
+    for p in plans:
+        if p.error:
+            raise R.MappingError(p.error)
+    return plans
 
 
 def _runs(plan):
@@ -23,7 +28,9 @@ def _runs(plan):
 
 
 def test_every_documented_command_maps():
-    plans = R.plans()  # raises MappingError naming the table to extend
+    plans = R.plans()
+    errors = [p.error for p in plans if p.error]
+    assert not errors, "\n".join(errors)  # each names the table to extend
     runs = [s for p in plans for s in p.runs]
     assert {s.subcommand for s in runs} >= {"matte", "encode", "convert", "train", "eval"}
     assert any(s.launcher == "torchrun" for s in runs) and any(s.launcher == "launcher" for s in runs)
@@ -85,6 +92,14 @@ def test_lines_are_joined_and_comments_dropped(tmp_path):
                          "ref_mask.png", "--out", "ctx.safetensors"]
     assert step.ref == "README.md:4" and step.inputs == {"ref.jpg": "reference_jpg", "ref_mask.png": "reference_mask"}
     assert step.outputs == {"--out": "ctx.safetensors"}
+
+
+def test_one_unmapped_block_leaves_the_others_runnable(tmp_path):
+    encode = "python -m iconmatting_core encode --reference ref.jpg --mask ref_mask.png --out c.safetensors"
+    (tmp_path / "README.md").write_text(f"```bash\nffmpeg -i clip.mp4 x.png\n```\n\n```bash\n{encode}\n```\n")
+    first, second = R.plans(tmp_path)
+    assert "ffmpeg" in first.error and not first.steps
+    assert not second.error and len(second.runs) == 1
 
 
 def test_an_unknown_input_path_says_what_to_add(tmp_path):
