@@ -633,7 +633,10 @@ def _run_plan(world: World, plan: R.Plan, sandbox: Path, tty: bool) -> List[Resu
 def _param(plan: R.Plan):
     """A plan with a command that starts its own processes takes more than ~20 s: marked slow."""
     slow = any(_starts_processes(s) for s in plan.runs)
-    return pytest.param(plan, id=plan.id, marks=[pytest.mark.slow] if slow else [])
+    what = "-".join(dict.fromkeys(("ray-" if _starts_processes(s) and s.launcher != "torchrun" else "") +
+                                  (f"{s.launcher}-" if s.launcher in ("torchrun", "launcher") else "") + s.subcommand
+                                  for s in plan.runs))
+    return pytest.param(plan, id=f"{plan.id}-{what}" if what else plan.id, marks=[pytest.mark.slow] if slow else [])
 
 
 @pytest.mark.parametrize("plan", [_param(p) for p in RUNNABLE])
