@@ -249,9 +249,14 @@ def world(tmp_path_factory):
     _groups(src / "val", 2, 1, seed=2)
     # the context the README's later commands read: made by `encode` itself (in this process, from our
     # .safetensors of the same weights: the fingerprint is the weights', not the file's)
-    assert main(["encode", "--reference", str(src / "ref.jpg"), "--mask", str(src / "ref_mask.png"), "--out",
-                 str(src / "ref_context.safetensors"), "--matting-weights", str(src / "icm.safetensors"),
-                 "--sd", str(sd), "--device", "cpu"]) == 0
+    encode = ["encode", "--reference", str(src / "ref.jpg"), "--mask", str(src / "ref_mask.png"), "--out",
+              str(src / "ref_context.safetensors"), "--matting-weights", str(src / "icm.safetensors"), "--sd", str(sd),
+              "--device", "cpu"]
+    try:
+        code = main(encode)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 0, f"the fixture context: `python -m iconmatting_core {' '.join(encode)}` exited {code}"
 
     home = world.home  # the default model places of README "Model files"
     (home / ".cache" / "iconmatting" / "models").mkdir(parents=True)
