@@ -607,6 +607,10 @@ def check_common(res: Result):
     tracebacks = text.count("Traceback (most recent call last)")
     allowed = text.count(TORCHRUN_CTRL_C) if step.launcher == "torchrun" and res.interrupted else 0
     assert tracebacks <= allowed, f"{where}: traceback in its output:\n{text[-4000:]}"
+    expected = {130} if res.interrupted else {0}  # README: 130 on Ctrl-C
+    if res.interrupted and step.launcher == "torchrun":
+        expected = {res.code}  # torchrun's own status after Ctrl-C; its ranks are checked by check_train
+    assert res.code in expected, f"{where}: exit status {res.code}, expected {expected}:\n{text[-3000:]}"
     if res.tty:
         if step.subcommand in PROGRESS and (known := _known(step, True, "progress bar")):
             assert not _TQDM_BAR.search(text), f"{where}: fixed, drop it from KNOWN_DEFECTS: {known}"
