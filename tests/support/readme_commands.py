@@ -63,7 +63,7 @@ LAUNCHERS = {"custom_nodes/comfyui-iconmatting/iconmatting.py": "custom_nodes/co
 
 #: Lines that are shown but not run, by the start of the line (a regular expression), with the reason.
 #: ``rest_of_block``: the block's later commands need what this line would have made, so they are not
-#: run either (their options are still checked against the parser by tests/unit/test_readme_commands.py).
+#: run either (their options are still checked against the parser by tests/unit/test_readme_mapping.py).
 NOT_RUN: List[Tuple[str, str, bool]] = [
     (r"python3 -m venv |\.venv/bin/pip |pip install ",
      "installs packages: the tests run in this repository's .venv, built by the README's set-up line "
