@@ -405,7 +405,7 @@ def _start(world: World, step: R.Step, cwd: Path, env: dict, stdio):
 def run_step(world: World, step: R.Step, sandbox: Path, tty: bool, log: Path) -> Result:
     cwd = sandbox / step.cwd
     cwd.mkdir(parents=True, exist_ok=True)
-    if step.launcher == "launcher" and R.LAUNCHERS[step.script]:
+    if step.launcher == "launcher":
         link = cwd / R.LAUNCHERS[step.script]
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -703,7 +703,7 @@ def test_each_entry_point_starts_in_a_fresh_interpreter(step, world, tmp_path):
     head = step.argv[:len(step.argv) - len(step.args)]
     cwd = tmp_path / step.cwd
     cwd.mkdir(parents=True, exist_ok=True)
-    if step.launcher == "launcher" and R.LAUNCHERS[step.script]:
+    if step.launcher == "launcher":
         (cwd / R.LAUNCHERS[step.script]).parent.mkdir(parents=True, exist_ok=True)
         (cwd / R.LAUNCHERS[step.script]).symlink_to(ROOT, target_is_directory=True)
     done = subprocess.run([*head, "--help"], cwd=cwd, env=world.env(step, "help"), capture_output=True, text=True,

@@ -58,8 +58,7 @@ MODULES = {"iconmatting_core": "iconmatting_core", "iconmatting_core.eval": "eva
 CONSOLE_SCRIPTS = {"iconmatting": "iconmatting_core"}
 #: Script paths run as ``python SCRIPT``: the pack's launcher, whose folder the sandbox links to this
 #: repository (the README's ``git clone ... comfyui-iconmatting``).
-LAUNCHERS = {"custom_nodes/comfyui-iconmatting/iconmatting.py": "custom_nodes/comfyui-iconmatting",
-             "iconmatting.py": None}
+LAUNCHERS = {"custom_nodes/comfyui-iconmatting/iconmatting.py": "custom_nodes/comfyui-iconmatting"}
 
 #: Lines that are shown but not run, by the start of the line (a regular expression), with the reason.
 #: ``rest_of_block``: the block's later commands need what this line would have made, so they are not
@@ -74,7 +73,7 @@ NOT_RUN: List[Tuple[str, str, bool]] = [
      "clones the published repository (no network in CI; the sandbox links the pack's folder to this checkout)", False),
     (r"ray start ",
      "starts Ray cluster daemons that outlive the command (a head node on port 6379, worker nodes joining "
-     "it from other machines); `matte --engine ray` with a local Ray, its next block, runs as written", True),
+     "it from other machines); `matte --engine ray` with a local Ray (the block before) runs as written", True),
     (r"\.venv/bin/python tests/support/frontend_harness\.py templates",
      "a developer's tool that rewrites workflows/*.json and their cards (tests/browser checks its output)", False),
 ]
