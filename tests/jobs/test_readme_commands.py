@@ -413,7 +413,7 @@ def run_step(world: World, step: R.Step, sandbox: Path, tty: bool, log: Path) ->
     for rel, fixture in step.inputs.items():
         world.materialise(fixture, cwd / rel)
     token = uuid.uuid4().hex
-    env = world.env(step, token)
+    env = {**world.env(step, token), **step.env}
     started = time.monotonic()
     chunks: List[bytes] = []
     if tty:

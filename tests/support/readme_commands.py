@@ -29,6 +29,9 @@ Placeholders, each filled by one documented rule (anything else is an error nami
 * a bare ``...`` after a value (``matte --engine ray --address auto ...``): the previous same-program,
   same-subcommand command of the document, minus the options already written.
 
+``VAR=value`` words before a command set its environment. Shell pipelines and redirections (``|``, ``&&``,
+``>``) are not run: such a line is an error saying so.
+
 Paths: every argument that is a value or a positional and looks like a path (has a ``/`` or a file
 suffix) is an *input*, which must be a key of :data:`INPUTS` (the fixture it stands for, made in the
 run's sandbox folder at that path, relative to the current ``cd``), or an *output* (the value of
@@ -134,6 +137,9 @@ PYTHON_NAMES = {
 ELLIPSIS = "..."
 SAME_ARGS = "\x00same-arguments\x00"
 _ANGLE = re.compile(r"<[^<>]+>")
+_ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_SHELL_OPERATORS = {"|", "||", "&&", ";", "&"}
+_REDIRECTION = re.compile(r"^(\d?>{1,2}|&>|<)(?![^<>]*>$)")  # > f, 2>f, <f; not a <placeholder>
 _PATH_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{1,11}$")
 
 
@@ -280,6 +286,7 @@ class Step:
     inputs: Dict[str, str] = field(default_factory=dict)   # cwd-relative path -> fixture
     outputs: Dict[str, str] = field(default_factory=dict)  # option (or "#1") -> cwd-relative path
     reason: str = ""                        # kind "skip": why
+    env: Dict[str, str] = field(default_factory=dict)  # VAR=value words before the command
 
 
 @dataclass
@@ -391,12 +398,21 @@ def _plan_block(block: Block, history: List[Step], keep: bool) -> List[Step]:
             cwd = words[1] if not cwd else f"{cwd}/{words[1]}"
             steps.append(Step(line.ref, line.text, "cd", cwd=cwd))
             continue
-        if not _starts_program(words):
+        env = {}
+        while words and _ENV_WORD.match(words[0]):  # VAR=value python -m ...: the command's environment
+            name, _, value = words.pop(0).partition("=")
+            env[name] = value
+        if not words or not _starts_program(words):
             raise MappingError(
                 f"{line.ref}: `{line.text}` is neither a command of ours (python -m iconmatting_core, the "
                 f"iconmatting command, iconmatting.py, torchrun, benchmarks/*.py) nor a line listed in NOT_RUN "
                 f"with its reason: add it to one of them in {THIS}")
+        operators = [w for w in words if w in _SHELL_OPERATORS or _REDIRECTION.match(w)]
+        if operators:
+            raise MappingError(f"{line.ref}: `{line.text}`: the harness runs commands, not shell pipelines or "
+                               f"redirections ({' '.join(operators)}); show the command alone, or teach {THIS}")
         step = _program(line, _expand_brackets(line.ref, words, keep), cwd, steps + history)
+        step.env = env
         if after_skipped:
             step.kind, step.reason = "skip", after_skipped
         elif step.script in SCRIPTS_NOT_RUN:

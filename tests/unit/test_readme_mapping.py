@@ -127,6 +127,15 @@ def test_unknown_placeholders_fail(tmp_path):
         _plans(tmp_path, "```bash\npython -m iconmatting_core --targets photos/\n```\n")
 
 
+def test_environment_words_and_shell_operators(tmp_path):
+    [plan] = _plans(tmp_path, "```bash\nHF_HUB_OFFLINE=1 python -m iconmatting_core encode --reference ref.jpg "
+                              "--mask ref_mask.png --out c.safetensors\n```\n")
+    assert plan.runs[0].env == {"HF_HUB_OFFLINE": "1"} and plan.runs[0].argv[0] == "python"
+    for op in ("> job.log", "2> err.log", "| tee log", "&& echo done"):
+        with pytest.raises(R.MappingError, match="not shell pipelines or redirections"):
+            _plans(tmp_path, f"```bash\npython -m iconmatting_core encode --out c.safetensors {op}\n```\n")
+
+
 def test_optional_groups_run_with_and_without(tmp_path):
     plans = _plans(tmp_path, """
         ```bash
