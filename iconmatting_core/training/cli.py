@@ -71,7 +71,7 @@ def _config(args):
         if args.image_size:
             fields["image_size"] = args.image_size
         return IconMattingConfig.from_dict(fields)
-    return IconMattingConfig(image_size=args.image_size or 768)
+    return IconMattingConfig(image_size=args.image_size) if args.image_size else IconMattingConfig()
 
 
 def _device(name: str):
