@@ -354,15 +354,21 @@ def _try_lock(fd: int) -> bool:
     try:
         import fcntl
     except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
+        return _try_lock_windows(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
+        return False
+
+
+def _try_lock_windows(fd: int) -> bool:
+    try:
+        import msvcrt
+    except ImportError:  # neither fcntl nor msvcrt: a platform we do not know, so no lock rather than no job
+        return True
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
         return False

@@ -74,6 +74,8 @@ NOT_RUN: List[Tuple[str, str, bool]] = [
      "runs this test suite itself (.ci/run runs it; tests/unit/test_repo.py checks the README's test command)", False),
     (r"git clone ",
      "clones the published repository (no network in CI; the sandbox links the pack's folder to this checkout)", False),
+    (r"git -C /tmp/icm checkout |\.venv/bin/python tests/fixtures/train_(loss|step)/make_fixture\.py ",
+     "regenerates the fixtures from a checkout of the authors' code, which CI has not (tests/fixtures/README.md)", False),
     (r"ray start ",
      "starts Ray cluster daemons that outlive the command (a head node on port 6379, worker nodes joining "
      "it from other machines); `matte --engine ray` with a local Ray (the block before) runs as written", True),
