@@ -1,0 +1,116 @@
+"""The training data reader: which files are data, how mattes are read, the derived unknown band.
+
+Expected values are literal file names, hand-computed pixel values (32768 / 65535) and band widths
+worked out from the edge position and the documented radius (10 model pixels at 768, scaled).
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iconmatting_core.eval import DatasetError, read_matte
+from iconmatting_core.training.data import TrainSamples, _read, load_train_data
+from train_helpers import make_groups
+
+MID_GREY_16 = 32768  # a 16-bit mid-grey: 32768 / 65535 = 0.50000763, but 128.5 if read as 8-bit (/255)
+
+
+def _save16(path, value, size=(40, 30)):
+    Image.fromarray(np.full(size[::-1], value, np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"  # a real 16-bit file
+
+
+def test_upper_case_extensions_are_images(tmp_path):
+    data = make_groups(tmp_path / "d", 1, 2)
+    shutil.move(data / "g0" / "images" / "1.png", data / "g0" / "images" / "IMG_0001.PNG")
+    Image.open(data / "g0" / "images" / "0.png").convert("RGB").save(data / "g0" / "images" / "IMG_0002.JPG")
+    shutil.move(data / "g0" / "alphas" / "1.png", data / "g0" / "alphas" / "IMG_0001.PNG")
+    shutil.copy(data / "g0" / "alphas" / "0.png", data / "g0" / "alphas" / "IMG_0002.Png")
+    loaded = load_train_data(data)
+    assert [i.name for i in loaded.items] == ["0", "IMG_0001", "IMG_0002"]
+    assert loaded.items[2].image.name == "IMG_0002.JPG"
+
+
+def test_hidden_folders_and_files_are_not_data(tmp_path):
+    data = make_groups(tmp_path / "d", 2, 2)
+    hidden = make_groups(tmp_path / "h", 1, 1)
+    shutil.copytree(hidden / "g0", data / ".cache")  # a complete group, but hidden (a tool's cache)
+    (data / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "g0" / "images" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS's resource fork
+    (data / "g0" / "alphas" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    lines = []
+    loaded = load_train_data(data, log=lines.append)
+    assert sorted(loaded.groups) == ["g0", "g1"] and len(loaded) == 4
+    assert lines == [] and loaded.skipped == []
+
+
+def test_a_folder_of_only_hidden_groups_is_not_a_training_folder(tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(make_groups(tmp_path / "h", 1, 1) / "g0", data / ".cache")
+    with pytest.raises(DatasetError, match="not a training data folder"):
+        load_train_data(data)
+
+
+def test_16_bit_mid_grey_matte_is_half_in_training_and_evaluation(tmp_path):
+    _save16(tmp_path / "a.png", MID_GREY_16)
+    expected = MID_GREY_16 / 65535
+    assert np.asarray(_read(tmp_path / "a.png", "F")) == pytest.approx(expected, abs=1e-7)
+    assert read_matte(tmp_path / "a.png") == pytest.approx(expected, abs=1e-7)
+
+
+def test_16_bit_soft_alpha_stays_soft_in_a_training_sample(tmp_path):
+    data = make_groups(tmp_path / "d", 1, 1, size=(30, 40))
+    _save16(data / "g0" / "alphas" / "0.png", MID_GREY_16)
+    s = TrainSamples(load_train_data(data), 128, 42)[0]
+    assert torch.allclose(s["alpha"], torch.full_like(s["alpha"], MID_GREY_16 / 65535), atol=1e-6)
+    assert bool(s["unknown"].all())  # soft everywhere: all unknown (a value read as 128.5 clips to 1: known)
+    assert bool((s["guidance"] == 1).all())  # the reference (itself) > 0.5
+
+
+@pytest.mark.parametrize("alpha_size", [(100, 81), (99, 80)])
+def test_alpha_of_another_height_or_width_is_refused(tmp_path, alpha_size):
+    data = make_groups(tmp_path / "d", 1, 2, size=(80, 100))  # images 100 wide, 80 high
+    Image.new("L", alpha_size).save(data / "g0" / "alphas" / "1.png")
+    with pytest.raises(DatasetError, match=f"is {alpha_size[0]}x{alpha_size[1]} but its image .* is 100x80"):
+        load_train_data(data)
+
+
+def _edge_data(root, side=96):
+    """One square image whose alpha is a hard vertical edge in the middle (0 left, 1 right)."""
+    a = np.zeros((side, side), np.uint8)
+    a[:, side // 2:] = 255
+    for sub, arr in (("images", np.zeros((side, side, 3), np.uint8)), ("alphas", a)):
+        (root / "g" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / "g" / sub / "0.png")
+    return load_train_data(root)
+
+
+@pytest.mark.parametrize("size, band", [(128, range(62, 66)), (384, range(187, 197)), (768, range(374, 394))])
+def test_derived_band_scales_with_the_model_size(tmp_path, size, band):
+    """Radius 10 at 768 scaled: 2 at 128 (10 x 128 / 768 = 1.67), 5 at 384, 10 at 768; the edge lies
+    between columns size/2 - 1 and size/2, so the band spans radius columns on each side."""
+    unknown = TrainSamples(_edge_data(tmp_path / "d"), size, 42)[0]["unknown"][0]
+    expected = torch.zeros(size, size)
+    expected[:, band.start:band.stop] = 1
+    assert torch.equal(unknown, expected)
+
+
+def test_an_explicit_band_radius_is_model_pixels(tmp_path):
+    unknown = TrainSamples(_edge_data(tmp_path / "d"), 384, 42, radius=3)[0]["unknown"][0]
+    assert unknown[0].nonzero().flatten().tolist() == list(range(189, 195))
+
+
+def test_data_digest_follows_content_not_names(tmp_path):
+    a = load_train_data(make_groups(tmp_path / "a", 2, 2))
+    b = load_train_data(shutil.copytree(tmp_path / "a", tmp_path / "renamed"))
+    assert a.digest() == b.digest() and a.summary()["digest"] == a.digest()
+    img = np.asarray(Image.open(tmp_path / "renamed" / "g1" / "alphas" / "0.png")).copy()
+    img[0, 0] ^= 1  # one pixel of one alpha
+    Image.fromarray(img).save(tmp_path / "renamed" / "g1" / "alphas" / "0.png")
+    assert load_train_data(tmp_path / "renamed").digest() != a.digest()
+    shutil.move(tmp_path / "a" / "g1", tmp_path / "a" / "g2")  # the same files in another group
+    assert load_train_data(tmp_path / "a").digest() != a.digest()
