@@ -244,14 +244,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_
 
     calls = []
 
-    def exploding(unknown, pred, target):  # the real terms; the third step's loss is NaN
+    def exploding(unknown, pred, target):  # the real terms; the third step's loss is NaN (one pair per step)
         calls.append(1)
         terms = L.recipe_losses(unknown, pred, target)
         return {k: v * float("nan") for k, v in terms.items()} if len(calls) == 3 else terms
 
     monkeypatch.setitem(trainer.LOSSES, "recipe", exploding)
     run = tmp_path / "run"
-    code = main(_train_argv(tiny, run, "--steps", "5", "--loss", "recipe", "--checkpoint-every", "1"))
+    code = main(_train_argv(tiny, run, "--steps", "5", "--loss", "recipe", "--checkpoint-every", "1", "--batch-size", "2"))
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: loss nan at step 3") and "training stopped" in err, err
     assert f"last good checkpoint: {run / 'checkpoints' / 'step-0000002'}" in err

@@ -48,14 +48,14 @@ class FakeExtractor(nn.Module):
     (S/32, S/16), a fixed random projection of the r x r mean-pooled image plus noise from a
     generator seeded like the real one (2 * seed + stream); attention = softmax of their similarity."""
 
-    def __init__(self, config, weights_seed: int = 0):
+    def __init__(self, config, weights_seed: int = 0, dtype=torch.float32):
         super().__init__()
         self.config = config
         gen = torch.Generator().manual_seed(1000 + weights_seed)
         c0, c1 = config.unet_feature_channels
         self.proj = nn.ParameterList([nn.Parameter(torch.randn(c, 3, generator=gen), requires_grad=False) for c in (c0, c1)])
-        self.marks = {"unet.conv_in.weight": torch.randn(8, 4, 3, 3, generator=gen),
-                      "vae.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=gen)}
+        self.marks = {"unet.conv_in.weight": torch.randn(8, 4, 3, 3, generator=gen).to(dtype),
+                      "vae.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=gen).to(dtype)}
         self.calls = []  # (seed, with_attention, noise_stream) per call
 
     def fingerprint_tensors(self):
@@ -76,9 +76,9 @@ class FakeExtractor(nn.Module):
         return ImageFeatures(up_features=tuple(ups), attention=attention if with_attention else None)
 
 
-def use_fake_sd(monkeypatch, weights_seed: int = 0) -> list:
-    """The training command line with FakeExtractor(weights_seed) for the SD weights; returns the
-    list of extractors it builds."""
+def use_fake_sd(monkeypatch, weights_seed: int = 0, dtype=torch.float32) -> list:
+    """The training command line with FakeExtractor(weights_seed, dtype) for the SD weights (dtype:
+    the precision they are loaded in); returns the list of extractors it builds."""
     import iconmatting_core.sd_features as sd_features
     import iconmatting_core.sd_loading as sd_loading
 
@@ -88,7 +88,7 @@ def use_fake_sd(monkeypatch, weights_seed: int = 0) -> list:
         return SimpleNamespace(unet=None, vae=None, empty_prompt_embedding=torch.zeros(1, 77, 32))
 
     def extractor(unet, vae, prompt, config):
-        built.append(FakeExtractor(config, weights_seed))
+        built.append(FakeExtractor(config, weights_seed, dtype))
         return built[-1]
 
     monkeypatch.setattr(sd_loading, "load_sd_components", load)

@@ -111,6 +111,15 @@ def test_a_run_folder_is_never_trained_into_afresh(env, capsys, monkeypatch):
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_killed_run_is_not_restarted_either(env, capsys, monkeypatch):
+    run = _trained(env, monkeypatch, capsys, env["tmp"] / "run")
+    (run / "head.safetensors").unlink()  # killed before its end: checkpoints, metrics.csv, run.json
+    _one_line(capsys, 2, _argv(env, run), "already holds a training run (run.json, metrics.csv, checkpoints)")
+    (run / "run.json").unlink()
+    (run / "metrics.csv").unlink()
+    _one_line(capsys, 2, _argv(env, run), "already holds a training run (checkpoints)")
+
+
 def test_an_empty_folder_is_a_new_run(env, capsys, monkeypatch):
     (env["tmp"] / "run").mkdir()
     run = _trained(env, monkeypatch, capsys, env["tmp"] / "run")
@@ -173,11 +182,16 @@ def test_resume_compares_the_initial_head_by_its_weights(env, capsys, monkeypatc
 
 def test_resume_with_other_sd_weights_is_refused(env, capsys, monkeypatch):
     run = _trained(env, monkeypatch, capsys, env["tmp"] / "run")
-    use_fake_sd(monkeypatch, weights_seed=1)
-    _one_line(capsys, 2, _argv(env, run, "--steps", "3", "--resume", "latest"), "--sd: other weights (by fingerprint)")
-    assert main(_argv(env, run, "--steps", "3", "--resume", "latest", "--resume-with-changes")) == 0
+    use_fake_sd(monkeypatch, weights_seed=0, dtype=torch.bfloat16)  # the same weights in another precision
+    assert main(_argv(env, run, "--steps", "3", "--resume", "latest")) == 0
     history = training_metadata(run / "head.safetensors")["history"]
-    assert history[1]["changed"] == ["--sd: other weights (by fingerprint)"]
+    assert len(history) == 1 and history[0]["recipe"]["sd"] != training_metadata(run / "head.safetensors")["sd_fingerprint"]
+    capsys.readouterr()
+    use_fake_sd(monkeypatch, weights_seed=1)
+    _one_line(capsys, 2, _argv(env, run, "--steps", "4", "--resume", "latest"), "--sd: other weights (by fingerprint)")
+    assert main(_argv(env, run, "--steps", "4", "--resume", "latest", "--resume-with-changes")) == 0
+    history = training_metadata(run / "head.safetensors")["history"]
+    assert [h["step"] for h in history] == [0, 3] and history[1]["changed"] == ["--sd: other weights (by fingerprint)"]
     assert history[0]["recipe"]["sd"] != history[1]["recipe"]["sd"]
 
 

@@ -114,3 +114,56 @@ def test_data_digest_follows_content_not_names(tmp_path):
     assert load_train_data(tmp_path / "renamed").digest() != a.digest()
     shutil.move(tmp_path / "a" / "g1", tmp_path / "a" / "g2")  # the same files in another group
     assert load_train_data(tmp_path / "a").digest() != a.digest()
+
+
+def test_positions_split_over_processes_as_one_process_takes_them():
+    """Step s of rank r of W processes, B samples each: positions (s*W + r)*B ... + B - 1; together
+    the ranks take exactly the positions one process with the global batch W*B takes."""
+    from iconmatting_core.training.data import StepSampler
+
+    assert list(StepSampler(0, 2, 4)) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert list(StepSampler(0, 2, 2, rank=0, world=2)) == [0, 1, 4, 5]
+    assert list(StepSampler(0, 2, 2, rank=1, world=2)) == [2, 3, 6, 7]
+    assert list(StepSampler(1, 3, 2, rank=1, world=2)) == [6, 7, 10, 11]  # resumed at step 1
+    assert len(StepSampler(1, 3, 2, rank=1, world=2)) == 4
+
+
+def test_every_epoch_takes_every_image_once_in_a_new_order(tmp_path):
+    samples = TrainSamples(load_train_data(make_groups(tmp_path / "d", 2, 4)), 128, 42)
+    epochs = [[samples.target_index(p) for p in range(e * 8, e * 8 + 8)] for e in range(3)]
+    assert all(sorted(e) == list(range(8)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert TrainSamples(samples.data, 128, 42).target_index(13) == epochs[1][5]  # the same from any start
+
+
+def test_guidance_is_the_references_mask_not_the_targets(tmp_path):
+    """A group of three whose alphas are the left, middle and right third: each sample's guidance
+    covers its reference's third (never the target itself: more than two images)."""
+    side = 96
+    for k in range(3):
+        a = np.zeros((side, side), np.uint8)
+        a[:, k * 32:(k + 1) * 32] = 255
+        for sub, arr in (("images", np.full((side, side, 3), 60 * k, np.uint8)), ("alphas", a)):
+            (tmp_path / "d" / "g" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "d" / "g" / sub / f"{k}.png")
+    samples = TrainSamples(load_train_data(tmp_path / "d"), 192, 42)
+    seen = set()
+    for p in range(12):
+        s = samples[p]
+        target = samples.target_index(p)
+        third = int(s["guidance"].mean(dim=0).argmax()) // 64  # the columns the guidance covers
+        assert third != target and bool((s["guidance"][:, third * 64 + 2:(third + 1) * 64 - 2] == 1).all())
+        assert float(s["guidance"].sum()) == pytest.approx(192 * 64, rel=0.05)
+        assert int(s["image"][0, 0, 0].add(1).mul(127.5).round()) == 60 * target  # the image is the target's
+        seen.add((target, third))
+    assert len(seen) > 3
+
+
+def test_centre_square_crop_takes_the_middle_of_the_long_side():
+    """The authors' CropResize: margin (long - short) // 2 cut from the start of the long side."""
+    from iconmatting_core.training.data import _crop_resize
+
+    wide = Image.fromarray(np.tile(np.arange(100, dtype=np.uint8), (80, 1)))  # 100 wide, 80 high: value = column
+    assert np.asarray(_crop_resize(wide, 80, "nearest"))[0].tolist() == list(range(10, 90))
+    tall = Image.fromarray(np.tile(np.arange(90, dtype=np.uint8)[:, None], (1, 60)))  # 60 wide, 90 high: value = row
+    assert np.asarray(_crop_resize(tall, 60, "nearest"))[:, 0].tolist() == list(range(15, 75))

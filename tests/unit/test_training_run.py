@@ -19,8 +19,8 @@ from iconmatting_core.checkpoint import training_metadata
 from iconmatting_core.features import REFERENCE_NOISE, TARGET_NOISE
 from iconmatting_core.training import losses as L
 from iconmatting_core.training import state as S
-from iconmatting_core.training.data import load_train_data
-from iconmatting_core.training.trainer import Trainer, TrainSettings, group_objective, noise_seed
+from iconmatting_core.training.data import TrainSamples, load_train_data
+from iconmatting_core.training.trainer import HeadStep, Trainer, TrainSettings, group_objective, noise_seed
 from tiny_models import tiny_head
 from train_helpers import FakeExtractor, make_groups
 
@@ -135,8 +135,12 @@ def test_the_last_step_is_validated_when_steps_are_no_multiple_of_val_every(tmp_
 
 def test_without_validation_the_run_head_is_the_last(tmp_path, data):
     run = tmp_path / "run"
-    _trainer(run, data["train"], steps=2).run()
-    assert _same(_tensors(run / "head.safetensors"), _tensors(run / "checkpoints" / "step-0000002" / "head.safetensors"))
+    _trainer(run, data["train"], steps=3, checkpoint_every=2, warmup=4).run()
+    assert [p.name for p in S.checkpoint_dirs(run)] == ["step-0000002", "step-0000003"]  # the last step always
+    assert _same(_tensors(run / "head.safetensors"), _tensors(run / "checkpoints" / "step-0000003" / "head.safetensors"))
+    # the authors' warm-up: lr x ((1 - 1e-6) / 4 * step + 1e-6) for step 0, 1, 2 (before the step's update)
+    assert [float(r["lr"]) for r in _rows(run)] == pytest.approx([1e-9, 1e-3 * (0.25 + 0.75e-6), 1e-3 * (0.5 + 0.5e-6)],
+                                                                 rel=1e-9)
 
 
 # --------------------------------------------------------------------------- features
@@ -144,19 +148,42 @@ def test_without_validation_the_run_head_is_the_last(tmp_path, data):
 def test_the_reference_gets_its_own_noise_as_at_inference(tmp_path, data):
     """Inference draws a reference's noise from REFERENCE_NOISE and a target's from TARGET_NOISE
     (pipeline.encode_reference / match); training must too, seeded by the sample's position."""
-    from iconmatting_core.training.data import TrainSamples
-
     t = _trainer(tmp_path / "run", data["train"], seed=7)
     batch = {k: torch.stack([TrainSamples(data["train"], 128, 7)[p][k] for p in (5, 6)]) for k in
              ("image", "reference", "guidance", "position")}
     t.features(batch)
-    seeds = [noise_seed(7, 5), noise_seed(7, 6)]
+    seeds = [(7 << 40) + 5, (7 << 40) + 6]  # seed and position: fresh noise for every sample of the run
+    assert seeds == [noise_seed(7, 5), noise_seed(7, 6)]
     assert t.extractor.calls == [(seeds[0], True, TARGET_NOISE), (seeds[0], False, REFERENCE_NOISE),
                                  (seeds[1], True, TARGET_NOISE), (seeds[1], False, REFERENCE_NOISE)]
     assert (TARGET_NOISE, REFERENCE_NOISE) == (0, 1)
 
 
 # --------------------------------------------------------------------------- objective
+
+def test_batchnorm_runs_per_pair_and_only_the_first_pair_updates_its_running_statistics(data):
+    """The authors' BatchNorm is per GPU (2 samples) and DDP keeps rank 0's running statistics: a
+    batch of 4 predicts what its two pairs predict apart, and leaves the statistics the first pair
+    alone leaves."""
+    t = _trainer(Path("unused"), data["train"])
+    batch = {k: torch.stack([TrainSamples(data["train"], 128, 42)[p][k] for p in range(4)]) for k in
+             ("image", "reference", "guidance", "position")}
+    feats = t.features(batch)
+
+    def part(i, j):
+        tokens, corr, ups0, ups1, attn = feats
+        return (tokens[i:j], corr[i:j], ups0[i:j], ups1[i:j], {r: a[i:j] for r, a in attn.items()}), batch["image"][i:j]
+
+    heads = [tiny_head().train() for _ in range(3)]
+    with torch.no_grad():
+        whole = HeadStep(heads[0], 2)(*feats, batch["image"])
+        first = HeadStep(heads[1], 2)(*part(0, 2)[0], part(0, 2)[1])
+        second = HeadStep(heads[2], 2)(*part(2, 4)[0], part(2, 4)[1])
+    torch.testing.assert_close(whole, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+    stats = [{k: v for k, v in h.state_dict().items() if "running" in k} for h in heads]
+    assert stats[0] and all(torch.equal(v, stats[1][k]) for k, v in stats[0].items())
+    assert not all(torch.equal(v, stats[2][k]) for k, v in stats[0].items())
+
 
 def _batch(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
