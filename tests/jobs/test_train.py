@@ -1,7 +1,8 @@
 """Training (`python -m iconmatting_core train`): the authors' loss terms, data checks, the loop.
 
 Loss values come from the authors' own loss code (tests/fixtures/train_loss, made by its
-make_fixture.py from a verbatim copy); everything else runs on tiny random models.
+make_fixture.py from a checkout of their repository, see tests/fixtures/README.md); everything else
+runs on tiny random models.
 """
 from __future__ import annotations
 
@@ -57,6 +58,24 @@ def test_finetune_loss_terms_equal_the_authors_code():
     _close(L.finetune_losses(unknown, preds, targets), expected["finetune_batch"])
     for i, theirs in enumerate(expected["finetune_per_sample"]):
         _close(L.finetune_losses(unknown[i:i + 1], preds[i:i + 1], targets[i:i + 1]), theirs)
+
+
+def test_loss_parts_by_hand():
+    """The pieces the terms are built from, on values worked out by hand (the terms add |Sx| and |Sy|,
+    so only this test tells d/dx from d/dy and a sign)."""
+    ramp = torch.arange(5.0).repeat(5, 1)[None, None]  # value = column index
+    slopes = L.sobel(ramp)[0, :, 1:-1, 1:-1]  # interior: (1 + 2 + 1) x (1 - (-1))
+    assert torch.equal(slopes[0], torch.full((3, 3), 8.0)) and torch.equal(slopes[1], torch.zeros(3, 3))
+    assert torch.equal(L.sobel(ramp.transpose(2, 3))[0, :, 1:-1, 1:-1], slopes.flip(0))
+    assert L.huber(torch.tensor([0.5, -0.5, 2.0])).tolist() == [0.125, 0.125, 1.5]
+    error = torch.zeros(1, 1, 4, 4)
+    error[0, 0, 0, :2] = torch.tensor([1.0, 3.0])
+    error[0, 0, 3, 3] = 100.0  # outside the region
+    region = torch.zeros(1, 1, 4, 4)
+    region[0, 0, 0, :2] = 1
+    assert L.region_mean(error, region, per_sample=True).tolist() == [2.0 * 512 * 512 / 16]
+    assert L.region_mean(error, torch.zeros_like(region), per_sample=False).item() == 0.0
+    assert [b.shape[-1] for b in L.laplacian_bands(torch.rand(1, 1, 64, 66))] == [66, 32, 16, 8, 4]
 
 
 def test_warmup_is_the_authors_linear_schedule():
