@@ -133,6 +133,17 @@ def test_the_last_step_is_validated_when_steps_are_no_multiple_of_val_every(tmp_
     assert training_metadata(run / "head.safetensors")["best_val_sad"] == {"sad": 1.0, "step": 5}
 
 
+def test_validation_leaves_the_head_as_it_was(tmp_path, data):
+    """Validation runs the head in inference mode: no BatchNorm statistic moves, and it stays in
+    training mode for the steps after."""
+    t = _trainer(tmp_path / "run", data["train"], data["val"])
+    before = {k: v.clone() for k, v in t.head.state_dict().items()}
+    sad = t.validate()
+    assert sad > 0 and t.head.training
+    assert all(torch.equal(v, t.head.state_dict()[k]) for k, v in before.items())
+    assert t.validate() == sad  # fixed noise, references and resizing
+
+
 def test_without_validation_the_run_head_is_the_last(tmp_path, data):
     run = tmp_path / "run"
     _trainer(run, data["train"], steps=3, checkpoint_every=2, warmup=4).run()
@@ -197,6 +208,20 @@ def _batch(n=4, seed=0):
 def _grad(total, pred):
     (g,) = torch.autograd.grad(total, pred)
     return g
+
+
+def test_a_step_of_four_takes_batchnorm_statistics_of_the_first_pair(tmp_path, data):
+    """Trainer.run with a global batch of 4 on one process: the running statistics after the step
+    are those a fresh head gets from the step's first pair alone (the authors' rank-0 GPU)."""
+    t = _trainer(tmp_path / "run", data["train"], batch_size=4, steps=1, seed=3)
+    t.run()
+    samples = TrainSamples(data["train"], 128, 3)
+    pair = {k: torch.stack([samples[p][k] for p in (0, 1)]) for k in ("image", "reference", "guidance", "position")}
+    fresh = tiny_head().train()
+    with torch.no_grad():
+        HeadStep(fresh, 2)(*t.features(pair), pair["image"])
+    expected = {k: v for k, v in fresh.state_dict().items() if "running" in k}
+    assert expected and all(torch.equal(t.head.state_dict()[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("loss", ["recipe", "finetune"])
