@@ -20,12 +20,12 @@ content (each file's path in the folder, size and sha256, and each image's group
 its data by what it holds, not by the folder's name (``state``: a resumed run with other data is
 refused).
 
-Trimaps: a trimap file is thresholded as the authors' ``ToTensor`` does (< 85 background,
->= 170 foreground, else unknown). Without one, the unknown region is derived from the alpha after
-the crop and resize: pixels with 0 < alpha < 1, and the pixels within ``radius`` model pixels of
-the boundary between alpha = 0 and alpha = 1 (both sides), where ``radius`` defaults to
-:data:`TRIMAP_RADIUS` at 768 px (scaled with the image size); a hard mask thus gets a band around
-its edge.
+Trimaps: a trimap file (8-bit, or 16-bit scaled to 8 bits) is thresholded as the authors'
+``ToTensor`` does (< 85 background, >= 170 foreground, else unknown). Without one, the unknown
+region is derived from the alpha after the crop and resize: pixels with 0 < alpha < 1, and the
+pixels within ``radius`` model pixels of the boundary between alpha = 0 and alpha = 1 (both
+sides), where ``radius`` defaults to :data:`TRIMAP_RADIUS` at 768 px (scaled with the image size);
+a hard mask thus gets a band around its edge.
 
 Sampling (``icm/data/data_generator.py: InContextDataset``): sample ``p`` of the run (a global
 position, the same whatever the number of processes) takes the target at ``p mod N`` of a seeded
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eval import DatasetError, centre_crop_box, draw_references, load_dataset
-from ..image_io import ImageReadError, open_image, read_matte_image
+from ..image_io import ImageReadError, open_image, read_matte_image, read_trimap_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TRIMAP_RADIUS = 10  # unknown band half-width in model pixels at 768 px
@@ -204,7 +204,8 @@ def load_train_data(root, json_path=None, log=None) -> TrainData:
 # --------------------------------------------------------------------------- samples
 
 def _read(path: Path, mode: str):
-    """An image file upright as RGB (``mode`` "RGB") or an alpha file as a float image in [0, 1] ("F")."""
+    """An image file upright as RGB (``mode`` "RGB"), a trimap as 8-bit levels ("L") or an alpha file
+    as a float image in [0, 1] ("F"); 16-bit files as ``image_io`` reads them."""
     from PIL import Image
 
     try:
@@ -213,6 +214,8 @@ def _read(path: Path, mode: str):
         raise DatasetError(str(exc)) from None
     if mode == "RGB":
         return im.convert("RGB")
+    if mode == "L":
+        return Image.fromarray(read_trimap_image(im))
     if im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() != (255, 255):
         a = np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0  # a cut-out: its alpha channel
     else:
@@ -294,7 +297,7 @@ class TrainSamples(torch.utils.data.Dataset):
         if not with_trimap:
             return x, alpha, None
         if item.trimap is not None:
-            tri = _read(item.trimap, "RGB").convert("L")
+            tri = _read(item.trimap, "L")
             tri = np.asarray(_crop_resize(tri, self.size, "nearest"), dtype=np.uint8)
             unknown = trimap_unknown(tri)
         else:

@@ -5,6 +5,7 @@ worked out from the edge position and the documented radius (10 model pixels at 
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -167,3 +168,32 @@ def test_centre_square_crop_takes_the_middle_of_the_long_side():
     assert np.asarray(_crop_resize(wide, 80, "nearest"))[0].tolist() == list(range(10, 90))
     tall = Image.fromarray(np.tile(np.arange(90, dtype=np.uint8)[:, None], (1, 60)))  # 60 wide, 90 high: value = row
     assert np.asarray(_crop_resize(tall, 60, "nearest"))[:, 0].tolist() == list(range(15, 75))
+
+
+def test_16_bit_trimap_levels_are_scaled_not_clipped(tmp_path):
+    """0 / 32768 / 65535 in a 16-bit trimap are background / unknown / foreground (clipping to 8 bits
+    would make 32768 foreground)."""
+    from iconmatting_core.eval import read_trimap
+
+    levels = np.array([[0, 32768, 65535]], np.uint16)
+    Image.fromarray(levels).save(tmp_path / "t.png")
+    assert read_trimap(tmp_path / "t.png").tolist() == [[0, 128, 255]]
+    data = make_groups(tmp_path / "d", 1, 1, size=(30, 30))
+    (data / "g0" / "trimaps").mkdir()
+    Image.fromarray(np.repeat(np.repeat(levels, 10, axis=1), 30, axis=0)).save(data / "g0" / "trimaps" / "0.png")
+    unknown = TrainSamples(load_train_data(data), 192, 42)[0]["unknown"][0]
+    assert unknown[:, :64].sum() == 0 and bool(unknown[:, 64:128].all()) and unknown[:, 128:].sum() == 0
+
+
+def test_data_digest_follows_the_groups_of_the_evaluation_layout(tmp_path):
+    """Same files, other groups in the json: other data (a target's reference comes from its group)."""
+    groups = make_groups(tmp_path / "src", 1, 2)
+    for sub, folder in (("image", "images"), ("alpha", "alphas")):
+        shutil.copytree(groups / "g0" / folder, tmp_path / "icm" / sub)
+    record = {"class": "animal", "sub_class": None, "HalfOrFull": "half"}
+    (tmp_path / "icm" / "ICM57.json").write_text(json.dumps({"0": record, "1": record}))
+    before = load_train_data(tmp_path / "icm")
+    (tmp_path / "icm" / "ICM57.json").write_text(json.dumps({"0": record, "1": {**record, "class": "human"}}))
+    after = load_train_data(tmp_path / "icm")
+    assert before.files == after.files and len(before.groups) == 1 and len(after.groups) == 2
+    assert before.digest() != after.digest()
