@@ -4,7 +4,9 @@ Accepted files:
 * the released checkpoint: a PyTorch Lightning ``.ckpt`` whose ``state_dict`` holds the
   trainable weights under ``in_context_decoder.*`` (and possibly frozen ``feature_extractor.*``
   SD weights, which are ignored: SD is loaded from its own files);
-* our ``.safetensors`` (written by :func:`convert_checkpoint`), keys of ``IconMattingHead``.
+* our ``.safetensors`` (written by :func:`convert_checkpoint`), keys of ``IconMattingHead``; a head
+  written by a training run also carries what made it (:func:`training_metadata`: settings, data,
+  the fingerprint of the SD weights it was trained with).
 
 ``.ckpt``/``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)``. Lightning
 checkpoints can hold small non-tensor objects (e.g. a hyper-parameter dict); if the strict loader
@@ -52,6 +54,7 @@ _REFERENCE_TO_OURS = _rules(_PREFIX_PAIRS, forward=True)
 IGNORED_REFERENCE_PREFIXES = ("feature_extractor.", "loss_function.")
 EMPTY_PROMPT_KEY = "feature_extractor.prompt_embeds"
 CONFIG_METADATA_KEY = "iconmatting_config"
+TRAINING_METADATA_KEY = "iconmatting_training"
 
 
 class CheckpointError(ValueError):
@@ -198,6 +201,23 @@ def head_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Optional[IconMatting
     elif not state:
         raise CheckpointError(f"{path} holds no weights. Use the IconMatting release icm.ckpt or its .safetensors conversion.")
     return state, config, prompt
+
+
+def training_metadata(path) -> dict:
+    """The training record of a head file written by ``iconmatting_core.training`` (JSON under
+    :data:`TRAINING_METADATA_KEY`: settings and their history, data summary, ``sd_fingerprint``, step),
+    read from the header alone; {} for any other file (the released ``.ckpt``, a conversion)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get(TRAINING_METADATA_KEY, "{}"))
+    except Exception:  # noqa: BLE001 - unreadable here is unreadable for the loader, which says so
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _short(keys: Iterable[str], n: int = 3) -> str:

@@ -98,6 +98,28 @@ def fingerprint_label(fingerprint: Optional[str]) -> str:
     return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
 
 
+def sd_fingerprint(extractor) -> str:
+    """The fingerprint of the SD weights alone (no head): what a training run records in the heads
+    it writes (``sd_fingerprint`` in :func:`checkpoint.training_metadata`)."""
+    return model_fingerprint(torch.nn.Module(), extractor)
+
+
+def other_sd_warning(head_path, extractor) -> Optional[str]:
+    """One line when the head file was trained on SD weights other than ``extractor``'s (its training
+    record's ``sd_fingerprint``); None when they are the same, or the file records none (the release)."""
+    from .checkpoint import training_metadata
+
+    trained = training_metadata(head_path).get("sd_fingerprint")
+    if not trained:
+        return None
+    loaded = sd_fingerprint(extractor)
+    if same_weights(trained, loaded):
+        return None
+    return (f"{Path(head_path).name} was trained on other Stable Diffusion weights (fingerprint "
+            f"{fingerprint_label(trained)}) than the ones loaded now ({fingerprint_label(loaded)}): its mattes may "
+            "be worse; load the SD 2.1 weights it was trained with")
+
+
 def _to_json(value: Any, what: str):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)

@@ -145,9 +145,17 @@ def read_matte(path: Path) -> np.ndarray:
     return read_matte_image(open_image(path))
 
 
+def read_trimap_image(im) -> np.ndarray:
+    """A PIL trimap image -> [H, W] uint8 levels (0 / 128 / 255): 8-bit as stored, 16-bit scaled to
+    8 bits like a matte (Pillow's own conversion would clip 32768, unknown, to 255, foreground)."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return np.round(read_matte_image(im) * 255).astype(np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
 def read_trimap(path: Path) -> np.ndarray:
-    """A trimap file -> [H, W] uint8 (0 / 128 / 255)."""
-    return np.asarray(open_image(path).convert("L"), dtype=np.uint8)
+    """A trimap file -> [H, W] uint8 (0 / 128 / 255); see :func:`read_trimap_image`."""
+    return read_trimap_image(open_image(path))
 
 
 def png_info(text: dict | None):

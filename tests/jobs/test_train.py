@@ -24,6 +24,7 @@ from iconmatting_core.__main__ import main
 from iconmatting_core.training import losses as L
 from iconmatting_core.training.data import TrainSamples, derived_unknown, load_train_data
 from iconmatting_core.training.trainer import lr_factor
+from train_helpers import make_groups
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "train_loss"
@@ -121,27 +122,6 @@ def test_alpha_files_gray_masks_and_cutouts(tmp_path):
 
 # --------------------------------------------------------------------------- data
 
-def _disc(h, w, rng):
-    yy, xx = np.mgrid[:h, :w]
-    cy, cx, r = rng.uniform(0.35 * h, 0.65 * h), rng.uniform(0.35 * w, 0.65 * w), rng.uniform(0.2, 0.3) * min(h, w)
-    return np.clip((r - np.hypot(yy - cy, xx - cx)) / 3 + 0.5, 0, 1)
-
-
-def make_groups(root: Path, groups=2, per_group=3, seed=0, size=(80, 100)) -> Path:
-    """DIR/<group>/images|alphas: a coloured soft disc (one colour per group) on a noisy background."""
-    rng = np.random.default_rng(seed)
-    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
-    for g in range(groups):
-        for i in range(per_group):
-            a = _disc(*size, rng)
-            bg = rng.uniform(40, 160, (*size, 3))
-            img = a[..., None] * np.array(colours[g]) + (1 - a[..., None]) * bg
-            for sub, arr in (("images", img.astype(np.uint8)), ("alphas", (a * 255).astype(np.uint8))):
-                (root / f"g{g}" / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(root / f"g{g}" / sub / f"{i}.png")
-    return root
-
-
 def _refused(capsys, argv, *fragments):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -230,8 +210,7 @@ def _rows(run: Path):
 
 
 def test_training_lowers_the_loss_and_the_held_out_sad(tiny, tmp_path):
-    from iconmatting_core.checkpoint import load_head
-    from core_helpers import read_training_metadata
+    from iconmatting_core.checkpoint import load_head, training_metadata
 
     run = tmp_path / "run"
     argv = _train_argv(tiny, run, "--steps", "8", "--lr", "3e-3", "--warmup", "0", "--batch-size", "2",
@@ -244,7 +223,7 @@ def test_training_lowers_the_loss_and_the_held_out_sad(tiny, tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert sads[1] < sads[0], sads  # held-out SAD of the trained head below the initial head's
     head, _ = load_head(run / "head.safetensors")  # the format `convert` writes
-    meta = read_training_metadata(run / "head.safetensors")
+    meta = training_metadata(run / "head.safetensors")
     assert meta["step"] == 8 and meta["data"]["images"] == 6 and meta["data"]["groups"] == 2
     assert meta["sd_fingerprint"].startswith("sig1:") and meta["settings"]["lr"] == 3e-3
     assert meta["best_val_sad"]["step"] == 8
@@ -284,14 +263,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_
 
     calls = []
 
-    def exploding(unknown, pred, target):  # the real terms; the third step's loss is NaN
+    def exploding(unknown, pred, target):  # the real terms; the third step's loss is NaN (one pair per step)
         calls.append(1)
         terms = L.recipe_losses(unknown, pred, target)
         return {k: v * float("nan") for k, v in terms.items()} if len(calls) == 3 else terms
 
     monkeypatch.setitem(trainer.LOSSES, "recipe", exploding)
     run = tmp_path / "run"
-    code = main(_train_argv(tiny, run, "--steps", "5", "--loss", "recipe", "--checkpoint-every", "1"))
+    code = main(_train_argv(tiny, run, "--steps", "5", "--loss", "recipe", "--checkpoint-every", "1", "--batch-size", "2"))
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: loss nan at step 3") and "training stopped" in err, err
     assert f"last good checkpoint: {run / 'checkpoints' / 'step-0000002'}" in err
@@ -304,7 +283,7 @@ def test_two_processes_give_the_head_of_one_with_the_same_global_batch(tiny, tmp
     common = ("--steps", "2", "--lr", "1e-3", "--warmup", "0", "--loss", "recipe", "--checkpoint-every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          "-m", "iconmatting_core", *_train_argv(tiny, tmp_path / "ddp", *common, "--batch-size", "2")],
+                          "-m", "iconmatting_core", *_train_argv(tiny, tmp_path / "ddp", *common, "--batch-size", "4")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     threads = torch.get_num_threads()

@@ -2,17 +2,14 @@
 
 * :func:`box_blur`: ``postprocess``'s box mean over a whole image (the library only ever blurs tiles);
 * :func:`ours_to_reference`: head keys -> the released checkpoint's keys, to write tiny heads in the
-  reference layout (the library only reads that layout: ``checkpoint.reference_to_ours``);
-* :func:`read_training_metadata`: the training record a trained head file carries.
+  reference layout (the library only reads that layout: ``checkpoint.reference_to_ours``).
 """
-import json
 from typing import Dict
 
 import torch
 
 from iconmatting_core.checkpoint import _PREFIX_PAIRS, _rename, _rules
 from iconmatting_core.postprocess import _box_mean
-from iconmatting_core.training.state import TRAINING_METADATA_KEY
 
 _OURS_TO_REFERENCE = _rules(_PREFIX_PAIRS, forward=False)
 
@@ -33,10 +30,3 @@ def ours_to_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
             raise KeyError(f"no reference name for {key}")
         out[new] = value
     return out
-
-
-def read_training_metadata(path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get(TRAINING_METADATA_KEY, "{}"))
