@@ -46,8 +46,32 @@ def test_composite_refuses_rgb_cut_outs_and_unpaired_backgrounds(pack):
     node = pack.output_nodes.IconMattingComposite
     with pytest.raises(ValueError, match=r"^rgba must have 4 channels\. Connect the rgba output of IconMatting 5 · Remove Background\.$"):
         node.execute([torch.zeros(1, 2, 2, 3)], [torch.zeros(1, 2, 2, 3)])
-    with pytest.raises(ValueError, match="Got 2 backgrounds for 3 cut-outs"):
+    with pytest.raises(ValueError, match=r"^Got 3 cut-outs and 2 backgrounds\. Give 1 background for all cut-outs, "
+                                         r"1 cut-out for all backgrounds, or one background per cut-out \(in order\)\.$"):
         node.execute([torch.zeros(3, 2, 2, 4)], [torch.zeros(2, 2, 2, 3)])
+    with pytest.raises(ValueError, match="Got 2 cut-outs and 3 backgrounds"):  # a list of 2 over a list of 3
+        node.execute([torch.zeros(1, 2, 2, 4)] * 2, [torch.zeros(1, 2, 2, 3)] * 3)
+
+
+#: three backgrounds (blue, green, white) and what a red pixel of alpha 0.25 over each gives: 0.25 red + 0.75 background
+BACKGROUNDS = ([0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0])
+OVER_EACH = ([0.25, 0.0, 0.75], [0.25, 0.75, 0.0], [1.0, 0.75, 0.75])
+
+
+@pytest.mark.parametrize("shape", ["list", "batch"])
+def test_one_cut_out_over_many_backgrounds_gives_one_composite_per_background(pack, shape):
+    """A product on many backgrounds: one cut-out (a one-image batch, or a list of one) over three backgrounds
+    (a list from a folder loader, or one batch), in the backgrounds' order, each at the cut-out's size."""
+    cut = torch.zeros(1, 1, 2, 4)
+    cut[..., 0] = 1.0  # red
+    cut[..., 3] = torch.tensor([0.25, 1.0])  # left pixel a quarter opaque, right pixel opaque
+    colours = [torch.tensor(c).expand(3, 5, 3) for c in BACKGROUNDS]
+    backgrounds = [c[None] for c in colours] if shape == "list" else [torch.stack(colours)]
+    cutouts = [cut] if shape == "batch" else [cut[0][None]]
+    out = pack.output_nodes.IconMattingComposite.execute(cutouts, backgrounds).result[0]
+    assert [tuple(o.shape) for o in out] == [(1, 1, 2, 3)] * 3
+    assert [o[0, 0, 0].tolist() for o in out] == [pytest.approx(c) for c in OVER_EACH]
+    assert all(o[0, 0, 1].tolist() == [1.0, 0.0, 0.0] for o in out)
 
 
 # --- Load Image Folder ----------------------------------------------------------------------------------
