@@ -34,10 +34,12 @@ WEIGHTS_HINT = (
     "Download icm.ckpt (the IconMatting release, linked from github.com/tiny-smart/in-context-matting) "
     "into ComfyUI/models/iconmatting/."
 )
-#: Words users search for. Hosts with ``search_aliases`` (newer ComfyUI) search them; older
-#: frontends search only the node id and display name, so the display names carry the main ones too.
-ALIASES = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal",
-           "in-context matting"]
+#: The words users type for the task, carried by the one node that does it (Remove Background). Every node's
+#: ``search_aliases`` hold only the words of its own job, so a search for the task lists that node, not the
+#: whole pack (hosts with ``search_aliases``, newer ComfyUI; older frontends search only node ids and display
+#: names, so the display names carry the main words too).
+TASK_WORDS = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal",
+              "background remover", "transparent background", "in-context matting"]
 LOAD_NODE = "IconMatting 1 · Load"
 
 ModelType = io.Custom("ICONMATTING_MODEL")

@@ -13,7 +13,7 @@ from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.context import POOLING_MODES
 from ..iconmatting_core.context_file import ContextFileError
 from ..iconmatting_core.postprocess import is_unpainted_mask
-from .common import (ALIASES, CATEGORY, CONTEXT_FOLDER, LOAD_NODE, ContextType, ModelType, advanced, check_choice,
+from .common import (CATEGORY, CONTEXT_FOLDER, LOAD_NODE, ContextType, ModelType, advanced, check_choice,
                      full_path, missing_input, schema)
 
 ENCODE_NODE = "IconMatting 2 · Encode Reference"
@@ -56,7 +56,7 @@ class IconMattingEncodeReference(io.ComfyNode):
             node_id="IconMattingEncodeReference",
             display_name=ENCODE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=["reference", "encode reference", "reference mask", "mark foreground"],
             description="Encodes the foreground marked on the reference image(s) once, for matching any number of targets.",
             inputs=[
                 ModelType.Input("iconmatting_model", tooltip=f"From {LOAD_NODE}."),
@@ -107,7 +107,7 @@ class IconMattingSaveContext(io.ComfyNode):
             node_id="IconMattingSaveContext",
             display_name=SAVE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES + ["save reference"],
+            search_aliases=["save reference", "save context", "reference context"],
             description="Saves an encoded reference to ComfyUI/models/iconmatting_contexts, for Load Context and the command "
             "line. An existing file is never overwritten: the name gets a number, as with Save Image.",
             is_output_node=True,
@@ -145,7 +145,7 @@ class IconMattingLoadContext(io.ComfyNode):
             node_id="IconMattingLoadContext",
             display_name="IconMatting 2 · Load Context",
             category=CATEGORY,
-            search_aliases=ALIASES + ["load reference"],
+            search_aliases=["load reference", "load context", "reference context"],
             description="Loads a reference context saved by Save Context or `python -m iconmatting_core encode`, "
             "instead of encoding the reference again.",
             inputs=[

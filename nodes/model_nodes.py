@@ -8,7 +8,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 from comfy_api.latest import io
 
 from ..iconmatting_core.checkpoint import CheckpointError
-from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ALIASES, ModelType, advanced,
+from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ModelType, advanced,
                      check_choice, full_path, missing_input, schema, show_on_node)
 from .host_model import IconMattingOnHost
 from .native_features import NotStableDiffusion2, unet_layout
@@ -56,7 +56,7 @@ class IconMattingLoad(io.ComfyNode):
             node_id="IconMattingLoad",
             display_name=LOAD_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=["iconmatting model", "load matting model", "matting weights", "icm.ckpt"],
             description="IconMatting on the SD 2.1 model of a Load Checkpoint node (v2-1_768-ema-pruned.safetensors): "
             "ComfyUI loads, offloads and optimises it as any model.",
             inputs=[

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..iconmatting_core.matching import MatchResult
 from ..iconmatting_core.postprocess import composite_over, pair_backgrounds
-from .common import precision_hint, ALIASES, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
+from .common import precision_hint, TASK_WORDS, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
 
 #: display names carry the words users search for (frontends without search_aliases search only names)
 DECODE_NODE = "IconMatting 5 · Remove Background"
@@ -20,7 +20,7 @@ class IconMattingDecodeAlpha(io.ComfyNode):
             node_id="IconMattingDecodeAlpha",
             display_name=DECODE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=TASK_WORDS,
             description="Removes the background: predicts each matched target's alpha matte at its own resolution, and "
             "its RGBA cut-out.",
             inputs=[
@@ -62,7 +62,7 @@ class IconMattingComposite(io.ComfyNode):
             node_id="IconMattingComposite",
             display_name=COMPOSITE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES + ["composite", "replace background"],
+            search_aliases=["composite", "replace background", "change background", "new background", "background swap"],
             description="Places RGBA cut-outs over new backgrounds (each resized to cover its cut-out). Cut-outs and "
             "backgrounds may be batches or lists (e.g. from Remove Background and Load Image Folder): one background for all "
             "cut-outs, one cut-out over every background (a product on many backgrounds), or the i-th cut-out over the i-th "

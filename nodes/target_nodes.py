@@ -16,7 +16,7 @@ from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.image_io import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.context import ReferenceContext
 from ..iconmatting_core.postprocess import similarity_preview
-from .common import (precision_hint, ALIASES, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,
+from .common import (precision_hint, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,
                      progress, schema, show_on_node, split_images)
 
 FOLDER_NODE = "IconMatting 3 · Load Image Folder"
@@ -55,7 +55,7 @@ class IconMattingLoadImageFolder(io.ComfyNode):
             node_id="IconMattingLoadImageFolder",
             display_name=FOLDER_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES + ["load images", "folder", "batch"],
+            search_aliases=["load images", "image folder", "load folder", "batch of images"],
             description="Loads every image of a folder as a list, each at its own size (a batch would stretch them to one size). "
             "Files that cannot be read are skipped and named on the node. The images and their results stay in memory: "
             "for catalogues of hundreds of photos use the command line.",
@@ -112,7 +112,7 @@ class IconMattingMatchTargets(io.ComfyNode):
             node_id="IconMattingMatchTargets",
             display_name="IconMatting 4 · Match Targets",
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=["match targets", "targets", "similarity", "guidance"],
             description="Finds the reference's kind of foreground in every target; the preview shows the inter-image similarity.",
             is_input_list=True,
             inputs=[

@@ -65,8 +65,6 @@ def test_nodes_share_the_category_and_the_types_between_them(pack):
     assert {n.define_schema().category for n in pack.iconmatting_nodes.NODES} == {"IconMatting"}
     assert (pack.common.ModelType.io_type, pack.common.ContextType.io_type, pack.common.MatchType.io_type) == (
         "ICONMATTING_MODEL", "ICONMATTING_CONTEXT", "ICONMATTING_MATCH")
-    words = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal", "in-context matting"]
-    assert pack.common.ALIASES == words
 
 
 def test_advanced_inputs_use_the_hosts_own_flag_or_the_extra_dict(pack):
