@@ -86,8 +86,20 @@ def advanced(inp):
     return inp
 
 
+class Choice(io.Combo.Input):
+    """A combo of fixed options that the host itself checks when a prompt is queued.
+
+    Hosts check a value against a combo whose type is its list of options (the V1 form: 0.3.75 and 0.28.2
+    alike), and report a wrong one once, under its own input. A V3 combo's type is "COMBO": 0.3.75 does not
+    check it, and a ``validate_inputs`` doing it instead is reported by the host under every input it names.
+    The frontends show both forms as the same dropdown."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
 def check_choice(name: str, value, options) -> None:
-    """Combo values sent by API clients: older hosts do not check them before ``execute``."""
+    """A choice given to ``execute`` directly (the host checks prompts: :class:`Choice`)."""
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(str, options))}; got {value!r}.")
 

@@ -16,7 +16,7 @@ from ..iconmatting_core import preprocess as pre
 from ..iconmatting_core.image_io import IMAGE_EXTENSIONS, read_image
 from ..iconmatting_core.context import ReferenceContext
 from ..iconmatting_core.postprocess import similarity_preview
-from .common import (precision_hint, CATEGORY, LOAD_NODE, ContextType, MatchType, ModelType, advanced, check_choice, one,
+from .common import (precision_hint, CATEGORY, LOAD_NODE, Choice, ContextType, MatchType, ModelType, advanced, check_choice, one,
                      progress, schema, show_on_node, split_images)
 
 FOLDER_NODE = "IconMatting 3 · Load Image Folder"
@@ -120,9 +120,9 @@ class IconMattingMatchTargets(io.ComfyNode):
                 ContextType.Input("context", tooltip="From Encode Reference or Load Context; several contexts are merged."),
                 io.Image.Input("images", tooltip="Targets: a batch, or a list of images of different sizes (e.g. from "
                                "Load Image Folder); each keeps its own size."),
-                advanced(io.Combo.Input("resize_mode", options=list(pre.RESIZE_MODES), default="pad",
-                                        tooltip="pad: letterbox, no distortion (padding takes no part in matching). "
-                                        "stretch: squash to the square. Use the reference's mode.")),
+                advanced(Choice("resize_mode", options=list(pre.RESIZE_MODES), default="pad",
+                                tooltip="pad: letterbox, no distortion (padding takes no part in matching). "
+                                "stretch: squash to the square. Use the reference's mode.")),
                 advanced(io.Int.Input("chunk_size", default=1, min=1, max=16,
                                       tooltip="Targets per UNet pass (each pass runs 4 noised copies). Larger is faster "
                                       "on a big GPU and needs more memory.")),
@@ -133,13 +133,6 @@ class IconMattingMatchTargets(io.ComfyNode):
                                 tooltip="Each target with its inter-image similarity as a heat map."),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, resize_mode=None):
-        value = one(resize_mode)  # a list input: one value per upstream output
-        if value is not None and value not in pre.RESIZE_MODES:
-            return f"resize_mode must be one of {', '.join(pre.RESIZE_MODES)}; got {value!r}."
-        return True
 
     @classmethod
     def execute(cls, iconmatting_model, context, images, resize_mode=("pad",), chunk_size=(1,)):

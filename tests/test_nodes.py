@@ -167,11 +167,21 @@ def test_folder_is_read_again_when_a_file_changes_even_at_the_same_size(pack, in
 
 
 # --- Encode Reference, Save Context, Load Context -------------------------------------------------------
+def test_fixed_choices_are_combos_the_host_checks_itself(pack):
+    """A combo typed by its options (as hosts check them: tests/test_comfy_pack.py sends wrong values), with no
+    validate_inputs of the node naming them (the host would report its message under every input it names)."""
+    encode = pack.context_nodes.IconMattingEncodeReference
+    match = pack.target_nodes.IconMattingMatchTargets
+    required = encode.INPUT_TYPES()["required"]
+    assert required["guidance"][0] == ["mask", "scribble"] and required["resize_mode"][0] == ["pad", "stretch"]
+    assert match.INPUT_TYPES()["required"]["resize_mode"][0] == ["pad", "stretch"]
+    assert required["resize_mode"][1]["default"] == "pad" and required["resize_mode"][1]["advanced"] is True
+    for node in (encode, match):
+        assert "validate_inputs" not in vars(node)
+
+
 def test_encode_refuses_unknown_combo_values_naming_the_input(pack, host_model):
     node = pack.context_nodes.IconMattingEncodeReference
-    assert "guidance must be one of mask, scribble; got 'points'" in node.validate_inputs("points", "pad")
-    assert "resize_mode must be one of pad, stretch; got 'crop'" in node.validate_inputs("mask", "crop")
-    assert node.validate_inputs("scribble", "stretch") is True and node.validate_inputs() is True
     image, mask = make_reference(64, 96)
     with pytest.raises(ValueError, match="guidance must be one of"):
         node.execute(host_model, image[None], mask[None], "points")
@@ -194,7 +204,33 @@ def test_save_context_never_overwrites_a_saved_context(pack, host_model, context
     assert sorted(p.name for p in context_dir.iterdir()) == ["my_ref.safetensors", "my_ref_00001.safetensors",
                                                               "my_ref_00002.safetensors"]
     assert node.execute(host_model, first, "  ").ui["text"] == ["Saved reference_context.safetensors"]
-    assert node.execute(host_model, first, "../../escape").ui["text"] == ["Saved escape.safetensors"]
+
+
+def test_save_context_keeps_subfolders_and_load_context_lists_them(pack, host_model, context_dir, contexts):
+    save, load = pack.context_nodes.IconMattingSaveContext, pack.context_nodes.IconMattingLoadContext
+    assert save.validate_inputs("products/shoes/red") is True
+    assert save.execute(host_model, contexts[0], "products/shoes/red").ui["text"] == ["Saved products/shoes/red.safetensors"]
+    assert save.execute(host_model, contexts[1], "products\\shoes\\red").ui["text"] == [
+        "Saved products/shoes/red_00001.safetensors"]  # either slash, never overwritten
+    assert save.execute(host_model, contexts[1], "products/").ui["text"] == ["Saved products/reference_context.safetensors"]
+    assert (context_dir / "products" / "shoes" / "red.safetensors").is_file()
+    listed = load.define_schema().inputs[1].options
+    assert listed == ["products/reference_context.safetensors", "products/shoes/red.safetensors",
+                      "products/shoes/red_00001.safetensors"]
+    loaded = load.execute(host_model, "products/shoes/red_00001.safetensors").result[0]
+    assert torch.equal(loaded.tokens, contexts[1].tokens)
+
+
+@pytest.mark.parametrize("name, why", [("../escape", "leaves"), ("a/../../escape", "leaves"), ("..\\escape", "leaves"),
+                                       ("/tmp/escape", "is an absolute path"), ("C:\\escape", "is an absolute path")])
+def test_save_context_refuses_names_outside_the_contexts_folder(pack, host_model, context_dir, contexts, name, why):
+    node = pack.context_nodes.IconMattingSaveContext
+    message = node.validate_inputs(name)
+    assert message.startswith(f"The file name '{name}' {why}") and "ComfyUI/models/iconmatting_contexts" in message
+    with pytest.raises(ValueError) as info:
+        node.execute(host_model, contexts[0], name)
+    assert str(info.value) == message
+    assert not context_dir.exists() or list(context_dir.rglob("*.safetensors")) == []
 
 
 def test_load_context_errors_name_the_nodes_not_the_command_line(pack, host_model, context_dir, contexts):
@@ -251,12 +287,6 @@ def test_match_preview_spans_the_whole_heat_ramp(matched):
     flat = ((preview - 0.4 * target[0]) / 0.6).reshape(-1, 3)
     for end in ([1.0, 0.0, 0.0], [0.0, 0.0, 0.3]):
         assert (flat - torch.tensor(end)).abs().sum(1).min() < 1e-4, end
-
-
-def test_match_refuses_an_unknown_resize_mode(pack, host_model):
-    node = pack.target_nodes.IconMattingMatchTargets
-    assert node.validate_inputs(["crop"]) == "resize_mode must be one of pad, stretch; got 'crop'."
-    assert node.validate_inputs(["stretch"]) is True and node.validate_inputs() is True
 
 
 def test_match_refuses_unknown_modes_and_what_is_no_context_in_so_many_words(pack, host_model, contexts, matched):
