@@ -13,7 +13,6 @@ import dataclasses
 import inspect
 import logging
 import os
-import sys
 from typing import List
 
 import torch
@@ -86,16 +85,20 @@ def advanced(inp):
     return inp
 
 
-class Choice(io.Combo.Input):
-    """A combo of fixed options that the host itself checks when a prompt is queued.
+#: Hosts with dynamic V3 inputs (0.28.2: ``io.DynamicCombo``) parse every V3 input's type, which must then be a
+#: name, and check V3 combo values themselves; older hosts (0.3.75) check only combos typed by their options.
+HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
 
-    Hosts check a value against a combo whose type is its list of options (the V1 form: 0.3.75 and 0.28.2
-    alike), and report a wrong one once, under its own input. A V3 combo's type is "COMBO": 0.3.75 does not
-    check it, and a ``validate_inputs`` doing it instead is reported by the host under every input it names.
-    The frontends show both forms as the same dropdown."""
+
+class Choice(io.Combo.Input):
+    """A combo of fixed options whose value the host checks when a prompt is queued, and reports once, under
+    its own input, if wrong. A node's ``validate_inputs`` cannot do that: the host reports its message under
+    every input the function names. Hosts that do not check V3 combos (``HOST_CHECKS_V3_COMBOS`` false) check
+    a combo typed by its list of options (the V1 form, drawn as the same dropdown), so this combo is typed so
+    there."""
 
     def get_io_type(self):
-        return list(self.options)
+        return super().get_io_type() if HOST_CHECKS_V3_COMBOS else list(self.options)
 
 
 def check_choice(name: str, value, options) -> None:
@@ -136,16 +139,17 @@ def one(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def show_on_node(text: str) -> None:
-    """Show ``text`` on the running node in the frontend (ComfyUI's progress text, as its API nodes
-    use it) and in the server log. Without a running server (tests, scripts) only the log."""
-    log.warning("IconMatting: %s", text)
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None or not hasattr(instance, "send_progress_text"):
-        return
-    from comfy_execution.utils import get_executing_context
+#: The ui output key of a note that is a warning (the pack's web extension also shows it in a toast).
+WARNING_KEY = "iconmatting_warning"
 
-    context = get_executing_context()
-    if context is not None:
-        instance.send_progress_text(text, context.node_id)
+
+def node_note(text: str, warning: bool = False) -> dict:
+    """The one way a node tells the user about its run; returns the ``ui`` of its ``io.NodeOutput``.
+
+    The text goes out as the node's ui ``text``: the pack's web extension (``web/iconmatting_notes.js``)
+    writes it on the node, in both renderers (litegraph and the Vue "Nodes 2.0") of every frontend tested
+    (1.32.9, 1.45.21, 1.58.1), and a warning (``WARNING_KEY``) also in a toast; API clients read it in the
+    prompt's history. (The host's progress text is not used: frontend 1.58 removes it when the run ends.)
+    The log gets it once, at WARNING level for a warning, else INFO."""
+    log.log(logging.WARNING if warning else logging.INFO, "IconMatting: %s", text)
+    return {"text": [text], WARNING_KEY: [warning]}

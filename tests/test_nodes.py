@@ -2,9 +2,9 @@
 0.3.75 tree of ``comfy_harness.comfy_root()`` and the tiny diffusers model: fast checks of what each
 node's ``execute``/``validate_inputs`` does with pixels, files and bad inputs. The real ComfyUI runs
 of tests/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
+import logging
 import math
 import os
-import re
 import types
 
 import numpy as np
@@ -92,7 +92,8 @@ def test_folder_loader_reads_every_image_extension_in_any_case_in_name_order(pac
     assert torch.equal(images[0][0], torch.from_numpy(jpeg).float() / 255)
 
 
-def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, input_dir, shown):
+def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, input_dir, caplog):
+    caplog.set_level(logging.INFO, logger="IconMatting")
     folder = input_dir / "photos"
     folder.mkdir()
     save_png(folder / "good.png", pixels(4, 3, 3))
@@ -101,9 +102,76 @@ def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, inpu
     out = pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
     images, names = out.result
     assert names == ["good"] and len(images) == 1
-    note = r"Skipped 2 unreadable file\(s\) in 'photos': broken\.png \(.+\); worse\.png \(.+\)"
-    assert re.fullmatch(note, out.ui["text"][0])
-    assert len(shown) == 1 and shown[0][0] == "17" and shown[0][1] == out.ui["text"][0]
+    note = ("Found 3 image(s) in 'photos'; loaded 1. Skipped 2 unreadable file(s): broken.png (cannot identify image "
+            "file 'broken.png'); worse.png (cannot identify image file 'worse.png').")
+    assert out.ui == {"text": [note], "iconmatting_warning": [True]}  # on the node, and a toast
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", "IconMatting: " + note)]  # the log, once
+
+
+def test_folder_loader_loads_subfolders_with_distinct_names_unless_told_not_to(pack, input_dir, caplog):
+    """2 photos at the top, 2 in subfolders with the same file name: 4 images, named by their path under the folder
+    (as the command line names its outputs), so two x.png never share a name; without recursion the 2 at the top,
+    and the node says it left 2 subfolders out."""
+    caplog.set_level(logging.INFO, logger="IconMatting")
+    folder = input_dir / "photos"
+    arrays = {"top1.png": pixels(10, 3, 4), "top2.png": pixels(11, 5, 2), "a/x.png": pixels(12, 2, 2), "b/x.png": pixels(13, 4, 4)}
+    for name, array in arrays.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        save_png(folder / name, array)
+    node = pack.target_nodes.IconMattingLoadImageFolder
+    out = node.execute("photos")
+    images, names = out.result
+    assert names == ["top1", "top2", "a/x", "b/x"]
+    for image, name in zip(images, ["top1.png", "top2.png", "a/x.png", "b/x.png"]):
+        assert torch.equal(image[0], torch.from_numpy(arrays[name]).float() / 255), name
+    assert out.ui == {"text": ["Found 4 image(s) in 'photos' (2 in subfolders); loaded 4."], "iconmatting_warning": [False]}
+    flat = node.execute("photos", False)
+    assert flat.result[1] == ["top1", "top2"]
+    assert flat.ui["text"] == ["Found 2 image(s) in 'photos'; loaded 2. 2 subfolder(s) not searched (recursive is off)."]
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+    assert len(node.fingerprint_inputs("photos")) == 4 and len(node.fingerprint_inputs("photos", False)) == 2
+
+
+def test_folder_loader_names_what_it_left_out_and_refuses_a_folder_with_images_only_below(pack, input_dir):
+    folder = input_dir / "photos"
+    (folder / "deeper").mkdir(parents=True)
+    save_png(folder / "deeper" / "a.png", pixels(14, 2, 2))
+    (folder / "clip.mp4").write_bytes(b"not decoded")
+    (folder / "notes.txt").write_text("x")
+    (folder / "deeper" / "more.txt").write_text("x")
+    node = pack.target_nodes.IconMattingLoadImageFolder
+    out = node.execute("photos")
+    assert out.result[1] == ["deeper/a"]
+    assert out.ui["text"] == ["Found 1 image(s) in 'photos' (1 in subfolders); loaded 1. Left out 3 file(s) that are not "
+                              "images: .mp4 x1, .txt x2."]
+    with pytest.raises(FileNotFoundError) as info:
+        node.execute("photos", False)
+    assert str(info.value) == ("Image folder 'photos' holds no images at its top level, only in subfolders. Turn "
+                               "recursive on to load them.")
+
+
+def test_a_folder_past_the_limit_says_the_command_line_is_the_tool_with_the_command(pack, input_dir, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(pack.target_nodes, "COMMAND_LINE_FROM", 3)
+    folder = input_dir / "catalogue"
+    folder.mkdir()
+    for i in range(3):
+        save_png(folder / f"p{i}.png", pixels(20 + i, 2, 2))
+    out = pack.target_nodes.IconMattingLoadImageFolder.execute("catalogue")
+    text = out.ui["text"][0]
+    assert text.startswith("Found 3 image(s) in 'catalogue'; loaded 3. 3 images: for a folder this size the command "
+                           "line is the tool")
+    models, output = folder_paths.models_dir, folder_paths.get_output_directory()
+    command = (f"python {pack.target_nodes.PACK_DIR}/iconmatting.py matte --context "
+               f"{folder_paths.get_folder_paths('iconmatting_contexts')[0]}/reference_context.safetensors --targets {folder} "
+               f"--out {output}/iconmatting --sd {folder_paths.get_folder_paths('checkpoints')[0]}/"
+               f"v2-1_768-ema-pruned.safetensors --matting-weights {models}/iconmatting/icm.ckpt")
+    assert text.endswith(command), text
+    assert out.ui["iconmatting_warning"] == [True]
+    two = pack.target_nodes.IconMattingLoadImageFolder.execute  # under the limit: no hint, no warning
+    (folder / "p2.png").unlink()
+    assert two("catalogue").ui == {"text": ["Found 2 image(s) in 'catalogue'; loaded 2."], "iconmatting_warning": [False]}
 
 
 def test_folder_loader_fails_only_when_no_file_can_be_read(pack, input_dir):
@@ -362,12 +430,11 @@ def test_a_head_for_other_unet_widths_is_refused_in_one_line(pack):
     pack.model_nodes.head_fits_model((128, 128), None, "ok.safetensors")  # not a UNet: the extractor says why
 
 
-def test_a_patched_model_is_warned_about_on_the_node(pack, shown):
+def test_the_patched_model_warning_has_one_text(pack):
     assert pack.model_nodes.patches_warning(types.SimpleNamespace(patches={})) is None
-    warning = pack.model_nodes.patches_warning(types.SimpleNamespace(patches={"a": 1, "b": 2}))
-    assert "2 weight patches" in warning and "LoRA" in warning
-    pack.common.show_on_node(warning)
-    assert shown == [("17", warning)]
+    assert pack.model_nodes.patches_warning(types.SimpleNamespace(patches={"a": 1, "b": 2})) == (
+        "The MODEL carries 2 weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 features: connect "
+        "Load Checkpoint's MODEL directly for faithful mattes.")
 
 
 def test_a_missing_file_at_execution_is_one_line_with_the_hint(pack, context_dir):
