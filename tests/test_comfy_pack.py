@@ -27,7 +27,7 @@ NODES = {
     "IconMattingEncodeReference": (["iconmatting_model", "image", "mask", "guidance", "resize_mode", "seed"], ["ICONMATTING_CONTEXT"]),
     "IconMattingLoadContext": (["iconmatting_model", "context_file"], ["ICONMATTING_CONTEXT"]),
     "IconMattingSaveContext": (["iconmatting_model", "context", "filename"], []),
-    "IconMattingLoadImageFolder": (["folder"], ["IMAGE", "STRING"]),
+    "IconMattingLoadImageFolder": (["folder", "recursive"], ["IMAGE", "STRING"]),
     "IconMattingMatchTargets": (["iconmatting_model", "context", "images", "resize_mode", "chunk_size"], ["ICONMATTING_MATCH", "IMAGE"]),
     "IconMattingDecodeAlpha": (["iconmatting_model", "match", "estimate_foreground", "chunk_size"], ["MASK", "IMAGE"]),
     "IconMattingComposite": (["rgba", "background"], ["IMAGE"]),
