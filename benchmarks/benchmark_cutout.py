@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests" / "support")]
 
 from iconmatting_core.postprocess import rgba_cutout  # noqa: E402
 from iconmatting_core.preprocess import Placement, placement_for, restore_alpha  # noqa: E402
 
 
-# --- the previous implementation: the oracle of tests/test_cutout.py ---------------------------
-from test_cutout import old_estimate_foreground  # noqa: E402
+# --- the previous implementation: the oracle of tests/unit/test_cutout.py (tests/support/oracles.py) ---
+from oracles import old_estimate_foreground  # noqa: E402
 
 
 def old_restore_alpha(alpha, placement):

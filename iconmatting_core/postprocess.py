@@ -28,13 +28,6 @@ TILE_COLUMNS = 512
 Box = Tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1)
 
 
-def box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window clipped to the image. x: [B, C, H, W] -> [B, C, H, W]."""
-    b, c, h, w = x.shape
-    out = _box_mean(x.reshape(b * c, h, w), (0, h, 0, w), (0, h, 0, w), radius, (h, w))
-    return out.reshape(b, c, h, w)
-
-
 def _window_sums(x: torch.Tensor, out_lo: int, out_hi: int, src_lo: int, src_hi: int, radius: int) -> torch.Tensor:
     """Sums over [o - r, o + r] (clipped to the image) along the last axis of ``x``, which holds
     image positions [src_lo, src_hi), for outputs o in [out_lo, out_hi). Zeros stand in for the

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+SUPPORT = ROOT / "tests" / "support"  # the tests' helpers (tiny models, sample inputs, the ComfyUI and browser harnesses)
+for _path in (ROOT, SUPPORT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from comfy_harness import HOSTS  # noqa: E402
 
@@ -79,7 +79,7 @@ def pipe(tiny_dir):
     return IconMattingPipeline(load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32"))
 
 
-# --- the node pack, as ComfyUI imports it, and what its nodes need around them (tests/test_nodes*.py, ...) ---
+# --- the node pack, as ComfyUI imports it, and what its nodes need around them (tests/unit/test_nodes*.py, ...) ---
 PACK = "iconmatting_pack_under_test"
 
 
@@ -142,32 +142,3 @@ def host_model(pack, request):
     return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
 
 
-def make_reference(h=100, w=150, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(h, w, 3, generator=g)
-    mask = torch.zeros(h, w)
-    mask[h // 5 : h * 4 // 5, w // 5 : w * 4 // 5] = 1
-    return image, mask
-
-
-def make_targets(n=3, h=90, w=60, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, h, w, 3, generator=g)
-
-
-def save_reference_and_targets(tmp_path, n=2, folder="targets"):
-    """ref.png + mask.png in tmp_path and n target PNGs in tmp_path/folder (returned), for command-line tests."""
-    import numpy as np
-    from PIL import Image
-
-    def save(t, path):
-        Image.fromarray((t.numpy() * 255).astype(np.uint8)).save(path)
-
-    image, mask = make_reference()
-    save(image, tmp_path / "ref.png")
-    save(mask, tmp_path / "mask.png")
-    targets = tmp_path / folder
-    targets.mkdir()
-    for i, t in enumerate(make_targets(n)):
-        save(t, targets / f"t{i}.png")
-    return targets

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..image_io import png_bytes, read_image
-from ..video import matte_video, to_uint8
-from ..video import probe as probe_video
+from ..video import probe as probe_video, to_uint8
+from .clips import matte_video
 from .outputs import Failures, JobStopped, Progress, error_text, output_paths, stop_reason, write_file
 from .targets import Target, split_targets
 
@@ -45,7 +45,7 @@ def matte_images(pipe, context, images: Sequence[Target], out_dir: Path, resize_
 
 def matte_clips(pipe, context, videos: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
                 failures: Failures, video_outputs: Sequence[str], chunk_size: int) -> int:
-    """Matte clips one by one (see ``video.matte_video``); as :func:`matte_images`."""
+    """Matte clips one by one (see ``clips.matte_video``); as :func:`matte_images`."""
     matted = 0
     for target in videos:
         bar = None

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import List
 
-from ..video import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
 from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, positive_float, positive_int, set_threads
+from .clips import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
 from .local import matte_clips, run_local
 from .outputs import Failures, JobStopped, check_writable, is_done, remove_partials
 from .targets import TargetError, list_targets, split_targets
@@ -119,7 +119,7 @@ def run(args) -> int:
     matted = 0
     try:
         if args.engine == "ray":
-            from ..ray_engine import RayJob, run_ray_job
+            from .ray_engine import RayJob, run_ray_job
 
             if images:
                 job = RayJob.from_args(args, context, resize_mode, kinds, getattr(args, "pipe_factory", None))

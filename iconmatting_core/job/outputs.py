@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ..video import output_paths as video_output_paths
+from .clips import output_paths as video_output_paths
 from .targets import Target
 
 FAILURES_FILE = "failures.jsonl"

@@ -56,13 +56,6 @@ def write_head(path, head: torch.nn.Module, config, training: dict, empty_prompt
     return path
 
 
-def read_training_metadata(path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get(TRAINING_METADATA_KEY, "{}"))
-
-
 def rng_states() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),

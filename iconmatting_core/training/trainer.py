@@ -225,7 +225,7 @@ class Trainer:
         metrics = S.Metrics(self.run_dir, start) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and self.show_progress:
-            from ..batch import Progress
+            from ..job.outputs import Progress
 
             bar = Progress(s.steps - start, "train", "step")
         if self.val_data is not None and start == 0 and self.rank == 0:
