@@ -91,11 +91,10 @@ HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
 
 
 class Choice(io.Combo.Input):
-    """A combo of fixed options whose value the host checks when a prompt is queued, and reports once, under
-    its own input, if wrong. A node's ``validate_inputs`` cannot do that: the host reports its message under
-    every input the function names. Hosts that do not check V3 combos (``HOST_CHECKS_V3_COMBOS`` false) check
-    a combo typed by its list of options (the V1 form, drawn as the same dropdown), so this combo is typed so
-    there."""
+    """A combo of fixed options whose value the host checks when a prompt is queued, reporting a wrong one once,
+    under its own input. (A node's ``validate_inputs`` cannot: the host reports its message under every input the
+    function names.) Where the host does not check V3 combos (``HOST_CHECKS_V3_COMBOS`` false), this combo's type
+    is its list of options, the V1 form that host checks; the frontends draw both forms as the same dropdown."""
 
     def get_io_type(self):
         return super().get_io_type() if HOST_CHECKS_V3_COMBOS else list(self.options)
