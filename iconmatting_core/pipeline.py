@@ -207,21 +207,11 @@ class IconMattingPipeline:
         output_device: Union[str, torch.device] = "cpu",
     ) -> MatchResult:
         """Targets (a batch [B, H, W, C] or a list of images of any sizes) -> MatchResult."""
-        if not isinstance(context, ReferenceContext):
-            raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
-        if context.config != self.config:
-            raise ValueError("the reference context was encoded with a different model configuration")
-        sources = self._checked_targets(images, resize_mode)
-        device = self.model.device
-        tokens = context.tokens.to(device)
+        sources = self._checked(context, images, resize_mode)
         parts = []
         for start, stop in _chunks(len(sources), chunk_size):
             batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
-            feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
-            fused, similarity = match_features(self.model.head, tokens, feats, valid=placements)
-            _check_finite(fused, "matching layers")
-            parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
-            del feats, fused, similarity, batch
+            parts.append(self._match_chunk(context, batch, placements, sources[start:stop], resize_mode).to(output_device))
             if progress is not None:
                 progress(stop, len(sources))
         return MatchResult.concat(parts)
@@ -235,25 +225,14 @@ class IconMattingPipeline:
         output_device: Union[str, torch.device] = "cpu",
     ) -> List[torch.Tensor]:
         """MatchResult -> one alpha matte [H, W] (float32, [0, 1]) per target, at its original size."""
-        device, dtype = self.model.device, self.model.dtype
         alphas: List[torch.Tensor] = []
         for start, stop in _chunks(len(match), chunk_size):
-            part = match.slice(start, stop).to(device, dtype)
+            part = match.slice(start, stop)
             images, _ = _prepare(part.sources, self.config.image_size, match.resize_mode, start)
-            alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
-            _check_finite(alpha, "matting head", dtype)
-            for a, placement in zip(alpha, part.placements):
-                alphas.append(pre.restore_alpha(a, placement).to(output_device))
+            alphas += self._decode_chunk(part, images, output_device)
             if progress is not None:
                 progress(stop, len(match))
         return alphas
-
-    def _checked_targets(self, images, resize_mode: str) -> list:
-        sources = pre.split_batch(images, "target images")
-        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
-        for i, img in enumerate(sources):  # fail before any work on a bad image
-            pre.to_rgb(img, f"target image {i}")
-        return sources
 
     def matte(
         self,
@@ -266,16 +245,47 @@ class IconMattingPipeline:
     ) -> List[torch.Tensor]:
         """match + decode, chunk by chunk: one alpha [H, W] per target image.
 
-        Only the alphas accumulate, so host memory too stays bounded for any number of targets.
+        The targets are checked once, before any model work, and each chunk is prepared once for both
+        steps; only the alphas accumulate, so host memory too stays bounded for any number of targets.
         """
-        sources = self._checked_targets(images, resize_mode)
+        sources = self._checked(context, images, resize_mode)
         alphas: List[torch.Tensor] = []
-        for start, stop in _chunks(len(sources), chunk_size):
-            match = self.match(context, sources[start:stop], resize_mode=resize_mode, chunk_size=chunk_size)
-            alphas += self.decode(match, chunk_size=chunk_size, output_device=output_device)
-            if progress is not None:
-                progress(stop, len(sources))
+        with torch.no_grad():
+            for start, stop in _chunks(len(sources), chunk_size):
+                batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
+                match = self._match_chunk(context, batch, placements, sources[start:stop], resize_mode)
+                alphas += self._decode_chunk(match, batch, output_device)
+                if progress is not None:
+                    progress(stop, len(sources))
         return alphas
+
+    def _checked(self, context: ReferenceContext, images, resize_mode: str) -> list:
+        """The targets as a list, after checking the context, the mode and every image (before any work)."""
+        if not isinstance(context, ReferenceContext):
+            raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
+        if context.config != self.config:
+            raise ValueError("the reference context was encoded with a different model configuration")
+        sources = pre.split_batch(images, "target images")
+        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
+        for i, img in enumerate(sources):
+            pre.to_rgb(img, f"target image {i}")
+        return sources
+
+    def _match_chunk(self, context: ReferenceContext, batch: torch.Tensor, placements, sources, resize_mode: str) -> MatchResult:
+        """Prepared targets [B, 3, S, S] -> their MatchResult, on the model's device."""
+        device = self.model.device
+        feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
+        fused, similarity = match_features(self.model.head, context.tokens.to(device), feats, valid=placements)
+        _check_finite(fused, "matting layers")
+        return MatchResult(fused, similarity, sources, placements, resize_mode)
+
+    def _decode_chunk(self, match: MatchResult, images: torch.Tensor, output_device) -> List[torch.Tensor]:
+        """A chunk's MatchResult and its prepared targets [B, 3, S, S] -> one alpha per target, at its size."""
+        device, dtype = self.model.device, self.model.dtype
+        part = match.to(device, dtype)
+        alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
+        _check_finite(alpha, "matting head", dtype)
+        return [pre.restore_alpha(a, placement).to(output_device) for a, placement in zip(alpha, part.placements)]
 
     def cutout(self, image, alpha: torch.Tensor, estimate_colors: bool = True) -> torch.Tensor:
         """One target image [H, W, C] + its alpha [H, W] -> RGBA [H, W, 4] with estimated foreground colours."""

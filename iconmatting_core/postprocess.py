@@ -208,11 +208,20 @@ def composite_over(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor
     return (rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1)
 
 
-def pair_backgrounds(n_cutouts: int, n_backgrounds: int) -> List[int]:
-    """Which background each cut-out goes over: one for all, or the i-th for the i-th."""
-    if n_backgrounds not in (1, n_cutouts):
-        raise ValueError(f"Got {n_backgrounds} backgrounds for {n_cutouts} cut-outs. Give 1 background, or one per cut-out.")
-    return [i if n_backgrounds > 1 else 0 for i in range(n_cutouts)]
+def pair_backgrounds(n_cutouts: int, n_backgrounds: int) -> List[Tuple[int, int]]:
+    """The composites to make, as (cut-out index, background index) in output order: one background for
+    every cut-out, one cut-out over every background (a product on many backgrounds), or the i-th
+    cut-out over the i-th background. Any other pairing is ambiguous and refused in one line."""
+    if n_cutouts < 1 or n_backgrounds < 1:
+        raise ValueError(f"Got {n_cutouts} cut-outs and {n_backgrounds} backgrounds. Connect at least one of each.")
+    if n_backgrounds == 1:
+        return [(i, 0) for i in range(n_cutouts)]
+    if n_cutouts == 1:
+        return [(0, j) for j in range(n_backgrounds)]
+    if n_cutouts != n_backgrounds:
+        raise ValueError(f"Got {n_cutouts} cut-outs and {n_backgrounds} backgrounds. Give 1 background for all cut-outs, "
+                         "1 cut-out for all backgrounds, or one background per cut-out (in order).")
+    return [(i, i) for i in range(n_cutouts)]
 
 
 def similarity_preview(image: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 from comfy_api.latest import io
 
 from ..iconmatting_core.checkpoint import CheckpointError
-from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ALIASES, ModelType, advanced,
-                     check_choice, full_path, missing_input, schema, show_on_node)
+from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ModelType, advanced,
+                     check_choice, full_path, missing_input, node_note, schema)
 from .host_model import IconMattingOnHost
 from .native_features import NotStableDiffusion2, unet_layout
 
@@ -41,6 +41,7 @@ def head_fits_model(head_channels: Tuple[int, int], unet_channels: Optional[Tupl
 
 
 def patches_warning(model) -> Optional[str]:
+    """The one text of the patched-MODEL warning (shown once per Load: on the node, in the log)."""
     patches = getattr(model, "patches", None)
     if not patches:
         return None
@@ -56,7 +57,8 @@ class IconMattingLoad(io.ComfyNode):
             node_id="IconMattingLoad",
             display_name=LOAD_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=["iconmatting model", "load matting model", "matting weights", "icm.ckpt"],
+            has_intermediate_output=True,  # newer hosts send its warning again when it is cached
             description="IconMatting on the SD 2.1 model of a Load Checkpoint node (v2-1_768-ema-pruned.safetensors): "
             "ComfyUI loads, offloads and optimises it as any model.",
             inputs=[
@@ -94,6 +96,5 @@ class IconMattingLoad(io.ComfyNode):
             raise ValueError(str(exc)) from exc
         warning = patches_warning(model)
         if warning:
-            show_on_node(warning)
-            return io.NodeOutput(loaded, ui={"text": [warning]})
+            return io.NodeOutput(loaded, ui=node_note(warning, warning=True))
         return io.NodeOutput(loaded)

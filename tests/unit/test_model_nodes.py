@@ -1,6 +1,7 @@
 """Node 1 (IconMatting 1 · Load) in pieces, fast: the UNet widths read from a stand-in ComfyUI UNet built
 of ComfyUI's own Upsample blocks, and ``execute`` over a stand-in IconMattingOnHost (the real load over
 a host's SD 2.1 runs in tests/host/test_comfy_pack.py)."""
+import logging
 import types
 
 import pytest
@@ -112,13 +113,15 @@ def test_load_turns_unusable_weights_or_models_into_a_plain_value_error(pack, we
     assert type(info.value) is ValueError and str(info.value) == "These weights are no IconMatting head."
 
 
-def test_load_of_a_patched_model_shows_the_warning_on_the_node(pack, weights_dir, loads, shown):
+def test_load_of_a_patched_model_shows_the_warning_on_the_node_and_in_the_log_once(pack, weights_dir, loads, caplog):
+    caplog.set_level(logging.INFO, logger="IconMatting")
     model = fake_model((32, 96), (24, 48), (8, 16))
     model.patches = {"lora.a": 1, "lora.b": 2, "lora.c": 3}
     out = pack.model_nodes.IconMattingLoad.execute(model, "clip", "vae", WEIGHTS)
-    assert out.ui == {"text": ["The MODEL carries 3 weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 "
-                               "features: connect Load Checkpoint's MODEL directly for faithful mattes."]}
-    assert shown == [("17", out.ui["text"][0])]
+    warning = ("The MODEL carries 3 weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 features: "
+               "connect Load Checkpoint's MODEL directly for faithful mattes.")
+    assert out.ui == {"text": [warning], "iconmatting_warning": [True]}
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", "IconMatting: " + warning)]
     assert len(out.result) == 1 and loads.calls[0][0] is model
 
 

@@ -2,9 +2,9 @@
 0.3.75 tree of ``comfy_harness.comfy_root()`` and the tiny diffusers model: fast checks of what each
 node's ``execute``/``validate_inputs`` does with pixels, files and bad inputs. The real ComfyUI runs
 of tests/host/test_comfy_pack.py cover the integration (server, validation, the host's own SD 2.x)."""
+import logging
 import math
 import os
-import re
 import types
 
 import numpy as np
@@ -47,8 +47,32 @@ def test_composite_refuses_rgb_cut_outs_and_unpaired_backgrounds(pack):
     node = pack.output_nodes.IconMattingComposite
     with pytest.raises(ValueError, match=r"^rgba must have 4 channels\. Connect the rgba output of IconMatting 5 · Remove Background\.$"):
         node.execute([torch.zeros(1, 2, 2, 3)], [torch.zeros(1, 2, 2, 3)])
-    with pytest.raises(ValueError, match="Got 2 backgrounds for 3 cut-outs"):
+    with pytest.raises(ValueError, match=r"^Got 3 cut-outs and 2 backgrounds\. Give 1 background for all cut-outs, "
+                                         r"1 cut-out for all backgrounds, or one background per cut-out \(in order\)\.$"):
         node.execute([torch.zeros(3, 2, 2, 4)], [torch.zeros(2, 2, 2, 3)])
+    with pytest.raises(ValueError, match="Got 2 cut-outs and 3 backgrounds"):  # a list of 2 over a list of 3
+        node.execute([torch.zeros(1, 2, 2, 4)] * 2, [torch.zeros(1, 2, 2, 3)] * 3)
+
+
+#: three backgrounds (blue, green, white) and what a red pixel of alpha 0.25 over each gives: 0.25 red + 0.75 background
+BACKGROUNDS = ([0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0])
+OVER_EACH = ([0.25, 0.0, 0.75], [0.25, 0.75, 0.0], [1.0, 0.75, 0.75])
+
+
+@pytest.mark.parametrize("shape", ["list", "batch"])
+def test_one_cut_out_over_many_backgrounds_gives_one_composite_per_background(pack, shape):
+    """A product on many backgrounds: one cut-out (a one-image batch, or a list of one) over three backgrounds
+    (a list from a folder loader, or one batch), in the backgrounds' order, each at the cut-out's size."""
+    cut = torch.zeros(1, 1, 2, 4)
+    cut[..., 0] = 1.0  # red
+    cut[..., 3] = torch.tensor([0.25, 1.0])  # left pixel a quarter opaque, right pixel opaque
+    colours = [torch.tensor(c).expand(3, 5, 3) for c in BACKGROUNDS]
+    backgrounds = [c[None] for c in colours] if shape == "list" else [torch.stack(colours)]
+    cutouts = [cut] if shape == "batch" else [cut[0][None]]
+    out = pack.output_nodes.IconMattingComposite.execute(cutouts, backgrounds).result[0]
+    assert [tuple(o.shape) for o in out] == [(1, 1, 2, 3)] * 3
+    assert [o[0, 0, 0].tolist() for o in out] == [pytest.approx(c) for c in OVER_EACH]
+    assert all(o[0, 0, 1].tolist() == [1.0, 0.0, 0.0] for o in out)
 
 
 # --- Load Image Folder ----------------------------------------------------------------------------------
@@ -69,7 +93,8 @@ def test_folder_loader_reads_every_image_extension_in_any_case_in_name_order(pac
     assert torch.equal(images[0][0], torch.from_numpy(jpeg).float() / 255)
 
 
-def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, input_dir, shown):
+def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, input_dir, caplog):
+    caplog.set_level(logging.INFO, logger="IconMatting")
     folder = input_dir / "photos"
     folder.mkdir()
     save_png(folder / "good.png", pixels(4, 3, 3))
@@ -78,9 +103,76 @@ def test_folder_loader_skips_unreadable_files_and_says_so_on_the_node(pack, inpu
     out = pack.target_nodes.IconMattingLoadImageFolder.execute("photos")
     images, names = out.result
     assert names == ["good"] and len(images) == 1
-    note = r"Skipped 2 unreadable file\(s\) in 'photos': broken\.png \(.+\); worse\.png \(.+\)"
-    assert re.fullmatch(note, out.ui["text"][0])
-    assert len(shown) == 1 and shown[0][0] == "17" and shown[0][1] == out.ui["text"][0]
+    note = ("Found 3 image(s) in 'photos'; loaded 1. Skipped 2 unreadable file(s): broken.png (cannot identify image "
+            "file 'broken.png'); worse.png (cannot identify image file 'worse.png').")
+    assert out.ui == {"text": [note], "iconmatting_warning": [True]}  # on the node, and a toast
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", "IconMatting: " + note)]  # the log, once
+
+
+def test_folder_loader_loads_subfolders_with_distinct_names_unless_told_not_to(pack, input_dir, caplog):
+    """2 photos at the top, 2 in subfolders with the same file name: 4 images, named by their path under the folder
+    (as the command line names its outputs), so two x.png never share a name; without recursion the 2 at the top,
+    and the node says it left 2 subfolders out."""
+    caplog.set_level(logging.INFO, logger="IconMatting")
+    folder = input_dir / "photos"
+    arrays = {"top1.png": pixels(10, 3, 4), "top2.png": pixels(11, 5, 2), "a/x.png": pixels(12, 2, 2), "b/x.png": pixels(13, 4, 4)}
+    for name, array in arrays.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        save_png(folder / name, array)
+    node = pack.target_nodes.IconMattingLoadImageFolder
+    out = node.execute("photos")
+    images, names = out.result
+    assert names == ["top1", "top2", "a/x", "b/x"]
+    for image, name in zip(images, ["top1.png", "top2.png", "a/x.png", "b/x.png"]):
+        assert torch.equal(image[0], torch.from_numpy(arrays[name]).float() / 255), name
+    assert out.ui == {"text": ["Found 4 image(s) in 'photos' (2 in subfolders); loaded 4."], "iconmatting_warning": [False]}
+    flat = node.execute("photos", False)
+    assert flat.result[1] == ["top1", "top2"]
+    assert flat.ui["text"] == ["Found 2 image(s) in 'photos'; loaded 2. 2 subfolder(s) not searched (recursive is off)."]
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+    assert len(node.fingerprint_inputs("photos")) == 4 and len(node.fingerprint_inputs("photos", False)) == 2
+
+
+def test_folder_loader_names_what_it_left_out_and_refuses_a_folder_with_images_only_below(pack, input_dir):
+    folder = input_dir / "photos"
+    (folder / "deeper").mkdir(parents=True)
+    save_png(folder / "deeper" / "a.png", pixels(14, 2, 2))
+    (folder / "clip.mp4").write_bytes(b"not decoded")
+    (folder / "notes.txt").write_text("x")
+    (folder / "deeper" / "more.txt").write_text("x")
+    node = pack.target_nodes.IconMattingLoadImageFolder
+    out = node.execute("photos")
+    assert out.result[1] == ["deeper/a"]
+    assert out.ui["text"] == ["Found 1 image(s) in 'photos' (1 in subfolders); loaded 1. Left out 3 file(s) that are not "
+                              "images: .mp4 x1, .txt x2."]
+    with pytest.raises(FileNotFoundError) as info:
+        node.execute("photos", False)
+    assert str(info.value) == ("Image folder 'photos' holds no images at its top level, only in subfolders. Turn "
+                               "recursive on to load them.")
+
+
+def test_a_folder_past_the_limit_says_the_command_line_is_the_tool_with_the_command(pack, input_dir, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(pack.target_nodes, "COMMAND_LINE_FROM", 3)
+    folder = input_dir / "catalogue"
+    folder.mkdir()
+    for i in range(3):
+        save_png(folder / f"p{i}.png", pixels(20 + i, 2, 2))
+    out = pack.target_nodes.IconMattingLoadImageFolder.execute("catalogue")
+    text = out.ui["text"][0]
+    assert text.startswith("Found 3 image(s) in 'catalogue'; loaded 3. 3 images: for a folder this size the command "
+                           "line is the tool")
+    models, output = folder_paths.models_dir, folder_paths.get_output_directory()
+    command = (f"python {pack.target_nodes.PACK_DIR}/iconmatting.py matte --context "
+               f"{folder_paths.get_folder_paths('iconmatting_contexts')[0]}/reference_context.safetensors --targets {folder} "
+               f"--out {output}/iconmatting --sd {folder_paths.get_folder_paths('checkpoints')[0]}/"
+               f"v2-1_768-ema-pruned.safetensors --matting-weights {models}/iconmatting/icm.ckpt")
+    assert text.endswith(command), text
+    assert out.ui["iconmatting_warning"] == [True]
+    two = pack.target_nodes.IconMattingLoadImageFolder.execute  # under the limit: no hint, no warning
+    (folder / "p2.png").unlink()
+    assert two("catalogue").ui == {"text": ["Found 2 image(s) in 'catalogue'; loaded 2."], "iconmatting_warning": [False]}
 
 
 def test_folder_loader_fails_only_when_no_file_can_be_read(pack, input_dir):
@@ -144,11 +236,21 @@ def test_folder_is_read_again_when_a_file_changes_even_at_the_same_size(pack, in
 
 
 # --- Encode Reference, Save Context, Load Context -------------------------------------------------------
+def test_fixed_choices_are_combos_the_host_checks_itself(pack):
+    """A combo typed by its options (as hosts check them: tests/test_comfy_pack.py sends wrong values), with no
+    validate_inputs of the node naming them (the host would report its message under every input it names)."""
+    encode = pack.context_nodes.IconMattingEncodeReference
+    match = pack.target_nodes.IconMattingMatchTargets
+    required = encode.INPUT_TYPES()["required"]
+    assert required["guidance"][0] == ["mask", "scribble"] and required["resize_mode"][0] == ["pad", "stretch"]
+    assert match.INPUT_TYPES()["required"]["resize_mode"][0] == ["pad", "stretch"]
+    assert required["resize_mode"][1]["default"] == "pad" and required["resize_mode"][1]["advanced"] is True
+    for node in (encode, match):
+        assert "validate_inputs" not in vars(node)
+
+
 def test_encode_refuses_unknown_combo_values_naming_the_input(pack, host_model):
     node = pack.context_nodes.IconMattingEncodeReference
-    assert "guidance must be one of mask, scribble; got 'points'" in node.validate_inputs("points", "pad")
-    assert "resize_mode must be one of pad, stretch; got 'crop'" in node.validate_inputs("mask", "crop")
-    assert node.validate_inputs("scribble", "stretch") is True and node.validate_inputs() is True
     image, mask = make_reference(64, 96)
     with pytest.raises(ValueError, match="guidance must be one of"):
         node.execute(host_model, image[None], mask[None], "points")
@@ -171,7 +273,33 @@ def test_save_context_never_overwrites_a_saved_context(pack, host_model, context
     assert sorted(p.name for p in context_dir.iterdir()) == ["my_ref.safetensors", "my_ref_00001.safetensors",
                                                               "my_ref_00002.safetensors"]
     assert node.execute(host_model, first, "  ").ui["text"] == ["Saved reference_context.safetensors"]
-    assert node.execute(host_model, first, "../../escape").ui["text"] == ["Saved escape.safetensors"]
+
+
+def test_save_context_keeps_subfolders_and_load_context_lists_them(pack, host_model, context_dir, contexts):
+    save, load = pack.context_nodes.IconMattingSaveContext, pack.context_nodes.IconMattingLoadContext
+    assert save.validate_inputs("products/shoes/red") is True
+    assert save.execute(host_model, contexts[0], "products/shoes/red").ui["text"] == ["Saved products/shoes/red.safetensors"]
+    assert save.execute(host_model, contexts[1], "products\\shoes\\red").ui["text"] == [
+        "Saved products/shoes/red_00001.safetensors"]  # either slash, never overwritten
+    assert save.execute(host_model, contexts[1], "products/").ui["text"] == ["Saved products/reference_context.safetensors"]
+    assert (context_dir / "products" / "shoes" / "red.safetensors").is_file()
+    listed = load.define_schema().inputs[1].options
+    assert listed == ["products/reference_context.safetensors", "products/shoes/red.safetensors",
+                      "products/shoes/red_00001.safetensors"]
+    loaded = load.execute(host_model, "products/shoes/red_00001.safetensors").result[0]
+    assert torch.equal(loaded.tokens, contexts[1].tokens)
+
+
+@pytest.mark.parametrize("name, why", [("../escape", "leaves"), ("a/../../escape", "leaves"), ("..\\escape", "leaves"),
+                                       ("/tmp/escape", "is an absolute path"), ("C:\\escape", "is an absolute path")])
+def test_save_context_refuses_names_outside_the_contexts_folder(pack, host_model, context_dir, contexts, name, why):
+    node = pack.context_nodes.IconMattingSaveContext
+    message = node.validate_inputs(name)
+    assert message.startswith(f"The file name '{name}' {why}") and "ComfyUI/models/iconmatting_contexts" in message
+    with pytest.raises(ValueError) as info:
+        node.execute(host_model, contexts[0], name)
+    assert str(info.value) == message
+    assert not context_dir.exists() or list(context_dir.rglob("*.safetensors")) == []
 
 
 def test_load_context_errors_name_the_nodes_not_the_command_line(pack, host_model, context_dir, contexts):
@@ -228,12 +356,6 @@ def test_match_preview_spans_the_whole_heat_ramp(matched):
     flat = ((preview - 0.4 * target[0]) / 0.6).reshape(-1, 3)
     for end in ([1.0, 0.0, 0.0], [0.0, 0.0, 0.3]):
         assert (flat - torch.tensor(end)).abs().sum(1).min() < 1e-4, end
-
-
-def test_match_refuses_an_unknown_resize_mode(pack, host_model):
-    node = pack.target_nodes.IconMattingMatchTargets
-    assert node.validate_inputs(["crop"]) == "resize_mode must be one of pad, stretch; got 'crop'."
-    assert node.validate_inputs(["stretch"]) is True and node.validate_inputs() is True
 
 
 def test_match_refuses_unknown_modes_and_what_is_no_context_in_so_many_words(pack, host_model, contexts, matched):
@@ -309,12 +431,11 @@ def test_a_head_for_other_unet_widths_is_refused_in_one_line(pack):
     pack.model_nodes.head_fits_model((128, 128), None, "ok.safetensors")  # not a UNet: the extractor says why
 
 
-def test_a_patched_model_is_warned_about_on_the_node(pack, shown):
+def test_the_patched_model_warning_has_one_text(pack):
     assert pack.model_nodes.patches_warning(types.SimpleNamespace(patches={})) is None
-    warning = pack.model_nodes.patches_warning(types.SimpleNamespace(patches={"a": 1, "b": 2}))
-    assert "2 weight patches" in warning and "LoRA" in warning
-    pack.common.show_on_node(warning)
-    assert shown == [("17", warning)]
+    assert pack.model_nodes.patches_warning(types.SimpleNamespace(patches={"a": 1, "b": 2})) == (
+        "The MODEL carries 2 weight patches (e.g. a LoRA). IconMatting was trained on plain SD 2.1 features: connect "
+        "Load Checkpoint's MODEL directly for faithful mattes.")
 
 
 def test_a_missing_file_at_execution_is_one_line_with_the_hint(pack, context_dir):

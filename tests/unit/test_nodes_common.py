@@ -1,8 +1,6 @@
 """What the nodes share (nodes/common.py), fast: model folders, schema compatibility, messages, progress,
 list inputs and progress text, each checked against values written out here."""
 import logging
-import sys
-import types
 
 import pytest
 import torch
@@ -65,8 +63,6 @@ def test_nodes_share_the_category_and_the_types_between_them(pack):
     assert {n.define_schema().category for n in pack.iconmatting_nodes.NODES} == {"IconMatting"}
     assert (pack.common.ModelType.io_type, pack.common.ContextType.io_type, pack.common.MatchType.io_type) == (
         "ICONMATTING_MODEL", "ICONMATTING_CONTEXT", "ICONMATTING_MATCH")
-    words = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal", "in-context matting"]
-    assert pack.common.ALIASES == words
 
 
 def test_advanced_inputs_use_the_hosts_own_flag_or_the_extra_dict(pack):
@@ -141,22 +137,10 @@ def test_one_is_the_single_value_of_a_list_input(pack):
     assert pack.common.one(8) == 8 and pack.common.one("ab") == "ab"
 
 
-def test_show_on_node_logs_and_sends_only_from_a_running_node(pack, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="IconMatting")
-    monkeypatch.delitem(sys.modules, "server", raising=False)
-    pack.common.show_on_node("no server")
-    assert [(r.name, r.getMessage()) for r in caplog.records] == [("IconMatting", "IconMatting: no server")]
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace())  # a host without progress text
-    monkeypatch.setitem(sys.modules, "server", server)
-    from comfy_execution.utils import CurrentNodeContext
-
-    with CurrentNodeContext("prompt", "3"):
-        pack.common.show_on_node("old host")
-    sent = []
-    server.PromptServer.instance.send_progress_text = lambda text, node_id: sent.append((node_id, text))
-    pack.common.show_on_node("no node running")
-    assert sent == []
-    with CurrentNodeContext("prompt", "4"):
-        pack.common.show_on_node("shown")
-    assert sent == [("4", "shown")] and len(caplog.records) == 4
+def test_a_node_note_is_its_ui_text_and_one_log_line(pack, caplog):
+    caplog.set_level(logging.INFO, logger="IconMatting")
+    assert pack.common.node_note("3 images found.") == {"text": ["3 images found."], "iconmatting_warning": [False]}
+    assert pack.common.node_note("2 files skipped.", warning=True) == {"text": ["2 files skipped."],
+                                                                      "iconmatting_warning": [True]}
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("IconMatting", "INFO", "IconMatting: 3 images found."), ("IconMatting", "WARNING", "IconMatting: 2 files skipped.")]

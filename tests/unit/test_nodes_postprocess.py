@@ -62,14 +62,18 @@ def test_composite_output_has_the_cut_out_size_and_the_background_covers_it():
     assert torch.allclose(composite_over(rgba, background)[..., 0], torch.tensor([[0.1, 0.2], [0.5, 0.6]]))
 
 
-def test_backgrounds_pair_one_for_all_or_one_each():
-    assert pair_backgrounds(3, 1) == [0, 0, 0]
-    assert pair_backgrounds(3, 3) == [0, 1, 2]
-    assert pair_backgrounds(2, 2) == [0, 1]
-    assert pair_backgrounds(1, 1) == [0]
-    with pytest.raises(ValueError) as info:
-        pair_backgrounds(3, 2)
-    assert str(info.value) == "Got 2 backgrounds for 3 cut-outs. Give 1 background, or one per cut-out."
+def test_backgrounds_pair_one_for_all_one_over_all_or_one_each():
+    assert pair_backgrounds(3, 1) == [(0, 0), (1, 0), (2, 0)]
+    assert pair_backgrounds(1, 4) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # a product over 4 backgrounds
+    assert pair_backgrounds(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert pair_backgrounds(1, 1) == [(0, 0)]
+    for cutouts, backgrounds in ((3, 2), (2, 3)):
+        with pytest.raises(ValueError) as info:
+            pair_backgrounds(cutouts, backgrounds)
+        assert str(info.value) == (f"Got {cutouts} cut-outs and {backgrounds} backgrounds. Give 1 background for all "
+                                   "cut-outs, 1 cut-out for all backgrounds, or one background per cut-out (in order).")
+    with pytest.raises(ValueError, match=r"^Got 0 cut-outs and 2 backgrounds\. Connect at least one of each\.$"):
+        pair_backgrounds(0, 2)
 
 
 def test_preview_blends_the_image_with_the_min_max_normalised_heat_map():

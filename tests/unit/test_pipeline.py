@@ -221,3 +221,23 @@ def test_one_precision_rule_for_auto(monkeypatch, tiny_dir):
     assert pl.load_model(tiny_dir / "head.safetensors", tiny_dir / "sd").dtype == torch.float32  # for the CPU
     with pytest.raises(FloatingPointError, match=r"matting head overflowed in torch.float16 \(NaN/inf\): load IconMatting in fp32 or bf16"):
         pl._check_finite(torch.tensor([float("nan")]), "matting head", torch.float16)
+
+
+def test_matte_checks_every_target_once_and_prepares_it_once(pipe, monkeypatch):
+    """matte() over 3 targets: each image is checked once (before any model work) and brought to the model's
+    input once, for matching and decoding alike (decode alone prepares again: its MatchResult keeps only the
+    sources); the alphas stay those of match + decode."""
+    from iconmatting_core import pipeline, preprocess
+
+    context = pipe.encode_reference(*make_reference())
+    targets = list(make_targets(3, 40, 56))
+    expected = pipe.decode(pipe.match(context, targets), chunk_size=1)  # matte's chunks: one target
+    checked, prepared = [], []
+    to_rgb, prepare_image = preprocess.to_rgb, preprocess.prepare_image
+    monkeypatch.setattr(pipeline.pre, "to_rgb", lambda img, name="image": checked.append(name) or to_rgb(img, name))
+    monkeypatch.setattr(pipeline.pre, "prepare_image", lambda *a, **k: prepared.append(1) or prepare_image(*a, **k))
+    alphas = pipe.matte(context, targets)
+    assert sorted(set(checked)) == ["target image 0", "target image 1", "target image 2"]
+    assert len(prepared) == 3
+    assert checked.count("target image 1") == 2  # the check, then the conversion that prepares it
+    assert all(torch.equal(a, b) for a, b in zip(alphas, expected))
