@@ -28,7 +28,9 @@ is defined at the module's top level (a def, class, assignment or import, also i
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -184,6 +186,9 @@ class ImportChecker:
                                           "folder on no path)")]
         if where.kind != "core" and self._comfy(dotted):  # the pack, and scripts run inside ComfyUI
             return []
+        if where.kind != "core" and self._comfy([top]) and not optional:
+            return [self._say(path, node, f"{module} is neither ours, ComfyUI's nor installed (ComfyUI has no such "
+                                          f"module; an optional one belongs in a try/except ImportError)")]
         if where.kind != "pack":
             base = next((b for b in where.search if (b / top).is_dir() or (b / f"{top}.py").is_file()), None)
             if base is not None:  # ours (or, for a script, a module of its own sys.path)
@@ -201,9 +206,13 @@ class ImportChecker:
 
     @staticmethod
     def _installed(module: str) -> bool:
-        """An installed top-level package or module (found without importing anything)."""
+        """An installed top-level package or module (found on sys.path without importing anything; a stand-in
+        another test left in sys.modules does not count)."""
+        top = module.split(".")[0]
+        if top in sys.builtin_module_names:
+            return True
         try:
-            return importlib.util.find_spec(module.split(".")[0]) is not None
+            return importlib.machinery.PathFinder.find_spec(top) is not None
         except (ImportError, ValueError):
             return False
 
