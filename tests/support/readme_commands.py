@@ -263,7 +263,7 @@ def _is_inline_command(span: str) -> bool:
     elif words[0] in PYTHONS:
         return bool(rest) and rest[0].endswith(".py")
     if words[0] == "torchrun":
-        return True
+        return len(words) > 1  # a bare `torchrun` is a mention
     # `python -m iconmatting_core`, `iconmatting ...`, `python -m iconmatting_core matte`: mentions
     return len([w for w in rest if w != ELLIPSIS]) >= 2
 

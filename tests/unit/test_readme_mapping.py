@@ -195,7 +195,7 @@ def test_inline_commands_mentions_and_duplicates(tmp_path):
         ```
 
         Run `python -m iconmatting_core` from the pack's folder; `iconmatting ...` takes the same commands
-        as `python -m iconmatting_core matte`; for clips, `python -m iconmatting_core matte --context
+        as `python -m iconmatting_core matte` (under `torchrun` too); for clips, `python -m iconmatting_core matte --context
         ref_context.safetensors --targets clip.mp4 --out mattes/`; measure with `python benchmarks/benchmark.py`.
         """)
     assert [p.id for p in plans] == ["README.md:3", "README.md:7", "README.md:8"]
