@@ -8,21 +8,16 @@ import pytest
 import torch
 
 from conftest import make_reference, make_targets
-from iconmatting_core.features import PassStop, SelfAttentionLayer, plan_stops
+from iconmatting_core.features import PassStop, plan_stops
 from iconmatting_core.pipeline import IconMattingPipeline, build_model
 from iconmatting_core.sd_features import SDFeatureExtractor, unet_layout
 from iconmatting_core.sd_loading import load_sd_components
-from tiny_models import tiny_config, tiny_head
+from tiny_models import SD_SELF_ATTENTION_LAYOUT, tiny_config, tiny_head
 
 #: passes that run the whole UNet (the reference point of the stopped ones)
 WHOLE_UNET = {False: PassStop(None, None), True: PassStop(None, None)}
 
-#: SD 2.1's self-attention layers in run order, from its architecture: three down blocks with two transformer
-#: blocks each (levels 0, 1, 2), a down block without, the mid block's one (level 3), an up block without, then
-#: three up blocks with three each (levels 2, 1, 0), after one, two and three up blocks have given their output
-SD_LAYOUT = ([SelfAttentionLayer(0, 0)] * 2 + [SelfAttentionLayer(1, 0)] * 2 + [SelfAttentionLayer(2, 0)] * 2
-             + [SelfAttentionLayer(3, 0)] + [SelfAttentionLayer(2, 1)] * 3 + [SelfAttentionLayer(1, 2)] * 3
-             + [SelfAttentionLayer(0, 3)] * 3)
+SD_LAYOUT = SD_SELF_ATTENTION_LAYOUT  # the tiny UNet keeps SD 2.1's
 
 
 @pytest.fixture()
