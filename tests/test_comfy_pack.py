@@ -171,7 +171,7 @@ def test_models_are_managed_by_comfyui(comfy_run):
     result, _, _ = comfy_run
     loaded = result["prompts"][0]["models"]
     classes = loaded["model_classes"]
-    assert any(c.endswith("HostIconMattingModel") for c in classes)  # the head, with its own patcher
+    assert any(c.endswith("IconMattingHead") for c in classes)  # the head, with its own patcher
     assert any("model_base" in c for c in classes)  # the host's SD UNet (a clone of the user's MODEL)
     assert result["models_after_unload_all"]["count"] == 0
 
@@ -215,6 +215,7 @@ def test_native_passes_stop_where_the_unet_layout_says_from_the_first_on(comfy_r
     assert out["stops"] == {"False": [None, 1], "True": [10, None]}
     assert out["counts_after_reference"] == {"up block 2": 0, "last feed-forward": 0, "upsampler": 0}
     assert out["counts_after_targets"] == {"up block 2": 2, "last feed-forward": 0, "upsampler": 0}
+    assert out["counts_after_a_whole_pass"] == {"up block 2": 3, "last feed-forward": 1, "upsampler": 1}
 
 
 def test_wrappers_with_except_exception_around_the_unet_let_the_native_stop_through(comfy_run):

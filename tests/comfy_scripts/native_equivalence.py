@@ -242,7 +242,8 @@ def _early_stop(host, model, clip, vae, head, images, f_native, reference_pipe):
            "diffusers_layout": [list(x) for x in sd_features.unet_layout(reference_pipe.model.extractor.unet)],
            "stops": {str(k): list(v) for k, v in fresh.extractor.stops.items()}}
     pipe = fresh.pipeline()
-    counts, remove = _counting({"up block 2": unet.output_blocks[up_ends[1] + 1], "last feed-forward": last_ff,
+    # ComfyUI runs a block's layers one by one (not the block's own forward): up block 2 starts with its first layer
+    counts, remove = _counting({"up block 2": unet.output_blocks[up_ends[1] + 1][0], "last feed-forward": last_ff,
                                 "upsampler": upsampler})
     ref_image = torch.rand(64, 80, 3, generator=torch.Generator().manual_seed(3))
     ref_mask = torch.zeros(64, 80)
@@ -252,6 +253,13 @@ def _early_stop(host, model, clip, vae, head, images, f_native, reference_pipe):
         out["counts_after_reference"] = dict(counts)
         pipe.matte(context, [ref_image, ref_image.flip(0)], chunk_size=1)
         out["counts_after_targets"] = dict(counts)
+        planned, whole = fresh.extractor.stops, _pack_module(".iconmatting_core.features").PassStop(None, None)
+        fresh.extractor.stops = {False: whole, True: whole}  # the counters do see those modules run
+        try:
+            fresh.extractor(images[:1], seed=5)
+        finally:
+            fresh.extractor.stops = planned
+        out["counts_after_a_whole_pass"] = dict(counts)
     finally:
         remove()
 
