@@ -95,8 +95,9 @@ class IconMattingOnHost:
     def load_weights(self, state: Dict[str, torch.Tensor]) -> None:
         """The trained head's weights (``state``, with its BatchNorms, as ``read_head_weights`` gives them),
         folded into the head (strict: every key must fit)."""
-        trained = IconMattingHead(self.model.config)
-        trained.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # the trained layout around the file's own tensors: nothing allocated twice
+            trained = IconMattingHead(self.model.config)
+        trained.load_state_dict(state, strict=True, assign=True)
         self.model.weights_fingerprint = model_fingerprint(trained, self.extractor)
         head = self.model.head
         dtypes = {k: v.dtype for k, v in head.state_dict().items()}
