@@ -12,7 +12,7 @@ the pass (:meth:`~.features.FeatureExtractor.unet_up_features`).
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ def _self_attention_modules(module: nn.Module):
     return [m for name, m in module.named_modules() if name.endswith("attn1") and hasattr(m, "processor")]
 
 
-def unet_layout(unet: nn.Module):
+def unet_layout(unet: nn.Module) -> List[SelfAttentionLayer]:
     """A diffusers UNet2DConditionModel's self-attention layers that an extractor records, in run order
     (see :data:`~.features.UNetLayout`): down blocks (each halving the latent after its layers if it
     has a downsampler), the mid block, then up blocks (each doubling it after its output)."""
