@@ -175,16 +175,17 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     import comfy.sd
 
     host = _pack(".nodes.host_model")
-    pipeline, checkpoint, sd_loading = (_pack(".iconmatting_core." + m) for m in ("pipeline", "checkpoint", "sd_loading"))
+    pipeline, checkpoint, sd_loading, precision = (_pack(".iconmatting_core." + m)
+                                                   for m in ("pipeline", "checkpoint", "sd_loading", "precision"))
     ref, mask, targets, x, lat, prompt, head_path, comfy_vae = inputs
     ens, n, repeats, measure = a["ensemble"], a["targets"], a["repeats"], a.get("measure", "both")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    dtype = precision.DTYPES[dtype_name]
     model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=comfy_vae is None, output_clip=False,
                                                            model_options={"dtype": dtype})[:3]
     if comfy_vae is not None:  # the small VAE: ComfyUI's loader detects only the real one's sizes
         cvae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")},
                             config=comfy_vae)
-    native = host.IconMattingOnHost(model, None, cvae, head_path, dtype_name)
+    native = host.load_on_host(model, None, cvae, head_path, dtype_name)
     sdc = sd_loading.SDComponents(_copy_to(unet, device, dtype), _copy_to(vae, device, dtype), prompt)
     reference = pipeline.IconMattingPipeline(
         pipeline.build_model(sdc, checkpoint.load_head(head_path)[0]).to(device=device, dtype=dtype))
@@ -202,17 +203,13 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
         _sync(device)
         return time.perf_counter() - t
 
-    def floor_diffusers():
-        ext_d._stop_after = 99  # the whole UNet, as a plain SD forward
-        try:
-            _sync(device)
-            t = time.perf_counter()
-            ext_d.posterior(x)
-            ext_d.unet(lat.to(device, dtype), 200, encoder_hidden_states=prompt.expand(ens, -1, -1).to(device, dtype))
-            _sync(device)
-            return time.perf_counter() - t
-        finally:
-            ext_d._stop_after = 2
+    def floor_diffusers():  # the whole UNet, as a plain SD forward: the extractor's hooks act only in its own passes
+        _sync(device)
+        t = time.perf_counter()
+        ext_d.posterior(x)
+        ext_d.unet(lat.to(device, dtype), 200, encoder_hidden_states=prompt.expand(ens, -1, -1).to(device, dtype))
+        _sync(device)
+        return time.perf_counter() - t
 
     with torch.no_grad():
         paths = {"native": (floor_native, native.pipeline), "diffusers": (floor_diffusers, lambda: reference)}

@@ -28,11 +28,10 @@ from .sd_features import SDFeatureExtractor
 from .matching import MatchResult, match_features
 from .matting_head import IconMattingHead
 from .postprocess import rgba_cutout
+from .precision import resolve_dtype
 from .sd_loading import load_sd_components
 
 Progress = Optional[Callable[[int, int], None]]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BF16_MIN_COMPUTE_CAPABILITY = 8  # Ampere: native bfloat16 matrix units
 
 
 class IconMattingModel(nn.Module):
@@ -59,6 +58,12 @@ class IconMattingModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def fingerprint(self) -> str:
+        """The signature of the head and SD weights in use (``context_file.model_fingerprint``)."""
+        from .context_file import model_fingerprint
+
+        return model_fingerprint(self.head, self.extractor)
+
     def close(self) -> None:
         """Give the SD modules back as they were (see :meth:`SDFeatureExtractor.close`)."""
         close = getattr(self.extractor, "close", None)
@@ -70,26 +75,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """The precision to run in on ``device``: "fp32", "fp16", "bf16", a torch dtype, or "auto".
-
-    The one rule for "auto" (the default of :func:`load_model`, :func:`load_pipeline` and the
-    command line): bfloat16 on a CUDA GPU that computes in it natively (compute capability 8.0 or
-    newer), float32 everywhere else. Never float16 unasked: SD 2.1's UNet can overflow in it, and
-    an overflow (NaN/inf) stops with an error recommending exactly these two, fp32 or bf16.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= BF16_MIN_COMPUTE_CAPABILITY:
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
@@ -136,13 +121,11 @@ class IconMattingPipeline:
 
     @property
     def fingerprint(self) -> str:
-        """Signature of the head and SD weights (``context_file.model_fingerprint``), computed once per
+        """Signature of the head and SD weights (:meth:`IconMattingModel.fingerprint`), computed once per
         dtype; a saved context records it and only loads with the same weights (``same_weights``)."""
-        from .context_file import model_fingerprint
-
         cached = getattr(self, "_fingerprint", None)
         if cached is None or cached[0] != self.model.dtype:
-            cached = (self.model.dtype, model_fingerprint(self.model.head, self.model.extractor))
+            cached = (self.model.dtype, self.model.fingerprint())
             self._fingerprint = cached
         return cached[1]
 
@@ -307,7 +290,7 @@ def load_model(
     device: Union[str, torch.device] = "cpu",
 ) -> IconMattingModel:
     """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to ``device``, where it
-    will run: "auto" precision is resolved for that device, see :func:`resolve_dtype`)."""
+    will run: "auto" precision is resolved for that device, see :func:`.precision.resolve_dtype`)."""
     dtype = resolve_dtype(dtype, resolve_device(device))
     head, empty_prompt = load_head(matting_weights, config)
     sd = load_sd_components(sd_path, dtype)
@@ -323,6 +306,6 @@ def load_model(
 
 def load_pipeline(matting_weights, sd_path, device="auto", dtype="auto", config=None) -> IconMattingPipeline:
     """Load everything and move it to ``device`` ("auto": CUDA when available) in ``dtype``
-    ("auto": bf16 on a GPU with native bfloat16, else fp32, see :func:`resolve_dtype`; or fp32/fp16/bf16)."""
+    ("auto": bf16 on a GPU with native bfloat16, else fp32, see :func:`.precision.resolve_dtype`; or fp32/fp16/bf16)."""
     dev = resolve_device(device)
     return IconMattingPipeline(load_model(matting_weights, sd_path, dtype, config, device=dev).to(dev))

@@ -143,14 +143,13 @@ class IconMattingSaveContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, iconmatting_model, context, filename):
-        from ..iconmatting_core.context_file import model_fingerprint, save_context
+        from ..iconmatting_core.context_file import save_context
 
         folder = folder_paths.get_folder_paths(CONTEXT_FOLDER)[0]
         name = free_context_name(folder, filename)
         path = os.path.join(folder, *name.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_context(path, context, model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor),
-                     {"resize_mode": context.resize_mode})
+        save_context(path, context, iconmatting_model.model.fingerprint(), {"resize_mode": context.resize_mode})
         return io.NodeOutput(ui={"text": [f"Saved {name}"]})
 
 
@@ -188,10 +187,10 @@ class IconMattingLoadContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, iconmatting_model, context_file):
-        from ..iconmatting_core.context_file import load_context, model_fingerprint
+        from ..iconmatting_core.context_file import load_context
 
         path = full_path(CONTEXT_FOLDER, context_file, f"Save one with {SAVE_NODE} first.")
-        expected = model_fingerprint(iconmatting_model.model.head, iconmatting_model.extractor)
+        expected = iconmatting_model.model.fingerprint()
         try:
             return io.NodeOutput(load_context(path, expected_fingerprint=expected))
         except ContextFileError as exc:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from comfy_harness import assert_one_matte_per_target, comfy_job, host_job, link_file
+from tiny_models import SD_SELF_ATTENTION_LAYOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
@@ -178,7 +179,7 @@ def test_pack_registers_v3_nodes_with_tooltips_in_pipeline_order(comfy_run):
     assert names == sorted(names)  # the node library lists them in pipeline order
     loader = pack["object_info"]["IconMattingLoad"]["input"]["required"]
     assert combo_options(loader["matting_model"]) == [HEAD_FILE]
-    assert "auto: fp32 on the CPU" in loader["dtype"][1]["tooltip"]
+    assert "else fp32; never fp16 unless chosen" in loader["dtype"][1]["tooltip"]
 
 
 def test_batch_workflow_mattes_photos_of_different_sizes_on_the_host_sd2(comfy_run):
@@ -195,7 +196,7 @@ def test_models_are_managed_by_comfyui(comfy_run):
     result, _, _ = comfy_run
     loaded = result["prompts"][0]["models"]
     classes = loaded["model_classes"]
-    assert any(c.endswith("HostIconMattingModel") for c in classes)  # the head, with its own patcher
+    assert any(c.endswith("IconMattingHead") for c in classes)  # the head, with its own patcher
     assert any("model_base" in c for c in classes)  # the host's SD UNet (a clone of the user's MODEL)
     assert result["models_after_unload_all"]["count"] == 0
 
@@ -225,8 +226,42 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     assert unet["up0"] <= 1e-5 * scale and unet["up1"] <= 1e-5 * scale and unet["attention"] <= 1e-5, unet
     assert out["alpha_shapes"] == [[90, 60], [64, 100]]
     # on the CPU the pack encodes with torch SDPA where ComfyUI's VAE has its split attention, and leaves that in place
-    assert out["vae_attention"] == {"pack": ["pytorch_attention"], "host": ["normal_attention"]}, out["vae_attention"]
-    assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["clone_has_patches"]
+    assert out["vae_attention"] == {"pack": "sdpa_over_pixels", "host": ["normal_attention"]}, out["vae_attention"]
+    assert out["user_model_bit_equal"] and out["user_model_options_unchanged"] and out["patcher_options_untouched"]
+    assert out["fingerprints_match"]  # a context saved here loads on the command line, and back (the head is folded here)
+
+
+def test_native_passes_stop_where_the_unet_layout_says_from_the_first_on(comfy_run):
+    """From a fresh Load: a reference's pass ends at up block 1's output (up block 2 never starts), and every
+    target's pass, the first included, right after the last recorded layer (up block 2's last feed-forward and
+    upsampler never run). The layout read off ComfyUI's UNet is diffusers' and SD 2.1's."""
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out["layout"] == [list(x) for x in SD_SELF_ATTENTION_LAYOUT] == out["diffusers_layout"]
+    assert out["stops"] == {"False": [None, 1], "True": [10, None]}
+    assert out["counts_after_reference"] == {"up block 2": 0, "last feed-forward": 0, "upsampler": 0}
+    assert out["counts_after_targets"] == {"up block 2": 2, "last feed-forward": 0, "upsampler": 0}
+    assert out["counts_after_a_whole_pass"] == {"up block 2": 3, "last feed-forward": 1, "upsampler": 1}
+
+
+def test_wrappers_with_except_exception_around_the_unet_let_the_native_stop_through(comfy_run):
+    """Another extension's wrappers around ComfyUI's UNet (a fallback) and its transformer blocks (a re-raise as
+    its own error): neither fires, no error, the same features."""
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out.get("wrapped_error") is None and out["wrappers_fired"] == [], out
+    assert out["wrapped_diff"] == 0.0
+
+
+def test_the_native_passes_run_none_of_the_patches_on_the_users_model(comfy_run):
+    """Generation patches on the user's MODEL (an output-block patch, an attention replacement, a UNet wrapper)
+    are not run by the pack's passes (see nodes/native_features.py): the features of the plain MODEL."""
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out["patched_model_ran"] == [] and out["patched_model_diff"] == 0.0
+
+
+def test_nothing_of_the_users_model_and_vae_changes_before_during_or_after_a_run(comfy_run):
+    out = comfy_run[0]["scripts"][0]["result"]
+    assert out["snapshot_paths"] > 1000  # the walk reached the modules
+    assert out["changed_during_unet"] == [] and out["changed_during_vae"] == [] and out["changed_after"] == [], out
 
 
 def test_native_ensemble_runs_in_smaller_groups_when_memory_is_short_with_the_same_alpha(comfy_run):
@@ -248,6 +283,11 @@ def test_empty_prompt_under_the_default_fp16_text_encoder_equals_the_fp32_one(co
 def test_a_model_that_is_not_sd2_is_refused(comfy_run):
     message = comfy_run[0]["scripts"][0]["result"]["sd1_refused"]
     assert message and "not Stable Diffusion 2.x" in message and "v2-1_768-ema-pruned.safetensors" in message
+
+
+def test_a_feature_step_places_the_head_with_the_unet_and_the_vae(comfy_run):
+    """So that making room for one never offloads another the same step needs."""
+    assert comfy_run[0]["scripts"][0]["result"]["loaded_with_a_feature_step"] == ["head", "unet", "vae"]
 
 
 def test_the_head_runs_with_weights_cast_per_layer_as_in_partial_loading(comfy_run):

@@ -16,9 +16,19 @@ import torch
 
 from core_helpers import ours_to_reference
 from iconmatting_core.config import IconMattingConfig, load_sd_config
+from iconmatting_core.features import SelfAttentionLayer
 from iconmatting_core.matting_head import IconMattingHead
 
 TINY_IMAGE_SIZE = 128
+
+#: SD 2.1's self-attention layers in run order (``features.UNetLayout``), from its architecture, which the tiny
+#: UNets keep: three down blocks with two transformer blocks each (levels 0, 1, 2), a down block without, the
+#: mid block's one (level 3), an up block without, then three up blocks with three each (levels 2, 1, 0), after
+#: one, two and three up blocks have given their output
+SD_SELF_ATTENTION_LAYOUT = (
+    [SelfAttentionLayer(0, 0)] * 2 + [SelfAttentionLayer(1, 0)] * 2 + [SelfAttentionLayer(2, 0)] * 2
+    + [SelfAttentionLayer(3, 0)] + [SelfAttentionLayer(2, 1)] * 3 + [SelfAttentionLayer(1, 2)] * 3 + [SelfAttentionLayer(0, 3)] * 3
+)
 
 
 def tiny_unet_config() -> dict:

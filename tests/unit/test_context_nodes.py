@@ -7,12 +7,14 @@ import types
 import pytest
 import torch
 
+from iconmatting_core.context_file import model_fingerprint
+
 ENCODE, SAVE = "IconMatting 2 · Encode Reference", "IconMatting 2 · Save Context"
 MAKE_ONE = f"Encode the reference with {ENCODE} and save it with {SAVE}."
 
 
 def stand_in_model(seed=0):
-    """An ICONMATTING_MODEL as the context nodes use it: ``model.head`` and ``extractor`` (fingerprinted),
+    """An ICONMATTING_MODEL as the context nodes use it: ``model.fingerprint()`` (of ``model.head`` and ``extractor``),
     ``pipeline()`` (``encode_reference`` records its arguments in ``.encoded`` and returns "context")."""
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(3, 2)
@@ -27,8 +29,9 @@ def stand_in_model(seed=0):
         return "context"
 
     pipe = types.SimpleNamespace(encode_reference=encode_reference)
-    return types.SimpleNamespace(model=types.SimpleNamespace(head=head), extractor=types.SimpleNamespace(fingerprint_tensors=lambda: sd),
-                                 pipeline=lambda features=True: pipe, encoded=encoded)
+    extractor = types.SimpleNamespace(fingerprint_tensors=lambda: sd)
+    model = types.SimpleNamespace(head=head, fingerprint=lambda: model_fingerprint(head, extractor))
+    return types.SimpleNamespace(model=model, extractor=extractor, pipeline=lambda features=True: pipe, encoded=encoded)
 
 
 def hand_made_context(pack):

@@ -1,6 +1,6 @@
 """Node 1 (IconMatting 1 · Load) in pieces, fast: the UNet widths read from a stand-in ComfyUI UNet built
-of ComfyUI's own Upsample blocks, and ``execute`` over a stand-in IconMattingOnHost (the real load over
-a host's SD 2.1 runs in tests/host/test_comfy_pack.py)."""
+of ComfyUI's own Upsample blocks, ``execute`` over a stand-in for the load (the real load over a host's SD 2.1
+runs in tests/host/test_comfy_pack.py), and the head's precision from ComfyUI's hint."""
 import logging
 import types
 
@@ -59,7 +59,7 @@ def weights_dir(pack, tmp_path):
 
 @pytest.fixture()
 def loads(pack, monkeypatch):
-    """IconMattingOnHost replaced by a stand-in: the calls it got; ``loads.channels`` are the UNet widths
+    """The load (``host_model.load_on_host``) replaced by a stand-in: the calls it got; ``loads.channels`` are the UNet widths
     its head was built for, ``loads.error`` what it raises."""
     calls = []
     state = types.SimpleNamespace(calls=calls, channels=(96, 48), error=None)
@@ -71,7 +71,7 @@ def loads(pack, monkeypatch):
             calls.append(args)
             self.model = types.SimpleNamespace(config=types.SimpleNamespace(unet_feature_channels=list(state.channels)))
 
-    monkeypatch.setattr(pack.model_nodes, "IconMattingOnHost", Loaded)
+    monkeypatch.setattr(pack.model_nodes, "load_on_host", Loaded)
     return state
 
 
@@ -139,3 +139,35 @@ def test_load_of_missing_weights_names_the_folder_and_the_download(pack, weights
                      "the prompt). Download icm.ckpt (the IconMatting release, linked from "
                      "github.com/tiny-smart/in-context-matting) into ComfyUI/models/iconmatting/.")
     assert node.validate_inputs(3) == empty
+
+
+def test_the_load_nodes_dtype_choices_are_the_cores(pack):
+    import json
+
+    schema = pack.model_nodes.IconMattingLoad.define_schema()
+    (dtype,) = [i for i in schema.inputs if i.id == "dtype"]
+    assert list(dtype.options) == ["auto", "fp32", "fp16", "bf16"] and dtype.default == "auto"
+    assert "never fp16 unless chosen" in json.dumps(dtype.tooltip)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_heads_auto_precision_is_the_core_rule_with_comfyuis_hint(pack, monkeypatch, bf16, expected):
+    """auto: bf16 where ComfyUI says the device computes it natively, else fp32; never fp16, even where ComfyUI
+    would run a UNet in fp16."""
+    import importlib
+
+    host = importlib.import_module(pack.model_nodes.__package__ + ".host_model")
+    asked = []
+    monkeypatch.setattr(host.mm, "should_use_fp16", lambda *a, **k: True)
+    monkeypatch.setattr(host.mm, "should_use_bf16", lambda device=None, *a, **k: asked.append(str(device)) or bf16)
+    assert host.head_dtype("auto", torch.device("cuda:1")) == expected
+    assert asked == ["cuda:1"]
+    assert [host.head_dtype(c, torch.device("cuda:1")) for c in ("fp32", "fp16", "bf16")] == [
+        torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_the_heads_auto_precision_on_the_cpu_is_fp32(pack):
+    import importlib
+
+    host = importlib.import_module(pack.model_nodes.__package__ + ".host_model")
+    assert host.head_dtype("auto", torch.device("cpu")) == torch.float32  # ComfyUI's own answer for the CPU

@@ -177,35 +177,6 @@ def test_reference_key_layout_is_the_released_one():
 
 # --- feature extraction ----------------------------------------------------------------------
 
-def test_recording_attention_leaves_unet_output_unchanged(pipe):
-    """Recorded layers compute their output from the recorded float32 probabilities (one attention
-    computation per layer): the UNet's output equals diffusers' own attention to float rounding."""
-    ext = pipe.model.extractor
-    unet = ext.unet
-    torch.manual_seed(0)
-    latents = torch.randn(2, 4, 16, 16)
-    cond = ext.empty_prompt_embedding.expand(2, -1, -1)
-    ext._stop_after = 99  # let the whole UNet run
-    learned, ext.recorder.layers_per_pass = ext.recorder.layers_per_pass, 0  # 0: no stop after the last recorded layer
-    try:
-        ext.recorder.reset(2, 1)
-        ext.recorder.active = False
-        plain = unet(latents, 200, encoder_hidden_states=cond).sample
-        ext.recorder.active = True
-        recorded = unet(latents, 200, encoder_hidden_states=cond).sample
-        maps = ext.recorder.maps()
-        layers = dict(ext.recorder.layers)
-    finally:
-        ext.recorder.active = False
-        ext._stop_after = 2
-        ext.recorder.layers_per_pass = learned
-    assert (plain - recorded).abs().max() <= 1e-5 * max(1.0, plain.abs().max().item())
-    assert layers == {r: 5 for r in pipe.config.attention_resolutions}  # SD's 2 down + 3 up blocks each
-    for r, m in maps.items():
-        assert m.shape == (2, r * r, r * r)
-        assert torch.allclose(m.sum(-1), torch.ones(2, r * r), atol=1e-5)  # rows are probabilities
-
-
 def test_recorded_layers_compute_attention_once(pipe, monkeypatch):
     """At a recorded resolution only the recorder attends (diffusers' processor is not run as well)."""
     ext = pipe.model.extractor
@@ -220,49 +191,6 @@ def test_recorded_layers_compute_attention_once(pipe, monkeypatch):
     ext(torch.zeros(1, 3, size, size), with_attention=True)
     recorded = {r * r for r in pipe.config.attention_resolutions}
     assert calls and not recorded & set(calls)
-
-
-def test_passes_after_the_first_stop_after_the_last_recorded_layer_with_the_same_features(pipe):
-    """The first pass with attention runs to the end of up block 2 and counts the recorded layers (10);
-    later ones stop right after the last of them: up block 2's upsampler and the last layer's
-    feed-forward no longer run, and features and maps are bitwise the same."""
-    ext, cfg = pipe.model.extractor, pipe.config
-    block = ext.unet.up_blocks[2]
-    runs = {"upsampler": 0, "last ff": 0}
-    hooks = [block.upsamplers[0].register_forward_hook(lambda *_: runs.__setitem__("upsampler", runs["upsampler"] + 1)),
-             block.attentions[-1].transformer_blocks[-1].ff.register_forward_hook(
-                 lambda *_: runs.__setitem__("last ff", runs["last ff"] + 1))]
-    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    learned = ext.recorder.layers_per_pass
-    try:
-        ext.recorder.layers_per_pass = None  # as a new extractor
-        whole = ext(x, seed=1)
-        assert runs == {"upsampler": 1, "last ff": 1} and ext.recorder.layers_per_pass == 10
-        stopped = ext(x, seed=1)
-        assert runs == {"upsampler": 1, "last ff": 1}
-        ext(x, seed=1, with_attention=False)  # a reference's pass ends after up block 1 as before
-        assert runs == {"upsampler": 1, "last ff": 1} and ext.recorder.layers_per_pass == 10
-    finally:
-        ext.recorder.layers_per_pass = learned
-        for h in hooks:
-            h.remove()
-    for a, b in zip(whole.up_features, stopped.up_features):
-        assert torch.equal(a, b)
-    assert whole.attention.keys() == stopped.attention.keys()
-    assert all(torch.equal(whole.attention[r], stopped.attention[r]) for r in whole.attention)
-
-
-def test_a_unet_whose_last_recorded_layer_runs_before_the_last_capture_never_stops_early(pipe, monkeypatch):
-    """If no recorded layer runs after up block 1's output is kept, stopping at the last one would lose
-    that output: the extractor learns 0 (never stop early) and every pass keeps giving both features."""
-    ext, cfg = pipe.model.extractor, pipe.config
-    monkeypatch.setattr(ext.recorder, "layers_per_pass", None)
-    monkeypatch.setattr(ext.recorder, "token_counts", {r * r: r for r in cfg.attention_resolutions[:1]})  # S/32: down 2, up 1
-    x = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
-    first = ext(x, seed=0)
-    assert ext.recorder.layers_per_pass == 0
-    second = ext(x, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(first.up_features, second.up_features))
 
 
 def test_feature_shapes_and_determinism(pipe):
@@ -437,7 +365,7 @@ def test_overflowing_features_are_an_error_not_a_nan_matte(pipe, monkeypatch):
         (images.shape[0] * pipe.config.ensemble_size, 4, pipe.config.image_size // 8, pipe.config.image_size // 8), float("inf")))
     with pytest.raises(FloatingPointError, match="fp32 or bf16"):
         ext(torch.zeros(1, 3, pipe.config.image_size, pipe.config.image_size))
-    assert ext._captured == {} and ext.recorder.sums == {}
+    assert ext._pass is None and ext.recorder.sums == {}
 
 
 def test_sd1_diffusers_folder_is_refused(tmp_path):
