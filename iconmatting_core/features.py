@@ -162,16 +162,17 @@ def noise_schedule(config: IconMattingConfig) -> Tuple[float, float]:
 
 
 class ChannelsLastConvolutions(TorchFunctionMode):
-    """While active (the extractor's own VAE encode and UNet pass), every 2-d convolution takes its input in
-    ``channels_last`` layout, whatever layout the module before it gave; the weights are left as they are (the
-    caller's or the host's modules are never converted: the kernel reorders them itself).
+    """While active (the extractor's own VAE encode), every 2-d convolution takes its input in ``channels_last``
+    layout, whatever layout the module before it gave; the weights are left as they are (the caller's or the
+    host's modules are never converted: the kernel reorders them itself).
 
-    Why: on the CPU, oneDNN's convolutions run faster on channels-last activations (measured on a 2-core
-    AVX2 machine: SD's VAE encoder and UNet pass at 384 px, see README "Performance"), and its output is
+    Why: on the CPU, oneDNN's convolutions run faster on channels-last activations, and their output is
     channels-last too, so the layout flows through GroupNorm, SiLU and the residual sums to the next
-    convolution; only where a block hands back a contiguous tensor (diffusers' transformer output) is the
-    input converted again. The values are those of the contiguous run (the same oneDNN kernels, fed in
-    another layout; pinned by tests/unit/test_conv_layout.py)."""
+    convolution. The VAE encoder is convolutions at full resolution: measured on a 2-core AVX2 machine at
+    256 px, its convolutions took 16% less time and the encode 8% less (README "Benchmark"). Not the UNet:
+    its transformer blocks hand back contiguous tensors, and the copies back and forth (5.3 s against 1.8 s)
+    ate more than its convolutions gained (0.8 s), 11% slower. The values are those of the contiguous run
+    (the same oneDNN kernels fed in another layout; pinned by tests/unit/test_conv_layout.py)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.conv2d and args and args[0].dim() == 4:
@@ -236,13 +237,13 @@ class FeatureExtractor(nn.Module):
         with their own text encoder code, equal only to float rounding.)"""
         raise NotImplementedError
 
-    #: whether the VAE encode and the UNet pass run their convolutions on channels-last activations
+    #: whether the VAE encode runs its convolutions on channels-last activations
     #: (:class:`ChannelsLastConvolutions`); None: on the CPU, where it was measured to pay
     channels_last: Optional[bool] = None
 
     def conv_layout(self):
-        """The context of the extractor's own VAE encode and UNet pass: :class:`ChannelsLastConvolutions`
-        when :attr:`channels_last` says so, else nothing."""
+        """The context of the extractor's own VAE encode: :class:`ChannelsLastConvolutions` when
+        :attr:`channels_last` says so, else nothing."""
         wanted = self.device.type == "cpu" if self.channels_last is None else self.channels_last
         return ChannelsLastConvolutions() if wanted else contextlib.nullcontext()
 
@@ -293,8 +294,7 @@ class FeatureExtractor(nn.Module):
         self._pass = _Pass(self.stops[with_attention], with_attention)
         try:
             try:
-                with self.conv_layout():
-                    self.call_unet(latents, cond, with_attention)
+                self.call_unet(latents, cond, with_attention)
             except _StopPass:
                 pass
             captured = self._pass.captured
@@ -317,6 +317,7 @@ class FeatureExtractor(nn.Module):
         e = self.config.ensemble_size
         with self.conv_layout():
             mean, std = self.posterior(images)
+        mean, std = mean.contiguous(), std.contiguous()  # the UNet pass starts from the layout it was measured in
         out = []
         for b in range(images.shape[0]):
             post_eps, diff_eps = self._noise(e, mean.shape[1:], seed, stream)
