@@ -222,6 +222,7 @@ def test_native_features_equal_the_diffusers_path_and_leave_the_user_model_alone
     for key in ("up0", "up1", "tokens"):
         assert out[key] <= 1e-5 * scale, (key, out)
     assert all(v <= 1e-5 for v in out["attention"].values()), out["attention"]
+    assert out["channels_last_vs_plain"] <= 1e-5  # the VAE encode's layout: the same features, relative
     unet = out["unet_only"]  # the same noised latents into both UNets: the patch points alone
     assert unet["up0"] <= 1e-5 * scale and unet["up1"] <= 1e-5 * scale and unet["attention"] <= 1e-5, unet
     assert out["alpha_shapes"] == [[90, 60], [64, 100]]

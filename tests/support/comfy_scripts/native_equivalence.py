@@ -78,6 +78,14 @@ def run(ctx):
     images = torch.rand(2, 3, size, size, generator=gen) * 2 - 1
     f_native = native.extractor(images, seed=5)
     f_ref = reference_pipe.model.extractor(images, seed=5)
+    # the pack's VAE encode on channels-last activations (the CPU default) against the contiguous one
+    native.extractor.channels_last = False
+    try:
+        f_plain = native.extractor(images, seed=5)
+    finally:
+        native.extractor.channels_last = None
+    out["channels_last_vs_plain"] = max(_diff(a, b) / float(b.abs().max()) for a, b in zip(
+        [*f_native.up_features, *f_native.attention.values()], [*f_plain.up_features, *f_plain.attention.values()]))
     out["up0"] = _diff(f_native.up_features[0], f_ref.up_features[0])
     out["up1"] = _diff(f_native.up_features[1], f_ref.up_features[1])
     out["attention"] = {str(r): _diff(f_native.attention[r], f_ref.attention[r]) for r in f_ref.attention}
