@@ -170,7 +170,7 @@ class ChannelsLastConvolutions(TorchFunctionMode):
     channels-last too, so the layout flows through GroupNorm, SiLU and the residual sums to the next
     convolution. The VAE encoder is convolutions at full resolution: measured on a 2-core AVX2 machine at
     256 px, its convolutions took 16% less time and the encode 8% less (README "Benchmark"). Not the UNet:
-    its transformer blocks hand back contiguous tensors, and the copies back and forth (5.3 s against 1.8 s)
+    its transformer blocks hand back contiguous tensors, and the copies back and forth (7.3 s against 1.8 s)
     ate more than its convolutions gained (0.8 s), 11% slower. The values are those of the contiguous run
     (the same oneDNN kernels fed in another layout; pinned by tests/unit/test_conv_layout.py)."""
 
