@@ -325,3 +325,11 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, data):
     t.loss_fn = lambda unknown, pred, alpha: {"unknown_l1_loss": pred.sum() * float("nan")}
     with pytest.raises(TrainingStopped, match=r"loss nan at step 1 \(NaN or above 10000\): training stopped; no checkpoint"):
         t.run()
+
+
+def test_when_no_step_beats_the_initial_head_the_run_head_is_step_0s(tmp_path, data):
+    """Validation 1, 2, 3 at steps 0-2: the best is the head before any step, and its metadata says step 0."""
+    run = tmp_path / "run"
+    _scripted(_trainer(run, data["train"], data["val"], steps=2, val_every=1), [1.0, 2.0, 3.0]).run()
+    meta = training_metadata(run / "head.safetensors")
+    assert meta["step"] == 0 and meta["best_val_sad"] == {"sad": 1.0, "step": 0}
