@@ -73,3 +73,14 @@ def test_gif_frames_are_counted_past_the_global_colour_table(tmp_path, table_bit
     assert is_animation(tmp_path / "two.gif") and not is_animation(tmp_path / "one.gif")
     with Image.open(tmp_path / "two.gif") as two, Image.open(tmp_path / "one.gif") as one:  # Pillow reads them alike
         assert (two.n_frames, one.n_frames) == (2, 1)
+
+
+def test_an_image_is_read_upright_by_its_exif_orientation(tmp_path):
+    """Stored 2 rows x 3 columns [[0, 1, 2], [3, 4, 5]] (x40) with EXIF orientation 6 (shown turned 90 degrees
+    clockwise): read as 3 rows x 2 columns [[3, 0], [4, 1], [5, 2]]."""
+    from iconmatting_core.image_io import read_image_uint8
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3) * 40).save(tmp_path / "turned.png", exif=exif)
+    assert read_image_uint8(tmp_path / "turned.png")[..., 0].tolist() == [[120, 0], [160, 40], [200, 80]]
