@@ -104,3 +104,17 @@ def test_frames_without_timestamps_take_the_average_rate_slots(tmp_path):
 def test_animation_frames_of_ten_ms_or_less_are_shown_for_100_ms(stated, shown):
     """Browsers show a frame that states 10 ms or less for 100 ms, and longer ones as stated."""
     assert video._shown_ms(stated) == shown
+
+
+def test_the_alpha_video_of_a_clip_with_an_odd_height_repeats_its_last_row(tmp_path):
+    """16 wide, 15 high, alpha 16 x column: the H.264 alpha video is 16 x 16, each column keeps its value
+    (a padded column instead would rescale them: 17 columns into 16) and row 15 repeats row 14."""
+    info = VideoInfo(Fraction(25), 0, 16, 15, None, None)
+    outputs = VideoOutputs(tmp_path, Path("clip.mp4"), info, ["alpha"])
+    alpha = np.tile(np.arange(16, dtype=np.uint8) * 16, (15, 1))
+    outputs.write(alpha, np.zeros((15, 16, 4), np.uint8))
+    outputs.close()
+    with av.open(str(tmp_path / "clip_alpha.mp4")) as container:
+        (frame,) = [f.to_ndarray(format="gray") for f in container.decode(container.streams.video[0])]
+    assert frame.shape == (16, 16)
+    assert np.abs(frame.astype(int) - np.tile(np.arange(16) * 16, (16, 1))).max() <= 6
