@@ -118,3 +118,14 @@ def test_the_alpha_video_of_a_clip_with_an_odd_height_repeats_its_last_row(tmp_p
         (frame,) = [f.to_ndarray(format="gray") for f in container.decode(container.streams.video[0])]
     assert frame.shape == (16, 16)
     assert np.abs(frame.astype(int) - np.tile(np.arange(16) * 16, (16, 1))).max() <= 6
+
+
+def test_a_new_png_sequence_replaces_the_old_one_whole(tmp_path):
+    """A re-run's frames replace the old folder: an old frame past the new clip's end does not stay beside them."""
+    old = tmp_path / "clip_frames"
+    old.mkdir()
+    (old / "clip_000009.png").write_bytes(b"old")
+    outputs = VideoOutputs(tmp_path, Path("clip.mp4"), VideoInfo(Fraction(25), 0, 4, 4, None, None), ["png"])
+    outputs.write(np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8))
+    outputs.close()
+    assert sorted(p.name for p in old.iterdir()) == ["clip_000000.png"]
