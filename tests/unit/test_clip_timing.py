@@ -129,3 +129,14 @@ def test_a_new_png_sequence_replaces_the_old_one_whole(tmp_path):
     outputs.write(np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8))
     outputs.close()
     assert sorted(p.name for p in old.iterdir()) == ["clip_000000.png"]
+
+
+def test_the_job_record_goes_into_the_videos_comment_and_nothing_without_one(tmp_path):
+    tags = {"iconmatting": {"weights": "w", "resize_mode": "pad"}}
+    for name, given in (("tagged.mp4", tags), ("plain.mp4", None)):
+        outputs = VideoOutputs(tmp_path, Path(name), VideoInfo(Fraction(25), 0, 16, 16, None, None), ["alpha"], tags=given)
+        outputs.write(np.zeros((16, 16), np.uint8), np.zeros((16, 16, 4), np.uint8))
+        outputs.close()
+    with av.open(str(tmp_path / "tagged_alpha.mp4")) as tagged, av.open(str(tmp_path / "plain_alpha.mp4")) as plain:
+        assert tagged.metadata["comment"] == '{"iconmatting": {"weights": "w", "resize_mode": "pad"}}'
+        assert "comment" not in plain.metadata
