@@ -5,9 +5,11 @@
 * Pinned frontends (1.32.9 on 0.3.75, 1.45.21 on 0.28.2): each ``workflows/*.json`` is dropped on the
   canvas as a file, as a user drags it in; it must load with no missing-node dialog, no console error
   and a readable default view; *Run* must execute it and the frontend must show every output image.
-  The word workflow needs SAM 3 (0.28.2): there its SAM 3 weights are left missing and the app must
-  offer their download; on 0.3.75 the only missing node is SAM 3. The template browser lists the
-  pack's workflows with their thumbnails.
+  The word and generation workflows need SAM 3 (0.28.2): there its SAM 3 weights are left missing and
+  the app must offer their download; on 0.3.75 the only missing node is SAM 3.
+* Every frontend: the template browser lists the pack's workflows with their thumbnails, each card with
+  its own one-sentence description (``web/template_descriptions.json``, written on the card by the pack's
+  ``web/js/template_descriptions.js``: the frontends give a custom node pack's template none).
 * Every frontend: each template opened from the template browser (the newest frontends fit the graph
   to the window) is drawn readable: litegraph's details on, every node's title drawn (read from a
   screenshot). The newest frontend also with its Vue nodes ("Nodes 2.0"): no node overlaps another
@@ -32,7 +34,7 @@ from comfy_harness import comfy_host
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 NAMES = [p.name for p in WORKFLOW_FILES]
-WORD = "Matte a folder from a word (IconMatting, SAM 3).json"
+DESCRIPTIONS = json.loads((WORKFLOWS.parent / "web" / "template_descriptions.json").read_text())
 #: (host, frontend): None = the frontend the host pins.
 PINNED = [("0.3.75", None), ("0.28.2", None)]
 NEWEST = [("0.28.2", NEWEST_FRONTEND)]
@@ -46,6 +48,11 @@ def _config_id(config) -> str:
 
 def _ids(workflow: dict):
     return [int(n["id"]) for n in workflow["nodes"]]
+
+
+def _needs_sam3(workflow: dict) -> bool:
+    """Core SAM 3 (``SAM3_Detect``) makes a mask in it: ComfyUI 0.28 and later (README)."""
+    return any(n["type"] == "SAM3_Detect" for n in workflow["nodes"])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +117,7 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
     comfy, prepared, work = app
     workflow, problems = prepared[name]
     screenshot = work / f"{Path(name).stem}.png"
-    if name == WORD and not comfy.has_sam3:
+    if _needs_sam3(workflow) and not comfy.has_sam3:
         # ComfyUI before SAM 3 (0.3.75): the one node the app misses is SAM 3's (README: ComfyUI 0.28+)
         assert problems == [f"node {n['id']}: ComfyUI has no node type 'SAM3_Detect'"
                             for n in workflow["nodes"] if n["type"] == "SAM3_Detect"]
@@ -179,7 +186,7 @@ def test_template_opens_readable(app, name):
     blank box: read from a screenshot."""
     comfy, prepared, work = app
     workflow, _ = prepared[name]
-    if name == WORD and not comfy.has_sam3:
+    if _needs_sam3(workflow) and not comfy.has_sam3:
         # ComfyUI before SAM 3 (0.3.75): the template opens with SAM 3 as its one missing node
         comfy.open_template(PACK_NAME, Path(name).stem, _ids(workflow), timeout_ms=40000)
         text = " ".join(comfy.dialogs())
@@ -233,19 +240,39 @@ def test_vue_nodes_do_not_overlap_or_cut_text(newest_app, name):
 
 
 def test_template_browser_lists_the_workflows_with_thumbnails(app):
+    _check_template_cards(app)
+
+
+def test_template_browser_cards_in_the_newest_frontend(newest_app):
+    _check_template_cards(newest_app)
+
+
+def _check_template_cards(app):
     comfy, prepared, work = app
     names = [p.stem for p in WORKFLOW_FILES]
-    cards = comfy.template_cards(PACK_NAME, names)
+    cards = comfy.template_cards(PACK_NAME, names, expect_text=DESCRIPTIONS)
     comfy.screenshot(work / "templates.png")
     for name, card in cards.items():
-        # The frontend titles a custom node's template with its file name (1.32.9 also describes it
-        # with the file name's words); the thumbnail is workflows/<name>.jpg.
-        assert card["text"][0] == name, card
+        # The frontend titles a custom node's template with its file name (1.32.9 and 1.45.21 describe
+        # it with the file name again, 1.58.1 not at all); the pack's sentence is the line under the
+        # title; the thumbnail is workflows/<name>.jpg.
+        lines = card["text"]
+        assert name in lines and lines[lines.index(name) + 1:][:1] == [DESCRIPTIONS[name]], (name, lines)
         url = f"{comfy.server.url}/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name, safe='(),')}.jpg"
         assert (200, url) in comfy.responses and card["thumbnail"]["width"] > 0, \
             f"no thumbnail workflows/{name}.jpg (python tests/frontend_harness.py templates)"
     comfy.close_dialogs()
-    comfy.unexpected_errors()
+    assert comfy.unexpected_errors() == []
+
+
+def test_every_template_has_a_one_sentence_description():
+    """web/template_descriptions.json: one sentence per workflow (two lines on a card at most), each its
+    own, none the title again."""
+    assert sorted(DESCRIPTIONS) == sorted(p.stem for p in WORKFLOW_FILES)
+    for name, sentence in DESCRIPTIONS.items():
+        assert sentence.endswith(".") and sentence.count(". ") == 0 and "\n" not in sentence, sentence
+        assert 30 <= len(sentence) <= 80 and sentence.rstrip(".").lower() != name.lower(), sentence
+    assert len(set(DESCRIPTIONS.values())) == len(DESCRIPTIONS)
 
 
 def test_text_drawn_reads_a_blank_box_as_blank():
