@@ -60,14 +60,14 @@ class Watch:
         import comfy.model_management as mm
 
         self._mm, self._load, self._apply = mm, mm.load_models_gpu, torch.nn.Module._apply
-        mm_files = tuple(os.path.realpath(m.__file__) for m in (mm,))
+        mm_file = (os.path.realpath(mm.__file__),)
         watch, load, apply = self, self._load, self._apply
 
         def load_models_gpu(models, *args, **kwargs):
             watch.loads.append({
                 "patchers": [id(m) for m in models],
                 "models": [id(getattr(m, "model", None)) for m in models],
-                "from_pack": watch.from_pack(sys._getframe(1), mm_files),
+                "from_pack": watch.from_pack(sys._getframe(1), mm_file),
             })
             return load(models, *args, **kwargs)
 
