@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iconmatting_core.config import IconMattingConfig, load_sd_config  # noqa: E402
 from iconmatting_core.matting_head import IconMattingHead  # noqa: E402
-from iconmatting_core.pipeline import IconMattingPipeline, build_model, resolve_device, resolve_dtype  # noqa: E402
+from iconmatting_core.pipeline import IconMattingPipeline, build_model, resolve_device  # noqa: E402
+from iconmatting_core.precision import resolve_dtype  # noqa: E402
 from iconmatting_core.sd_loading import SDComponents  # noqa: E402
 
 from comfy_bench_script import PeakMemory  # noqa: E402  (benchmarks/: one memory meter for every benchmark)
@@ -56,18 +57,14 @@ def floor_time(pipe: IconMattingPipeline, repeats: int) -> float:
     x = torch.rand(1, 3, cfg.image_size, cfg.image_size, device=ext.device, dtype=ext.dtype) * 2 - 1
     lat = torch.randn(cfg.ensemble_size, 4, cfg.image_size // 8, cfg.image_size // 8, device=ext.device, dtype=ext.dtype)
     cond = ext.empty_prompt_embedding.to(ext.device, ext.dtype).expand(cfg.ensemble_size, -1, -1)
-    ext._stop_after = 99  # the whole UNet, as a plain SD forward
     times = []
-    try:
-        for _ in range(repeats + 1):
-            _sync(ext.device)
-            t = time.perf_counter()
-            ext.vae.encode(x)
-            ext.unet(lat, cfg.timestep, encoder_hidden_states=cond)
-            _sync(ext.device)
-            times.append(time.perf_counter() - t)
-    finally:
-        ext._stop_after = 2
+    for _ in range(repeats + 1):  # the whole UNet, as a plain SD forward: the extractor's hooks act only in its own passes
+        _sync(ext.device)
+        t = time.perf_counter()
+        ext.vae.encode(x)
+        ext.unet(lat, cfg.timestep, encoder_hidden_states=cond)
+        _sync(ext.device)
+        times.append(time.perf_counter() - t)
     return min(times[1:])  # first run warms up
 
 

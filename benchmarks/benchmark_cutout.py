@@ -5,10 +5,11 @@
 
 What is timed is what decoding does after the matting head: the 768^2 alpha brought back to the
 photo's pixels (``restore_alpha``) and the RGBA cut-out with blur-fusion foreground colours
-(``rgba_cutout``). "old" is the previous code (whole-image float64 integral images, a clamped
-copy of the restored alpha, estimate then concatenate), kept here verbatim; "new" is the
-library's. Each runs in its own process, so the peak resident set above the start (sampled every
-millisecond) is its own; the inputs (image, 768^2 alpha) are allocated before the start.
+(``rgba_cutout``). "old" is a whole-image baseline: a clamped copy of the restored alpha, the tests'
+blur-fusion oracle (``old_estimate_foreground``: numpy float64, every window summed from shifted
+copies), then concatenated; "new" is the library's. Each runs in its own process, so the peak
+resident set above the start (sampled every millisecond) is its own; the inputs (image, 768^2 alpha)
+are allocated before the start.
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests" / "support")]
 
 from iconmatting_core.postprocess import rgba_cutout  # noqa: E402
 from iconmatting_core.preprocess import Placement, placement_for, restore_alpha  # noqa: E402
 
 
-# --- the previous implementation: the oracle of tests/test_cutout.py ---------------------------
-from test_cutout import old_estimate_foreground  # noqa: E402
+# --- the whole-image baseline: the oracle of tests/unit/test_cutout.py (tests/support/oracles.py) ---
+from oracles import old_estimate_foreground  # noqa: E402
 
 
 def old_restore_alpha(alpha, placement):

@@ -2,7 +2,7 @@
 
     python benchmarks/benchmark_native.py --image-size 384 --targets 2     # what a 2-core CPU can do
 
-Boots the test ComfyUI (0.3.75, from tests/comfy_harness.py) and, inside it, builds a full-size SD 2.1
+Boots the test ComfyUI (0.3.75, from tests/support/comfy_harness.py) and, inside it, builds a full-size SD 2.1
 UNet + VAE with random weights once, loaded twice: by ComfyUI (from the original single-file key layout,
 through its own model detection and patcher) and by diffusers, plus one full-size head. Prints per path:
 the floor (one bare UNet forward over the ensemble copies + one VAE encode, on that path's own modules),
@@ -22,12 +22,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 SCRIPT = Path(__file__).with_name("comfy_bench_script.py")
 
 
-def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(), cpu=True, one_process=False):
+def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(), cpu=True, one_process=False,
+                  model_size="full"):
     """Boots the test ComfyUI and runs comfy_bench_script.py in it; returns (its result, ComfyUI version).
 
     On the CPU, twice: times in a ComfyUI with glibc's default allocator (what users run), then the extra
@@ -35,12 +36,15 @@ def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(),
     that process RSS follows the live tensors (glibc's default keeps freed blocks up to 32 MiB in its heap,
     hiding or inflating peaks; the mapping and page faults would slow allocation-heavy code). Each ratio is
     measured in one process. On CUDA, once: max_memory_allocated needs no help. ``one_process``: on the CPU
-    too (a smoke run: times then come from the allocator set up for memory figures)."""
+    too (a smoke run: times then come from the allocator set up for memory figures). ``model_size`` "tiny": the
+    models with tiny channel counts (comfy_bench_script.py; ComfyUI learns the tiny UNet from
+    tests/support/comfy_tiny_sd2)."""
     mmap = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    sizes = (image_size, ensemble, targets, repeats, dtypes, model_size)
     if not cpu or one_process:
-        return _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "both", mmap if cpu else {})
-    timed, version = _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "time", {})
-    measured, _ = _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, "memory", mmap)
+        return _run_script(sizes, comfy_args, cpu, "both", mmap if cpu else {})
+    timed, version = _run_script(sizes, comfy_args, cpu, "time", {})
+    measured, _ = _run_script(sizes, comfy_args, cpu, "memory", mmap)
     for dtype, run in timed["runs"].items():
         for name in ("native", "diffusers"):
             run[name]["extra_peak_bytes"] = measured["runs"][dtype][name]["extra_peak_bytes"]
@@ -48,14 +52,16 @@ def run_benchmark(image_size, ensemble, targets, repeats, dtypes, comfy_args=(),
     return timed, version
 
 
-def _run_script(image_size, ensemble, targets, repeats, dtypes, comfy_args, cpu, measure, env):
+def _run_script(sizes, comfy_args, cpu, measure, env):
     from comfy_harness import run_comfy
 
+    image_size, ensemble, targets, repeats, dtypes, model_size = sizes
+    extra_packs = [ROOT / "tests" / "support" / "comfy_tiny_sd2"] if model_size == "tiny" else []
     with tempfile.TemporaryDirectory() as tmp:
         result = run_comfy(ROOT, [], pack_name="comfyui-iconmatting", timeout=3600, comfy_args=list(comfy_args), cpu=cpu,
-                           extra_env=env, scripts=[{"path": str(SCRIPT), "args": {
+                           extra_env=env, extra_packs=extra_packs, scripts=[{"path": str(SCRIPT), "args": {
                                "image_size": image_size, "ensemble": ensemble, "targets": targets, "repeats": repeats,
-                               "dtypes": list(dtypes), "work": tmp, "measure": measure}}])
+                               "dtypes": list(dtypes), "work": tmp, "measure": measure, "model_size": model_size}}])
     entry = result["scripts"][0]
     if entry.get("error") or "result" not in entry:
         raise RuntimeError(entry.get("error") or f"the benchmark did not run (ComfyUI exit status {result.get('returncode')}; "

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # iconmatting_core; tiny_models and test_video (test helpers)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]  # iconmatting_core; tiny_models and sample_inputs (test helpers)
 
 
 def _rss_mb() -> float:
@@ -60,7 +60,7 @@ def video_child(work: Path, frames: int, width: int, height: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from test_video import write_clip
+    from sample_inputs import write_clip
 
     from iconmatting_core.__main__ import main
     from iconmatting_core.pipeline import load_pipeline
@@ -99,7 +99,7 @@ def bench_ray(work: Path, images: int) -> None:
     from PIL import Image
 
     import iconmatting_core.job.local as local_engine
-    import iconmatting_core.ray_engine as ray_engine
+    import iconmatting_core.job.ray_engine as ray_engine
     from iconmatting_core.__main__ import main
 
     models, ref = _models(work), _reference(work)

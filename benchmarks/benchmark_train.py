@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models (--tiny)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # tiny_models (--tiny)
 
 from comfy_bench_script import PeakMemory  # noqa: E402
 

@@ -1,10 +1,13 @@
 """Runs inside a booted ComfyUI (``run_comfy(..., scripts=[...])``): IconMatting's native path (the pack on
-ComfyUI's own SD 2.1 objects) against the core's diffusers path, full-size SD 2.1 with random weights.
+ComfyUI's own SD 2.1 objects) against the core's diffusers path, full-size SD 2.1 with random weights (or, with
+``model_size`` "tiny", the same layouts with tiny channel counts: a smoke run of every step).
 
 Used by benchmarks/benchmark_native.py (CPU, fp32, interleaved timing) and benchmarks/benchmark_gpu.py
 (the host's GPU, fp16 and fp32). args: image_size, ensemble, targets, repeats, dtypes (["fp32", ...]),
 work (a scratch folder), measure ("both", default; "time": no memory figures; "memory": only one target's
-pass per path, no floor or timing). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
+pass per path, no floor or timing), model_size ("full", default; "tiny": the UNet of
+tests/support/tiny_sd2_checkpoint.py, which ComfyUI knows once tests/support/comfy_tiny_sd2 is loaded, its small
+VAE and a tiny head). Returns, per dtype and path: floor (s: one VAE encode + one whole UNet forward over
 the ensemble copies, on that path's modules), per_target (s, match + decode), extra_peak_bytes (a target's
 pass: peak minus memory before it; max_memory_allocated on CUDA, process RSS sampled every ms on the CPU),
 alphas compared between paths and between dtypes.
@@ -27,15 +30,26 @@ def _pack(suffix):
     return importlib.import_module(name[: -len(".nodes.host_model")] + suffix)
 
 
-def _ldm_keys():
-    """tests/ldm_keys.py (diffusers -> single-file key names): a test helper, not part of the pack, imported from
-    this repository (its root and tests/ appended to ``sys.path``, so ComfyUI's own modules keep precedence)."""
-    for path in (str(ROOT), str(ROOT / "tests")):
+def _test_helper(name):
+    """A module of tests/support (``ldm_keys``: diffusers -> single-file key names; the tiny models): test helpers,
+    not part of the pack, imported from this repository (its root and tests/support appended to ``sys.path``, so
+    ComfyUI's own modules keep precedence)."""
+    for path in (str(ROOT), str(ROOT / "tests" / "support")):
         if path not in sys.path:
             sys.path.append(path)
-    import ldm_keys
+    return importlib.import_module(name)
 
-    return ldm_keys
+
+def _models(cfgmod, size, ens, model_size):
+    """(UNet config, VAE config, ComfyUI VAE config or None, head config): SD 2.1's and the authors' sizes, or
+    ``model_size`` "tiny": the tiny layouts (ComfyUI builds the small VAE from its config)."""
+    if model_size == "full":
+        config = cfgmod.IconMattingConfig(image_size=size, ensemble_size=ens)
+        return cfgmod.load_sd_config("unet"), cfgmod.load_sd_config("vae"), None, config
+    tiny_sd2, tiny_models = _test_helper("tiny_sd2_checkpoint"), _test_helper("tiny_models")
+    vae_cfg, comfy_vae = tiny_sd2.small_comfy_vae_configs()
+    config = tiny_models.tiny_config(image_size=size, ensemble_size=ens, unet_feature_channels=(128, 128))
+    return tiny_sd2.tiny_comfy_unet_config(), vae_cfg, comfy_vae, config
 
 
 def _rss() -> int:
@@ -99,12 +113,11 @@ def run(ctx):
 
     native_features = _pack(".nodes.native_features")
     cfgmod, checkpoint, head_mod = (_pack(".iconmatting_core." + m) for m in ("config", "checkpoint", "matting_head"))
-    ldm_keys = _ldm_keys()
+    ldm_keys = _test_helper("ldm_keys")
     a = ctx.args
     size, ens, n = a["image_size"], a["ensemble"], a["targets"]
-    config = cfgmod.IconMattingConfig(image_size=size, ensemble_size=ens)
+    unet_cfg, vae_cfg, comfy_vae, config = _models(cfgmod, size, ens, a.get("model_size", "full"))
     torch.manual_seed(0)
-    unet_cfg, vae_cfg = cfgmod.load_sd_config("unet"), cfgmod.load_sd_config("vae")
     unet = UNet2DConditionModel.from_config(unet_cfg).eval()
     vae = AutoencoderKL.from_config(vae_cfg).eval()
     # the single-file layout over the same UNet tensors (the converter copies; it renames meta tensors here)
@@ -113,11 +126,12 @@ def run(ctx):
     assert len(keys) == len(weights)
     sd = dict(zip(keys, weights.values()))
     sd.update(ldm_keys.ldm_vae_state_dict(vae.state_dict(), vae_cfg))
-    prompt = torch.randn(1, 77, 1024)
+    prompt = torch.randn(1, 77, unet_cfg["cross_attention_dim"])
     head_path = a["work"] + "/head.safetensors"
     checkpoint.save_head(head_mod.IconMattingHead(config), head_path, prompt)
     device = mm.get_torch_device()
-    out = {"device": str(device), "torch": torch.__version__, "host_attention": native_features.attention_name(
+    out = {"device": str(device), "torch": torch.__version__, "model_size": a.get("model_size", "full"),
+           "host_attention": native_features.attention_name(
         comfy_attention.optimized_attention), "feature_attention": native_features.attention_name(
         native_features.feature_attention(device)), "runs": {}}
     if device.type == "cuda":
@@ -131,7 +145,7 @@ def run(ctx):
     x = torch.rand(1, 3, size, size, generator=gen) * 2 - 1
     lat = torch.randn(ens, 4, size // 8, size // 8, generator=gen)
     alphas = {}
-    inputs = (ref, mask, targets, x, lat, prompt, head_path)
+    inputs = (ref, mask, targets, x, lat, prompt, head_path, comfy_vae)
     for dtype_name in a["dtypes"]:
         out["runs"][dtype_name] = _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas)
         mm.unload_all_models()
@@ -161,13 +175,17 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     import comfy.sd
 
     host = _pack(".nodes.host_model")
-    pipeline, checkpoint, sd_loading = (_pack(".iconmatting_core." + m) for m in ("pipeline", "checkpoint", "sd_loading"))
-    ref, mask, targets, x, lat, prompt, head_path = inputs
+    pipeline, checkpoint, sd_loading, precision = (_pack(".iconmatting_core." + m)
+                                                   for m in ("pipeline", "checkpoint", "sd_loading", "precision"))
+    ref, mask, targets, x, lat, prompt, head_path, comfy_vae = inputs
     ens, n, repeats, measure = a["ensemble"], a["targets"], a["repeats"], a.get("measure", "both")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=True, output_clip=False,
+    dtype = precision.DTYPES[dtype_name]
+    model, _, cvae = comfy.sd.load_state_dict_guess_config(dict(sd), output_vae=comfy_vae is None, output_clip=False,
                                                            model_options={"dtype": dtype})[:3]
-    native = host.IconMattingOnHost(model, None, cvae, head_path, dtype_name)
+    if comfy_vae is not None:  # the small VAE: ComfyUI's loader detects only the real one's sizes
+        cvae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")},
+                            config=comfy_vae)
+    native = host.load_on_host(model, None, cvae, head_path, dtype_name)
     sdc = sd_loading.SDComponents(_copy_to(unet, device, dtype), _copy_to(vae, device, dtype), prompt)
     reference = pipeline.IconMattingPipeline(
         pipeline.build_model(sdc, checkpoint.load_head(head_path)[0]).to(device=device, dtype=dtype))
@@ -185,17 +203,13 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
         _sync(device)
         return time.perf_counter() - t
 
-    def floor_diffusers():
-        ext_d._stop_after = 99  # the whole UNet, as a plain SD forward
-        try:
-            _sync(device)
-            t = time.perf_counter()
-            ext_d.posterior(x)
-            ext_d.unet(lat.to(device, dtype), 200, encoder_hidden_states=prompt.expand(ens, -1, -1).to(device, dtype))
-            _sync(device)
-            return time.perf_counter() - t
-        finally:
-            ext_d._stop_after = 2
+    def floor_diffusers():  # the whole UNet, as a plain SD forward: the extractor's hooks act only in its own passes
+        _sync(device)
+        t = time.perf_counter()
+        ext_d.posterior(x)
+        ext_d.unet(lat.to(device, dtype), 200, encoder_hidden_states=prompt.expand(ens, -1, -1).to(device, dtype))
+        _sync(device)
+        return time.perf_counter() - t
 
     with torch.no_grad():
         paths = {"native": (floor_native, native.pipeline), "diffusers": (floor_diffusers, lambda: reference)}

@@ -41,7 +41,7 @@ def _user_errors():
     from .job.matte import UsageError
     from .job.model_files import ModelFileError
     from .job.outputs import OutputError
-    from .ray_engine import WorkerSetupError
+    from .job.ray_engine import WorkerSetupError
 
     return (UsageError, ModelFileError, OutputError, ContextFileError, CheckpointError, WorkerSetupError)
 

@@ -4,7 +4,9 @@ Accepted files:
 * the released checkpoint: a PyTorch Lightning ``.ckpt`` whose ``state_dict`` holds the
   trainable weights under ``in_context_decoder.*`` (and possibly frozen ``feature_extractor.*``
   SD weights, which are ignored: SD is loaded from its own files);
-* our ``.safetensors`` (written by :func:`convert_checkpoint`), keys of ``IconMattingHead``.
+* our ``.safetensors`` (written by :func:`convert_checkpoint`), keys of ``IconMattingHead``; a head
+  written by a training run also carries what made it (:func:`training_metadata`: settings, data,
+  the fingerprint of the SD weights it was trained with).
 
 ``.ckpt``/``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)``. Lightning
 checkpoints can hold small non-tensor objects (e.g. a hyper-parameter dict); if the strict loader
@@ -14,7 +16,6 @@ outside a short allow-list: anything else becomes an inert placeholder, so no co
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import zipfile
@@ -49,11 +50,11 @@ def _rules(pairs, forward: bool):
 
 
 _REFERENCE_TO_OURS = _rules(_PREFIX_PAIRS, forward=True)
-_OURS_TO_REFERENCE = _rules(_PREFIX_PAIRS, forward=False)
 # keys of the reference model that carry no IconMattingHead weight
 IGNORED_REFERENCE_PREFIXES = ("feature_extractor.", "loss_function.")
 EMPTY_PROMPT_KEY = "feature_extractor.prompt_embeds"
 CONFIG_METADATA_KEY = "iconmatting_config"
+TRAINING_METADATA_KEY = "iconmatting_training"
 
 
 class CheckpointError(ValueError):
@@ -80,17 +81,6 @@ def reference_to_ours(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, to
         else:
             mapped[new] = value
     return mapped, unmapped
-
-
-def ours_to_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """IconMattingHead keys -> the reference model's keys (the released checkpoint's layout)."""
-    out = {}
-    for key, value in state_dict.items():
-        new = _rename(key, _OURS_TO_REFERENCE)
-        if new is None:
-            raise KeyError(f"no reference name for {key}")
-        out[new] = value
-    return out
 
 
 class _Placeholder(dict):
@@ -213,6 +203,23 @@ def head_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Optional[IconMatting
     return state, config, prompt
 
 
+def training_metadata(path) -> dict:
+    """The training record of a head file written by ``iconmatting_core.training`` (JSON under
+    :data:`TRAINING_METADATA_KEY`: settings and their history, data summary, ``sd_fingerprint``, step),
+    read from the header alone; {} for any other file (the released ``.ckpt``, a conversion)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get(TRAINING_METADATA_KEY, "{}"))
+    except Exception:  # noqa: BLE001 - unreadable here is unreadable for the loader, which says so
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _short(keys: Iterable[str], n: int = 3) -> str:
     """The first n of keys, comma-separated (the count is given by the caller)."""
     return ", ".join(sorted(keys)[:n])
@@ -258,31 +265,14 @@ def load_head(path, config: Optional[IconMattingConfig] = None, operations=None)
 
 
 def save_head(head: IconMattingHead, path, empty_prompt_embedding: Optional[torch.Tensor] = None) -> None:
-    """Write our ``.safetensors`` (config stored in the metadata) as a normal file: its mode is
-    0666 less the umask, like any file the user writes (``safetensors.torch.save_file`` would
-    create it 0600)."""
-    from safetensors.torch import save
+    """Write our ``.safetensors`` (config stored in the metadata), atomically and with the user's
+    file mode (``files.write_safetensors``)."""
+    from .files import write_safetensors
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     if empty_prompt_embedding is not None:
         tensors[EMPTY_PROMPT_KEY] = empty_prompt_embedding.detach().float().contiguous().cpu()
-    Path(path).write_bytes(save(tensors, metadata={CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())}))
-
-
-def current_umask() -> int:
-    """(Used by ``context_file``.) The process's umask, read without changing it (``os.umask`` can only read it by setting it,
-    which races with other threads creating files, e.g. inside ComfyUI): Linux's
-    ``/proc/self/status``; elsewhere the set-and-restore fallback."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o077)  # the fallback's brief value only ever restricts
-    os.umask(umask)
-    return umask
+    write_safetensors(path, tensors, {CONFIG_METADATA_KEY: json.dumps(head.config.to_dict())})
 
 
 def convert_checkpoint(src, dst, config: Optional[IconMattingConfig] = None) -> Path:

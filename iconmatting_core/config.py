@@ -8,7 +8,7 @@ from typing import Tuple
 
 SD_CONFIG_DIR = Path(__file__).parent / "sd_configs"
 OVERFLOW_ADVICE = "load IconMatting in fp32 or bf16 (the dtype option, --dtype on the command line)"
-"""What every NaN/inf error recommends; "auto" precision picks one of the two (pipeline.resolve_dtype)."""
+"""What every NaN/inf error recommends; "auto" precision picks one of the two (precision.resolve_dtype)."""
 
 
 @dataclass(frozen=True)

@@ -68,19 +68,6 @@ class ReferenceContext:
         )
 
 
-def cell_mask(mask: torch.Tensor, grid: int, pooling: str) -> torch.Tensor:
-    """Binary mask [1, S, S] -> boolean cell selection [grid, grid]."""
-    if pooling not in POOLING_MODES:
-        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-    kernel = mask.shape[-1] // grid
-    m = mask[None].float()
-    if pooling == "mask":
-        cells = -F.max_pool2d(-m, kernel, kernel)
-    else:
-        cells = F.max_pool2d(m, kernel, kernel)
-    return cells[0, 0] > 0
-
-
 def _cell_spans(original: int, content: int, stride: int, grid: int):
     """One axis: per cell, [start, end) in original pixels, whether it overlaps the content, and
     whether it lies entirely inside it (see the module docstring)."""

@@ -7,9 +7,15 @@ other fields, a format version, the fingerprint of the model that made it, the s
 tensor's bytes (format 2) and any extra metadata of the caller (the command line stores the resize
 mode and the weight files' names).
 
-A file is checked in full before use (:func:`load_context`): the header's types, the tensors'
-checksums, dtypes and shapes against the header, token counts against the tokens, finite values.
-Anything wrong raises ContextFileError naming the file and the field.
+A file is checked in full before use (:func:`load_context`, :func:`read_context_file`): the
+header's types, the tensors' checksums, dtypes and shapes against the header, token counts against
+the tokens, finite values small enough for the head's token normalisation
+(``matching.max_token_magnitude``), a seed the noise generator takes. Anything wrong raises
+ContextFileError naming the file and the field. A file of format 1 carries no checksums, so damage
+or tampering cannot be seen: it is refused unless the caller trusts it explicitly
+(``trust_unverified``; ``matte --trust-unverified-context``). Whether a context fits the loaded
+model (the weights' fingerprint, the model configuration) is :func:`check_fits`, the one home of
+that message for every caller (command line, Ray workers, nodes).
 
 The dataclass is serialised generically (``dataclasses.fields``: tensors to safetensors, the rest
 to JSON), so a field added to ReferenceContext is saved and loaded without touching this module.
@@ -26,17 +32,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import typing
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .context import ReferenceContext
 
-FORMAT_VERSION = 2  # 2: tensor checksums; files of version 1 (no checksums) still load
+FORMAT_VERSION = 2  # 2: tensor checksums; files of version 1 (no checksums) load only when trusted explicitly
+TRUST_FLAG = "--trust-unverified-context"
 METADATA_KEY = "iconmatting_context"
 MAX_HEADER_BYTES = 1_000_000
 
@@ -92,6 +98,28 @@ def fingerprint_label(fingerprint: Optional[str]) -> str:
     return hashlib.sha256(str(fingerprint).encode()).hexdigest()[:12]
 
 
+def sd_fingerprint(extractor) -> str:
+    """The fingerprint of the SD weights alone (no head): what a training run records in the heads
+    it writes (``sd_fingerprint`` in :func:`checkpoint.training_metadata`)."""
+    return model_fingerprint(torch.nn.Module(), extractor)
+
+
+def other_sd_warning(head_path, extractor) -> Optional[str]:
+    """One line when the head file was trained on SD weights other than ``extractor``'s (its training
+    record's ``sd_fingerprint``); None when they are the same, or the file records none (the release)."""
+    from .checkpoint import training_metadata
+
+    trained = training_metadata(head_path).get("sd_fingerprint")
+    if not trained:
+        return None
+    loaded = sd_fingerprint(extractor)
+    if same_weights(trained, loaded):
+        return None
+    return (f"{Path(head_path).name} was trained on other Stable Diffusion weights (fingerprint "
+            f"{fingerprint_label(trained)}) than the ones loaded now ({fingerprint_label(loaded)}): its mattes may "
+            "be worse; load the SD 2.1 weights it was trained with")
+
+
 def _to_json(value: Any, what: str):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
@@ -123,14 +151,8 @@ def _from_json(value: Any, hint):
     return value
 
 
-def save_context(path, context: ReferenceContext, fingerprint: str, extra_metadata: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``context`` to ``path`` (.safetensors) with the model ``fingerprint``; returns the path.
-
-    extra_metadata: JSON-serialisable values kept beside the context (e.g. ``{"resize_mode": "pad"}``),
-    read back with :func:`read_context_metadata`.
-    """
-    from safetensors.torch import save_file
-
+def _split(context: ReferenceContext) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensor fields on the CPU, the other fields as JSON values) of a context."""
     if not isinstance(context, ReferenceContext):
         raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
     tensors: Dict[str, torch.Tensor] = {}
@@ -141,6 +163,27 @@ def save_context(path, context: ReferenceContext, fingerprint: str, extra_metada
             tensors[f.name] = value.detach().cpu().contiguous()
         else:
             fields[f.name] = _to_json(value, f.name)
+    return tensors, fields
+
+
+def context_digest(context: ReferenceContext) -> str:
+    """sha256 of everything a context holds (each tensor's bytes, every other field): equal for a
+    context and the same context saved and loaded again, different when any token or field differs."""
+    tensors, fields = _split(context)
+    sums = {k: tensor_sha256(v) for k, v in tensors.items()}
+    return hashlib.sha256(json.dumps({"fields": fields, "tensor_sha256": sums}, sort_keys=True).encode()).hexdigest()
+
+
+def save_context(path, context: ReferenceContext, fingerprint: str, extra_metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``context`` to ``path`` (.safetensors) with the model ``fingerprint``; returns the path.
+    Written atomically, with the user's file mode (``files.write_safetensors``).
+
+    extra_metadata: JSON-serialisable values kept beside the context (e.g. ``{"resize_mode": "pad"}``),
+    read back with :func:`read_context_metadata`.
+    """
+    from .files import write_safetensors
+
+    tensors, fields = _split(context)
     header = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -150,13 +193,7 @@ def save_context(path, context: ReferenceContext, fingerprint: str, extra_metada
         "tensor_sha256": {k: tensor_sha256(v) for k, v in tensors.items()},
         "extra": _to_json(dict(extra_metadata or {}), "extra_metadata"),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})
-    from .checkpoint import current_umask
-
-    os.chmod(path, 0o666 & ~current_umask())  # like any file the user writes (safetensors creates 0600)
-    return path
+    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(header)})
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -173,6 +210,8 @@ def _bad(path: Path, field: str, problem: str) -> ContextFileError:
 def _read_header(path: Path) -> dict:
     from safetensors import safe_open
 
+    if path.is_dir():
+        raise ContextFileError(f"{path} is a folder; give the context file itself (a .safetensors file made by `encode`).")
     if not path.is_file():
         raise ContextFileError(f"context file not found: {path}. Make one with `python -m iconmatting_core encode ... --out {path}`.")
     try:
@@ -224,27 +263,58 @@ def read_context_metadata(path) -> dict:
     return _read_header(Path(path))
 
 
-def load_context(path, expected_fingerprint: Optional[str] = None) -> ReferenceContext:
-    """Read a context file. With ``expected_fingerprint`` (the loaded model's, e.g.
-    ``IconMattingPipeline.fingerprint``), a context made with other weights raises ContextFileError."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    header = _read_header(path)
+def check_fits(path, header: dict, context: ReferenceContext, fingerprint: str, config,
+               loaded_by: str = "loaded now") -> None:
+    """ContextFileError when the context file at ``path`` (its ``header`` and ``context``) was made
+    with other weights than ``fingerprint`` or for another model configuration than ``config``
+    (``loaded_by`` says whose model: "loaded now", "a Ray worker loaded")."""
     made_with = header.get("fingerprint")
-    if expected_fingerprint is not None and not same_weights(made_with, expected_fingerprint):
+    if not same_weights(made_with, fingerprint):
         extra = header.get("extra") or {}
         files = ", ".join(f"{k} {extra[k]}" for k in ("matting_weights", "sd") if extra.get(k))
         raise ContextFileError(
             f"{path} was encoded with other model weights (fingerprint {fingerprint_label(made_with)}"
             + (f": {files}" if files else "")
-            + f") than the ones loaded now (fingerprint {fingerprint_label(expected_fingerprint)}). Load the IconMatting and "
+            + f") than the ones {loaded_by} (fingerprint {fingerprint_label(fingerprint)}). Load the IconMatting and "
             "Stable Diffusion 2.1 weights it was made with, or encode the reference "
             "again with these weights."
         )
+    if config is not None and context.config != config:
+        ours, theirs = context.config.to_dict(), config.to_dict()
+        diff = ", ".join(f"{k} {ours[k]} instead of {theirs[k]}" for k in ours if ours[k] != theirs[k])
+        raise ContextFileError(
+            f"{path} was encoded for another model configuration than the weights {loaded_by} ({diff}); "
+            "encode the reference again with these weights."
+        )
+
+
+def read_context_file(path, trust_unverified: bool = False) -> Tuple[ReferenceContext, dict]:
+    """A context file checked in full, without a model: (context, header). A format-1 file (no
+    checksums) raises ContextFileError unless ``trust_unverified``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    if header["format_version"] < 2 and not trust_unverified:
+        raise ContextFileError(
+            f"{path} is a context file of format {header['format_version']}, which carries no checksums: damage or "
+            f"tampering cannot be detected. Encode the reference again (or, if you trust this file, `matte {TRUST_FLAG}` "
+            "uses it anyway)."
+        )
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _build(path, header, tensors)
+    return _build(path, header, tensors), header
+
+
+def load_context(path, expected_fingerprint: Optional[str] = None, trust_unverified: bool = False) -> ReferenceContext:
+    """Read a context file (see :func:`read_context_file`). With ``expected_fingerprint`` (the
+    loaded model's, e.g. ``IconMattingPipeline.fingerprint``), a context made with other weights
+    raises ContextFileError (:func:`check_fits`), before its tensors are read."""
+    path = Path(path)
+    if expected_fingerprint is not None:
+        header = _read_header(path)
+        check_fits(path, header, None, expected_fingerprint, None)
+    return read_context_file(path, trust_unverified)[0]
 
 
 def _check_tensors(path: Path, header: dict, tensors: Dict[str, torch.Tensor]) -> None:
@@ -265,6 +335,8 @@ def _check_tensors(path: Path, header: dict, tensors: Dict[str, torch.Tensor]) -
 def _check_context(path: Path, c: ReferenceContext) -> None:
     from .config import IconMattingConfig
     from .context import POOLING_MODES
+    from .features import seed_problem
+    from .matching import max_token_magnitude
 
     if not isinstance(c.config, IconMattingConfig):
         raise _bad(path, "config", f"is a {type(c.config).__name__}, not a model configuration")
@@ -278,6 +350,10 @@ def _check_context(path: Path, c: ReferenceContext) -> None:
         raise _bad(path, "tokens", f"have {tokens.shape[1]} channels but the config says {c.config.unet_feature_channels[1]}")
     if not torch.isfinite(tokens).all():
         raise _bad(path, "tokens", "hold NaN or infinite values")
+    largest, bound = float(tokens.abs().max()) if tokens.numel() else 0.0, max_token_magnitude(tokens.shape[1])
+    if largest > bound:
+        raise _bad(path, "tokens", f"hold values up to {largest:.3g}; the head's token normalisation overflows above "
+                                   f"{bound:.3g}")
     if len(c.reference_sizes) not in (0, len(counts)) or any(
             len(hw) != 2 or any(type(v) is not int or v < 1 for v in hw) for hw in c.reference_sizes):
         raise _bad(path, "reference_sizes", f"{c.reference_sizes!r} are not one (height, width) per reference")
@@ -285,8 +361,9 @@ def _check_context(path: Path, c: ReferenceContext) -> None:
         raise _bad(path, "pooling", f"is {c.pooling!r}, not one of {', '.join(POOLING_MODES)}")
     if c.resize_mode not in ("pad", "stretch"):
         raise _bad(path, "resize_mode", f"is {c.resize_mode!r}, not pad or stretch")
-    if type(c.seed) is not int:
-        raise _bad(path, "seed", f"is {c.seed!r}, not a whole number")
+    problem = seed_problem(c.seed)
+    if problem is not None:
+        raise _bad(path, "seed", f"is {c.seed!r}, {problem}")
 
 
 def _build(path: Path, header: dict, tensors: Dict[str, torch.Tensor]) -> ReferenceContext:

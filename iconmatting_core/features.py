@@ -9,21 +9,30 @@ through the UNet conditioned on the empty prompt. Outputs, averaged over the cop
 * ``attention[r]``: self-attention probabilities at r x r tokens, averaged over heads, copies and
   all self-attention layers at that resolution (down, mid and up), [B, r*r (query), r*r (key)]
 
-:class:`FeatureExtractor` holds these shared steps; a subclass supplies SD's VAE encoder and UNet:
-:class:`~iconmatting_core.sd_features.SDFeatureExtractor` runs diffusers modules (library, command line), and the ComfyUI node
-pack runs the host's own model objects through the same steps. Each recorded self-attention
-layer computes its probabilities once, in float32, and derives both the recorded map and the
-layer's output from them (as the reference's attention processor does). The UNet stops right
-after the last block it is needed for (up block 1 for a reference); for the maps, once a first pass
-has shown how many layers it records, right after the last of them (in up block 2, before that
-block's last feed-forward and its upsampler, whose outputs nothing reads).
+:class:`FeatureExtractor` holds these shared steps; a subclass (an *adapter*) supplies SD's VAE
+encoder and a way to call its UNet: :class:`~iconmatting_core.sd_features.SDFeatureExtractor` runs
+diffusers modules (library, command line), and the ComfyUI node pack runs the host's own model
+objects. Each recorded self-attention layer computes its probabilities once, in float32, and
+derives both the recorded map and the layer's output from them (as the reference's attention
+processor does).
+
+The UNet pass and its early stop have one home, :meth:`FeatureExtractor.unet_up_features`. An
+adapter tells it, before any pass, where the UNet's self-attention layers lie (a
+:data:`UNetLayout`), calls the UNet (:meth:`~FeatureExtractor.call_unet`), and from its hooks inside
+the UNet hands over each recorded layer's projections (:meth:`~FeatureExtractor.self_attention`) and
+the outputs of up blocks 0 and 1 (:meth:`~FeatureExtractor.up_block_output`). The extractor keeps
+those outputs, records the maps and stops the pass, by an exception of its own, right after the
+last thing the pass is needed for: up block 1's output for a reference; for the maps, the last
+recorded layer (in up block 2 of SD, before that block's last feed-forward and its upsampler, whose
+outputs nothing reads), or up block 1's output if that comes later. The stop is worked out from the
+layout when the extractor is built, so every pass, the first included, stops at the same place.
 Noise comes from a CPU generator seeded per image (one stream for references, another for
 targets), so a batch gives the same result as its images one at a time, on any device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from einops import rearrange
@@ -46,55 +55,82 @@ class ImageFeatures:
 
 
 TARGET_NOISE, REFERENCE_NOISE = 0, 1
+KEPT_UP_BLOCKS = 2
+"""The outputs of up blocks 0 and 1 are the features; nothing of a later block is kept."""
 
 
-class StopUNet(Exception):
-    """Raised from inside the UNet once the last block whose output is used has run."""
+class SelfAttentionLayer(NamedTuple):
+    """One self-attention layer of a UNet pass, as the early stop sees it."""
+
+    level: int
+    """How many times the latent was halved where the layer runs (its tokens: (S/8 / 2**level)**2)."""
+    up_blocks_before: int
+    """How many up blocks have given their output when the layer runs."""
+
+
+UNetLayout = Sequence[SelfAttentionLayer]
+"""Every self-attention layer of a UNet, in the order a pass runs them (read off its modules)."""
+
+
+class _StopPass(BaseException):
+    """Ends a UNet pass once everything it is needed for has run. A BaseException, so that a wrapper
+    another extension put around the UNet (``except Exception``: a fallback that runs the UNet again,
+    or a re-raise as its own error) lets it through; only :meth:`FeatureExtractor.unet_up_features`
+    catches it."""
+
+
+class PassStop(NamedTuple):
+    """Where a pass stops: right after its ``layers``-th recorded self-attention layer, or at the output
+    of up block ``up_block``; None for neither."""
+
+    layers: Optional[int]
+    up_block: Optional[int]
+
+
+def plan_stops(layout: UNetLayout, recorded_levels: Set[int]) -> Dict[bool, PassStop]:
+    """{with_attention: where such a pass stops}, from the UNet's layout. Without attention: at up block
+    1's output. With attention: right after the last layer at a recorded level if it runs after up
+    block 1's output, else (nothing would be saved, and stopping there would lose that output) at up
+    block 1's output."""
+    recorded = [layer for layer in layout if layer.level in recorded_levels]
+    at_features = PassStop(None, KEPT_UP_BLOCKS - 1)
+    if recorded and recorded[-1].up_blocks_before >= KEPT_UP_BLOCKS:
+        return {False: at_features, True: PassStop(len(recorded), None)}
+    return {False: at_features, True: at_features}
 
 
 class SelfAttentionRecorder:
     """Self-attention at the recorded resolutions: computes each layer's probabilities once,
     accumulates their mean over heads per image, and returns the layer's output from them."""
 
-    def __init__(self, resolutions, images: int = 1, copies: int = 1):
+    def __init__(self, resolutions):
         self.token_counts = {r * r: r for r in resolutions}
-        self.active = False
-        #: recorded layers in one whole UNet pass, once a pass has run to its end (None before; 0: the
-        #: last of them runs before the last block whose output is kept); from then on a pass stops
-        #: (StopUNet) right after the last one has recorded its probabilities
-        self.layers_per_pass: Optional[int] = None
-        self.reset(images, copies)
+        self.reset(0, 1)
 
     def reset(self, images: int, copies: int):
         self.images, self.copies = images, copies
-        self.pass_layers = 0  # recorded layers run so far in the UNet pass running now
         self.offset = 0  # index in the whole [B*E] batch of the first sample of the group running now
         self.sums: Dict[int, torch.Tensor] = {}
         self.layers: Dict[int, int] = {}  # layer calls per resolution (each group of copies calls every layer)
         self.samples: Dict[int, int] = {}  # probability maps added per resolution, all images together
 
-    def records(self, tokens: int) -> bool:
-        return self.active and tokens in self.token_counts
-
     @torch.no_grad()
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        """q, k, v [B, T, heads*D] (projected) -> attention output [B, T, heads*D] in q's dtype.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+               output: bool = True) -> Optional[torch.Tensor]:
+        """q, k, v [B, T, heads*D] (projected) -> attention output [B, T, heads*D] in q's dtype (None
+        unless ``output``: the pass ends after this layer).
 
         softmax(q k^T * scale) is computed in float32, one sample at a time (memory heads x T^2);
         its mean over heads is added to the image's sum (copies of an image are adjacent in B; B
         may be a group of the copies, starting at sample ``self.offset`` of the whole batch).
-        Raises StopUNet instead of returning after the pass's last recorded layer (once
-        ``layers_per_pass`` is known): nothing the UNet computes after it is used.
         """
         res = self.token_counts[q.shape[1]]
         batch, tokens, _ = q.shape
-        self.pass_layers += 1
-        last = bool(self.layers_per_pass) and self.pass_layers >= self.layers_per_pass
         acc = self.sums.get(res)
         if acc is None:
             acc = torch.zeros(self.images, tokens, tokens, device=q.device, dtype=torch.float32)
             self.sums[res] = acc
-        out = None if last else torch.empty_like(q)
+        out = torch.empty_like(q) if output else None
         for i in range(batch):
             qh, kh, vh = (rearrange(t[i].float(), "t (h d) -> h t d", h=heads) for t in (q, k, v))
             probs = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # [heads, T, T]
@@ -104,8 +140,6 @@ class SelfAttentionRecorder:
             del probs
         self.layers[res] = self.layers.get(res, 0) + 1
         self.samples[res] = self.samples.get(res, 0) + batch
-        if out is None:
-            raise StopUNet()
         return out
 
     def maps(self) -> Dict[int, torch.Tensor]:
@@ -125,22 +159,36 @@ def noise_schedule(config: IconMattingConfig) -> Tuple[float, float]:
     return float(alpha_bar.sqrt()), float((1.0 - alpha_bar).sqrt())
 
 
+class _Pass:
+    """The UNet pass running now: where it stops, what it records, what it has kept so far."""
+
+    def __init__(self, stop: PassStop, record: bool):
+        self.stop, self.record = stop, record
+        self.layers = 0  # recorded self-attention layers run so far
+        self.captured: Dict[int, torch.Tensor] = {}  # up block outputs
+
+
 class FeatureExtractor(nn.Module):
     """The IconMatting feature steps over an SD 2.1 VAE encoder and UNet that a subclass supplies.
 
-    Subclasses implement :meth:`posterior`, :meth:`unet_up_features`, :meth:`fingerprint_tensors`
-    and the ``device``/``dtype`` properties (where and in what precision the UNet takes its input).
+    Subclasses pass the UNet's :data:`UNetLayout` to ``__init__``, implement :meth:`posterior`,
+    :meth:`call_unet`, :meth:`fingerprint_tensors` and the ``device``/``dtype`` properties (where
+    and in what precision the UNet takes its input), and from inside the UNet call
+    :meth:`self_attention` (for each layer :meth:`records` accepts) and :meth:`up_block_output`.
     """
 
-    def __init__(self, config: IconMattingConfig, empty_prompt_embedding: torch.Tensor, latent_scaling_factor: float):
+    def __init__(self, config: IconMattingConfig, empty_prompt_embedding: torch.Tensor, latent_scaling_factor: float,
+                 layout: UNetLayout):
         super().__init__()
         self.config = config
         self.latent_scaling_factor = float(latent_scaling_factor)
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding.detach().float().clone(), persistent=False)
         self.recorder = SelfAttentionRecorder(config.attention_resolutions)
         self.signal_scale, self.noise_scale = noise_schedule(config)
-        self._captured: Dict[int, torch.Tensor] = {}  # up block outputs of the pass running now
-        self._layers_at_capture = 0  # recorded layers that had run when the pass's last capture was made
+        latent, sides = config.image_size // 8, set(config.attention_resolutions)
+        #: {with_attention: where such a pass stops}, the same for every pass (see :func:`plan_stops`)
+        self.stops = plan_stops(layout, {layer.level for layer in layout if latent >> layer.level in sides})
+        self._pass: Optional[_Pass] = None
 
     # --- supplied by a subclass ------------------------------------------------------------------
     @property
@@ -155,12 +203,11 @@ class FeatureExtractor(nn.Module):
         """[B, 3, S, S] in [-1, 1] -> VAE posterior (mean, std), each [B, 4, S/8, S/8] float32."""
         raise NotImplementedError
 
-    def unet_up_features(
-        self, latents: torch.Tensor, cond: torch.Tensor, with_attention: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Noised latents [N, 4, S/8, S/8] and the prompt embedding [N, 77, D] at config.timestep ->
-        outputs of UNet up blocks 0 and 1; with_attention: self-attention goes through self.recorder
-        (and the UNet runs up to up block 2), else the UNet may stop after up block 1."""
+    def call_unet(self, latents: torch.Tensor, cond: torch.Tensor, with_attention: bool) -> None:
+        """Run the UNet on noised latents [N, 4, S/8, S/8] and the prompt embedding [N, 77, D] at
+        config.timestep, with the adapter's hooks in place (its output is not used: the pass is stopped
+        inside it). ``with_attention``: whether the pass records self-attention (a host may size its
+        memory for it)."""
         raise NotImplementedError
 
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
@@ -168,11 +215,6 @@ class FeatureExtractor(nn.Module):
         and the VAE encoder's input convolutions. (Not the empty-prompt embedding: hosts compute it
         with their own text encoder code, equal only to float rounding.)"""
         raise NotImplementedError
-
-    def _capture(self, level: int, features: torch.Tensor) -> None:
-        """Called by the subclass's UNet hook: keeps the output of up block ``level`` (0 or 1) of the pass."""
-        self._captured[level] = features
-        self._layers_at_capture = self.recorder.pass_layers
 
     #: at most this many noised copies (of all images together) per UNet pass; None: as many as
     #: :meth:`copies_per_pass` allows. Smaller groups give the same features to float rounding.
@@ -184,7 +226,53 @@ class FeatureExtractor(nn.Module):
         memory manager); by default all of them, or ``max_copies_per_pass``."""
         return copies if self.max_copies_per_pass is None else self.max_copies_per_pass
 
+    # --- called from inside the UNet by the adapter's hooks --------------------------------------
+    def records(self, tokens: int) -> bool:
+        """Whether this extractor's pass is running and records self-attention over ``tokens`` tokens
+        (the adapter then hands the layer to :meth:`self_attention`; otherwise the UNet's own runs)."""
+        return self._pass is not None and self._pass.record and tokens in self.recorder.token_counts
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        """A recorded layer (see :meth:`SelfAttentionRecorder.attend`): its output, or the end of the pass
+        after the last recorded layer it is needed for."""
+        run = self._pass
+        run.layers += 1
+        last = run.layers == run.stop.layers
+        out = self.recorder.attend(q, k, v, heads, scale, output=not last)
+        if last:
+            raise _StopPass()
+        return out
+
+    def up_block_output(self, index: int, features: torch.Tensor) -> None:
+        """The output of up block ``index`` of the running pass: kept if a feature, and the end of the
+        pass if nothing later is needed. Does nothing while this extractor runs no pass."""
+        run = self._pass
+        if run is None:
+            return
+        if index < KEPT_UP_BLOCKS:
+            run.captured[index] = features
+        if index == run.stop.up_block:
+            raise _StopPass()
+
     # --- shared steps ----------------------------------------------------------------------------
+    def unet_up_features(
+        self, latents: torch.Tensor, cond: torch.Tensor, with_attention: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One UNet pass: noised latents [N, 4, S/8, S/8] and the prompt embedding [N, 77, D] -> outputs of
+        UNet up blocks 0 and 1; with_attention: self-attention is recorded into self.recorder."""
+        self._pass = _Pass(self.stops[with_attention], with_attention)
+        try:
+            try:
+                self.call_unet(latents, cond, with_attention)
+            except _StopPass:
+                pass
+            captured = self._pass.captured
+            if len(captured) < KEPT_UP_BLOCKS:
+                raise RuntimeError("the UNet did not run its up blocks 0 and 1")
+            return captured[0], captured[1]
+        finally:  # never keep device tensors alive past the pass, also after an error
+            self._pass = None
+
     def _noise(self, count: int, latent_shape, seed: int, stream: int) -> Tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device="cpu").manual_seed(2 * int(seed) + stream)
         shape = (count, *latent_shape)
@@ -221,24 +309,18 @@ class FeatureExtractor(nn.Module):
         latents = self.noisy_latents(images, seed, noise_stream)
         cond = self.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
         self.recorder.reset(batch, e)
-        self.recorder.active = with_attention
         try:
             group = max(1, min(int(self.copies_per_pass(latents.shape[0], with_attention)), latents.shape[0]))
-            parts = []
+            parts: List[List[torch.Tensor]] = []
             for start in range(0, latents.shape[0], group):
-                self.recorder.offset, self.recorder.pass_layers = start, 0
+                self.recorder.offset = start
                 stop = start + group
                 parts.append([c.float() for c in self.unet_up_features(latents[start:stop], cond[start:stop], with_attention)])
-                if with_attention and self.recorder.layers_per_pass is None:  # this pass ran to its end
-                    # later passes stop after the last recorded layer if it runs after the last capture (0: never)
-                    ran_after = self.recorder.pass_layers > self._layers_at_capture
-                    self.recorder.layers_per_pass = self.recorder.pass_layers if ran_after else 0
             captured = [torch.cat(level) if len(parts) > 1 else level[0] for level in zip(*parts)]
             del parts
             ups = tuple(c.view(batch, e, *c.shape[1:]).mean(dim=1) for c in captured)
             attention = self.recorder.maps() if with_attention else None
         finally:  # never keep device tensors alive past the call, also after an error
-            self.recorder.active = False
             self.recorder.reset(0, 1)
         maps = list(ups) + (list(attention.values()) if attention else [])
         if not all(torch.isfinite(m).all() for m in maps):
@@ -246,3 +328,16 @@ class FeatureExtractor(nn.Module):
                 f"Stable Diffusion features overflowed in {self.dtype} (NaN/inf): {OVERFLOW_ADVICE}."
             )
         return ImageFeatures(up_features=ups, attention=attention)
+
+
+# the generator of stream s is seeded with 2 * seed + s; torch takes seeds in [-2**63, 2**64 - 1]
+SEED_RANGE = (-(2**62), 2**63 - 1)
+
+
+def seed_problem(seed) -> Optional[str]:
+    """Why ``seed`` cannot seed the noise of both streams ("not a whole number", "outside ..."), or None."""
+    if type(seed) is not int:
+        return "not a whole number"
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        return f"outside the noise generator's range [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"
+    return None

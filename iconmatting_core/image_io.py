@@ -2,15 +2,22 @@
 
 Every reader turns the image upright by its EXIF orientation (as ComfyUI's loaders do) and raises
 :class:`ImageReadError` (a ValueError naming the file) when the file cannot be decoded.
+
+A GIF or WebP may hold an animation: :func:`is_animation` tells, cheaply, whether it holds more than
+one frame (``job.targets`` then makes it a clip), and :func:`iter_animation` reads its frames.
 """
 from __future__ import annotations
 
 import io
+import mmap
+import struct
 from pathlib import Path
+from typing import Iterator, Tuple
 
 import numpy as np
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+ANIMATED_EXTENSIONS = {".gif", ".webp"}  # image files that may hold an animation
 
 
 class ImageReadError(ValueError):
@@ -25,6 +32,79 @@ def open_image(path: Path):
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+        raise ImageReadError(f"cannot read {path}: {exc}") from None
+
+
+def is_animation(path: Path) -> bool:
+    """Whether a GIF/WebP file holds more than one frame (told by its first bytes, not its name);
+    False for any other file and for one that cannot be read (its reader then says why). Reads block
+    headers, never pixels, and stops at the second frame: Pillow's WebP reader reads the whole file
+    when it opens it, and its GIF reader steps through a still GIF several times slower
+    (``benchmarks/benchmark_targets.py``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                return _webp_frames(f, at_most=2) > 1
+            if head[:6] in (b"GIF87a", b"GIF89a"):
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # only the pages looked at are read
+                    return _gif_frames(data, at_most=2) > 1
+    except (OSError, ValueError, IndexError):  # unreadable, empty or cut short: read (and reported) as an image
+        pass
+    return False
+
+
+def _webp_frames(f, at_most: int) -> int:
+    """Animation frame (``ANMF``) chunks of a WebP file read past its 12-byte RIFF header, counted up
+    to ``at_most``: each chunk is a 4-byte type, a little-endian 32-bit size and its data, padded to
+    an even length."""
+    frames = 0
+    while frames < at_most:
+        header = f.read(8)
+        if len(header) < 8:
+            break
+        size = struct.unpack("<I", header[4:])[0]
+        frames += header[:4] == b"ANMF"
+        f.seek(size + size % 2, 1)
+    return frames
+
+
+def _colour_table(packed: int) -> int:
+    """Bytes of the colour table a GIF descriptor's packed byte announces (flag 0x80, size bits 0-2)."""
+    return 3 << ((packed & 7) + 1) if packed & 0x80 else 0
+
+
+def _gif_frames(data, at_most: int) -> int:
+    """Images in a GIF, counted up to ``at_most``. After the 6-byte signature, the 7-byte screen
+    descriptor (byte 10 announces the global colour table) and that table come blocks: 0x2C an image
+    (9 bytes, its own colour table, the LZW code size byte), 0x21 an extension (its label byte),
+    each followed by data sub-blocks (a length byte and that many bytes; length 0 ends them); 0x3B ends
+    the file."""
+    i, frames = 13 + _colour_table(data[10]), 0
+    while frames < at_most and i < len(data) and data[i] in (0x2C, 0x21):
+        if data[i] == 0x2C:
+            frames += 1
+            i += 11 + _colour_table(data[i + 9])
+        else:
+            i += 2
+        while data[i]:
+            i += data[i] + 1
+        i += 1
+    return frames
+
+
+def iter_animation(path: Path) -> Iterator[Tuple[np.ndarray, int]]:
+    """(RGB frame [H, W, 3] uint8, upright, as the animation shows it; its stated duration in ms, 0
+    when none) of each frame of a GIF/WebP, in order, one frame in memory at a time."""
+    from PIL import Image, ImageOps, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                frame.load()
+                duration = int(frame.info.get("duration") or 0)
+                yield np.array(ImageOps.exif_transpose(frame.convert("RGB"))), duration
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
         raise ImageReadError(f"cannot read {path}: {exc}") from None
 
@@ -65,15 +145,36 @@ def read_matte(path: Path) -> np.ndarray:
     return read_matte_image(open_image(path))
 
 
+def read_trimap_image(im) -> np.ndarray:
+    """A PIL trimap image -> [H, W] uint8 levels (0 / 128 / 255): 8-bit as stored, 16-bit scaled to
+    8 bits like a matte (Pillow's own conversion would clip 32768, unknown, to 255, foreground)."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return np.round(read_matte_image(im) * 255).astype(np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
 def read_trimap(path: Path) -> np.ndarray:
-    """A trimap file -> [H, W] uint8 (0 / 128 / 255)."""
-    return np.asarray(open_image(path).convert("L"), dtype=np.uint8)
+    """A trimap file -> [H, W] uint8 (0 / 128 / 255); see :func:`read_trimap_image`."""
+    return read_trimap_image(open_image(path))
 
 
-def png_bytes(array: np.ndarray, mode: str) -> bytes:
-    """[H, W] (mode "L") or [H, W, 4] (mode "RGBA") uint8 -> PNG file bytes."""
+def png_info(text: dict | None):
+    """Pillow's PngInfo holding ``text`` as tEXt chunks (before the pixels, so a reader finds them
+    without decoding the image), or None."""
+    if not text:
+        return None
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return info
+
+
+def png_bytes(array: np.ndarray, mode: str, text: dict | None = None) -> bytes:
+    """[H, W] (mode "L") or [H, W, 4] (mode "RGBA") uint8 -> PNG file bytes, with ``text`` chunks."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
+    Image.fromarray(array, mode).save(buf, format="PNG", pnginfo=png_info(text))
     return buf.getvalue()

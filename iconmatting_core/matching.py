@@ -40,6 +40,17 @@ TOKEN_CHUNK = 4096
 """Reference tokens per softmax batch in :func:`inter_image_similarity`: memory [B, chunk, h*w] floats."""
 
 
+def max_token_magnitude(channels: int) -> float:
+    """The largest |value| a reference token may hold for the head's token LayerNorm to stay
+    finite in float32: the norm sums ``channels`` squared deviations from the mean, each at most
+    (2 * bound)^2, so the sum stays below float32's largest value when the bound is
+    sqrt(max / (4 * channels)). After the norm a token is bounded by the head's own weights
+    (|y| <= sqrt(channels) * |gamma| + |beta|), so tokens within this bound give finite
+    similarities, and tokens beyond it overflow with any weights (about 2.6e17 for SD's 1280
+    channels; real features are many orders of magnitude smaller)."""
+    return (torch.finfo(torch.float32).max / (4 * channels)) ** 0.5
+
+
 @dataclass
 class MatchResult:
     """Matched targets, ready for alpha decoding.

@@ -28,11 +28,10 @@ from .sd_features import SDFeatureExtractor
 from .matching import MatchResult, match_features
 from .matting_head import IconMattingHead
 from .postprocess import rgba_cutout
+from .precision import resolve_dtype
 from .sd_loading import load_sd_components
 
 Progress = Optional[Callable[[int, int], None]]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BF16_MIN_COMPUTE_CAPABILITY = 8  # Ampere: native bfloat16 matrix units
 
 
 class IconMattingModel(nn.Module):
@@ -59,6 +58,12 @@ class IconMattingModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def fingerprint(self) -> str:
+        """The signature of the head and SD weights in use (``context_file.model_fingerprint``)."""
+        from .context_file import model_fingerprint
+
+        return model_fingerprint(self.head, self.extractor)
+
     def close(self) -> None:
         """Give the SD modules back as they were (see :meth:`SDFeatureExtractor.close`)."""
         close = getattr(self.extractor, "close", None)
@@ -70,26 +75,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """The precision to run in on ``device``: "fp32", "fp16", "bf16", a torch dtype, or "auto".
-
-    The one rule for "auto" (the default of :func:`load_model`, :func:`load_pipeline` and the
-    command line): bfloat16 on a CUDA GPU that computes in it natively (compute capability 8.0 or
-    newer), float32 everywhere else. Never float16 unasked: SD 2.1's UNet can overflow in it, and
-    an overflow (NaN/inf) stops with an error recommending exactly these two, fp32 or bf16.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= BF16_MIN_COMPUTE_CAPABILITY:
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _prepare(sources: Sequence, size: int, resize_mode: str, offset: int = 0):
@@ -136,13 +121,11 @@ class IconMattingPipeline:
 
     @property
     def fingerprint(self) -> str:
-        """Signature of the head and SD weights (``context_file.model_fingerprint``), computed once per
+        """Signature of the head and SD weights (:meth:`IconMattingModel.fingerprint`), computed once per
         dtype; a saved context records it and only loads with the same weights (``same_weights``)."""
-        from .context_file import model_fingerprint
-
         cached = getattr(self, "_fingerprint", None)
         if cached is None or cached[0] != self.model.dtype:
-            cached = (self.model.dtype, model_fingerprint(self.model.head, self.model.extractor))
+            cached = (self.model.dtype, self.model.fingerprint())
             self._fingerprint = cached
         return cached[1]
 
@@ -207,21 +190,11 @@ class IconMattingPipeline:
         output_device: Union[str, torch.device] = "cpu",
     ) -> MatchResult:
         """Targets (a batch [B, H, W, C] or a list of images of any sizes) -> MatchResult."""
-        if not isinstance(context, ReferenceContext):
-            raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
-        if context.config != self.config:
-            raise ValueError("the reference context was encoded with a different model configuration")
-        sources = self._checked_targets(images, resize_mode)
-        device = self.model.device
-        tokens = context.tokens.to(device)
+        sources = self._checked(context, images, resize_mode)
         parts = []
         for start, stop in _chunks(len(sources), chunk_size):
             batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
-            feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
-            fused, similarity = match_features(self.model.head, tokens, feats, valid=placements)
-            _check_finite(fused, "matching layers")
-            parts.append(MatchResult(fused, similarity, sources[start:stop], placements, resize_mode).to(output_device))
-            del feats, fused, similarity, batch
+            parts.append(self._match_chunk(context, batch, placements, sources[start:stop], resize_mode).to(output_device))
             if progress is not None:
                 progress(stop, len(sources))
         return MatchResult.concat(parts)
@@ -235,25 +208,14 @@ class IconMattingPipeline:
         output_device: Union[str, torch.device] = "cpu",
     ) -> List[torch.Tensor]:
         """MatchResult -> one alpha matte [H, W] (float32, [0, 1]) per target, at its original size."""
-        device, dtype = self.model.device, self.model.dtype
         alphas: List[torch.Tensor] = []
         for start, stop in _chunks(len(match), chunk_size):
-            part = match.slice(start, stop).to(device, dtype)
+            part = match.slice(start, stop)
             images, _ = _prepare(part.sources, self.config.image_size, match.resize_mode, start)
-            alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
-            _check_finite(alpha, "matting head", dtype)
-            for a, placement in zip(alpha, part.placements):
-                alphas.append(pre.restore_alpha(a, placement).to(output_device))
+            alphas += self._decode_chunk(part, images, output_device)
             if progress is not None:
                 progress(stop, len(match))
         return alphas
-
-    def _checked_targets(self, images, resize_mode: str) -> list:
-        sources = pre.split_batch(images, "target images")
-        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
-        for i, img in enumerate(sources):  # fail before any work on a bad image
-            pre.to_rgb(img, f"target image {i}")
-        return sources
 
     def matte(
         self,
@@ -266,16 +228,47 @@ class IconMattingPipeline:
     ) -> List[torch.Tensor]:
         """match + decode, chunk by chunk: one alpha [H, W] per target image.
 
-        Only the alphas accumulate, so host memory too stays bounded for any number of targets.
+        The targets are checked once, before any model work, and each chunk is prepared once for both
+        steps; only the alphas accumulate, so host memory too stays bounded for any number of targets.
         """
-        sources = self._checked_targets(images, resize_mode)
+        sources = self._checked(context, images, resize_mode)
         alphas: List[torch.Tensor] = []
-        for start, stop in _chunks(len(sources), chunk_size):
-            match = self.match(context, sources[start:stop], resize_mode=resize_mode, chunk_size=chunk_size)
-            alphas += self.decode(match, chunk_size=chunk_size, output_device=output_device)
-            if progress is not None:
-                progress(stop, len(sources))
+        with torch.no_grad():
+            for start, stop in _chunks(len(sources), chunk_size):
+                batch, placements = _prepare(sources[start:stop], self.config.image_size, resize_mode, start)
+                match = self._match_chunk(context, batch, placements, sources[start:stop], resize_mode)
+                alphas += self._decode_chunk(match, batch, output_device)
+                if progress is not None:
+                    progress(stop, len(sources))
         return alphas
+
+    def _checked(self, context: ReferenceContext, images, resize_mode: str) -> list:
+        """The targets as a list, after checking the context, the mode and every image (before any work)."""
+        if not isinstance(context, ReferenceContext):
+            raise TypeError(f"context must be a ReferenceContext, got {type(context).__name__}")
+        if context.config != self.config:
+            raise ValueError("the reference context was encoded with a different model configuration")
+        sources = pre.split_batch(images, "target images")
+        pre.placement_for(1, 1, self.config.image_size, resize_mode)  # checks the mode
+        for i, img in enumerate(sources):
+            pre.to_rgb(img, f"target image {i}")
+        return sources
+
+    def _match_chunk(self, context: ReferenceContext, batch: torch.Tensor, placements, sources, resize_mode: str) -> MatchResult:
+        """Prepared targets [B, 3, S, S] -> their MatchResult, on the model's device."""
+        device = self.model.device
+        feats = self.model.extractor(batch.to(device), seed=context.seed, with_attention=True)
+        fused, similarity = match_features(self.model.head, context.tokens.to(device), feats, valid=placements)
+        _check_finite(fused, "matting layers")
+        return MatchResult(fused, similarity, sources, placements, resize_mode)
+
+    def _decode_chunk(self, match: MatchResult, images: torch.Tensor, output_device) -> List[torch.Tensor]:
+        """A chunk's MatchResult and its prepared targets [B, 3, S, S] -> one alpha per target, at its size."""
+        device, dtype = self.model.device, self.model.dtype
+        part = match.to(device, dtype)
+        alpha = self.model.head.detail(part.fused, images.to(device, dtype)).float()
+        _check_finite(alpha, "matting head", dtype)
+        return [pre.restore_alpha(a, placement).to(output_device) for a, placement in zip(alpha, part.placements)]
 
     def cutout(self, image, alpha: torch.Tensor, estimate_colors: bool = True) -> torch.Tensor:
         """One target image [H, W, C] + its alpha [H, W] -> RGBA [H, W, 4] with estimated foreground colours."""
@@ -297,7 +290,7 @@ def load_model(
     device: Union[str, torch.device] = "cpu",
 ) -> IconMattingModel:
     """Load an IconMattingModel on the CPU in ``dtype`` (the caller moves it to ``device``, where it
-    will run: "auto" precision is resolved for that device, see :func:`resolve_dtype`)."""
+    will run: "auto" precision is resolved for that device, see :func:`.precision.resolve_dtype`)."""
     dtype = resolve_dtype(dtype, resolve_device(device))
     head, empty_prompt = load_head(matting_weights, config)
     sd = load_sd_components(sd_path, dtype)
@@ -313,6 +306,6 @@ def load_model(
 
 def load_pipeline(matting_weights, sd_path, device="auto", dtype="auto", config=None) -> IconMattingPipeline:
     """Load everything and move it to ``device`` ("auto": CUDA when available) in ``dtype``
-    ("auto": bf16 on a GPU with native bfloat16, else fp32, see :func:`resolve_dtype`; or fp32/fp16/bf16)."""
+    ("auto": bf16 on a GPU with native bfloat16, else fp32, see :func:`.precision.resolve_dtype`; or fp32/fp16/bf16)."""
     dev = resolve_device(device)
     return IconMattingPipeline(load_model(matting_weights, sd_path, dtype, config, device=dev).to(dev))

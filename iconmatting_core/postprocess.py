@@ -26,13 +26,7 @@ import torch.nn.functional as F
 STRIP_ROWS = 256
 TILE_COLUMNS = 512
 Box = Tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1)
-
-
-def box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window clipped to the image. x: [B, C, H, W] -> [B, C, H, W]."""
-    b, c, h, w = x.shape
-    out = _box_mean(x.reshape(b * c, h, w), (0, h, 0, w), (0, h, 0, w), radius, (h, w))
-    return out.reshape(b, c, h, w)
+_EPS = 1e-5  # blur-fusion's guard against a window without foreground or background
 
 
 def _window_sums(x: torch.Tensor, out_lo: int, out_hi: int, src_lo: int, src_hi: int, radius: int) -> torch.Tensor:
@@ -73,8 +67,18 @@ def _crop(x: torch.Tensor, outer: Box, inner: Box) -> torch.Tensor:
 def _blur_fusion_region(image: torch.Tensor, alpha: torch.Tensor, box: Box, radii: Sequence[int]) -> torch.Tensor:
     """Blur-fusion foreground [3, h, w] (float64) over ``box`` of one image.
 
-    image [H, W, 3], alpha [H, W] (full images, read only around ``box``). Pass p runs on the
-    region the later passes need, grown by its own radius for its inputs.
+    image [H, W, 3], alpha [H, W] (full images, read only around ``box``). Each pass, with W the
+    window of its radius around pixel p, I the image, F and B the previous pass's foreground and
+    background (both I before the first pass):
+
+        F~_p = mean_W(alpha F) / (mean_W(alpha) + eps)          the window's foreground colour
+        B~_p = mean_W((1 - alpha) B) / (1 - mean_W(alpha) + eps)  and its background colour
+        F_p  = clamp(F~_p + alpha_p (I_p - (alpha_p F~_p + (1 - alpha_p) B~_p)), 0, 1)
+
+    i.e. what compositing the window's colours at alpha_p misses of the observed colour goes to the
+    foreground in proportion to alpha_p (Forte & Pitie's update); B~ is the next pass's B. eps keeps a
+    window without foreground (or without background) from dividing by zero. Pass k runs on the region
+    the later passes need, grown by its own radius for its inputs.
     """
     hw = tuple(alpha.shape)
     regions: List[Box] = [box]
@@ -85,18 +89,19 @@ def _blur_fusion_region(image: torch.Tensor, alpha: torch.Tensor, box: Box, radi
         y0, y1, x0, x1 = region
         return image[y0:y1, x0:x1].permute(2, 0, 1).double(), alpha[y0:y1, x0:x1][None].double()
 
-    img, a = load(regions[0])
-    fg = bg = img
-    for p, r in enumerate(radii):
-        src, dst = regions[p], regions[p + 1]
-        blurred = _box_mean(torch.cat([a, fg * a, bg * (1 - a)]), src, dst, r, hw)
-        blurred_alpha, blurred_fg, blurred_bg = blurred[:1], blurred[1:4], blurred[4:]
-        blurred_fg /= blurred_alpha + 1e-5
-        blurred_bg /= (1 - blurred_alpha) + 1e-5
-        img, a = _crop(img, src, dst), _crop(a, src, dst)
-        fg = (blurred_fg + a * (img - a * blurred_fg - (1 - a) * blurred_bg)).clamp_(0, 1)
-        bg = blurred_bg
-    return fg
+    observed, a = load(regions[0])
+    foreground = background = observed
+    for k, r in enumerate(radii):
+        src, dst = regions[k], regions[k + 1]
+        means = _box_mean(torch.cat([a, a * foreground, (1 - a) * background]), src, dst, r, hw)
+        coverage = means[:1]
+        window_fg = means[1:4] / (coverage + _EPS)
+        window_bg = means[4:] / (1 - coverage + _EPS)
+        observed, a = _crop(observed, src, dst), _crop(a, src, dst)
+        missed = observed - torch.lerp(window_bg, window_fg, a)
+        foreground = (window_fg + a * missed).clamp_(0, 1)
+        background = window_bg
+    return foreground
 
 
 @torch.no_grad()
@@ -203,11 +208,20 @@ def composite_over(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor
     return (rgba[..., :3] * alpha + bg * (1 - alpha)).clamp(0, 1)
 
 
-def pair_backgrounds(n_cutouts: int, n_backgrounds: int) -> List[int]:
-    """Which background each cut-out goes over: one for all, or the i-th for the i-th."""
-    if n_backgrounds not in (1, n_cutouts):
-        raise ValueError(f"Got {n_backgrounds} backgrounds for {n_cutouts} cut-outs. Give 1 background, or one per cut-out.")
-    return [i if n_backgrounds > 1 else 0 for i in range(n_cutouts)]
+def pair_backgrounds(n_cutouts: int, n_backgrounds: int) -> List[Tuple[int, int]]:
+    """The composites to make, as (cut-out index, background index) in output order: one background for
+    every cut-out, one cut-out over every background (a product on many backgrounds), or the i-th
+    cut-out over the i-th background. Any other pairing is ambiguous and refused in one line."""
+    if n_cutouts < 1 or n_backgrounds < 1:
+        raise ValueError(f"Got {n_cutouts} cut-outs and {n_backgrounds} backgrounds. Connect at least one of each.")
+    if n_backgrounds == 1:
+        return [(i, 0) for i in range(n_cutouts)]
+    if n_cutouts == 1:
+        return [(0, j) for j in range(n_backgrounds)]
+    if n_cutouts != n_backgrounds:
+        raise ValueError(f"Got {n_cutouts} cut-outs and {n_backgrounds} backgrounds. Give 1 background for all cut-outs, "
+                         "1 cut-out for all backgrounds, or one background per cut-out (in order).")
+    return [(i, i) for i in range(n_cutouts)]
 
 
 def similarity_preview(image: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:

@@ -163,18 +163,6 @@ def prepare_image(image: torch.Tensor, size: int, mode: str = "pad"):
     return x[0], p
 
 
-def prepare_mask(mask: torch.Tensor, placement: Placement, size: int) -> torch.Tensor:
-    """[H, W] in [0, 1] -> binary [1, size, size] (threshold 0.5, as the reference), padding = 0."""
-    if tuple(mask.shape) != (placement.height, placement.width):
-        raise ValueError(
-            f"mask size {tuple(mask.shape)} does not match its image size {(placement.height, placement.width)}"
-        )
-    m = _resize(mask[None, None].float(), (placement.content_height, placement.content_width), "bilinear")
-    m = (m > 0.5).float()
-    m = F.pad(m, (0, size - placement.content_width, 0, size - placement.content_height), value=0.0)
-    return m[0]
-
-
 def restore_alpha(alpha: torch.Tensor, placement: Placement) -> torch.Tensor:
     """[1, size, size] model-space alpha -> [H, W] alpha at the original image's pixels."""
     a = alpha[None, :, : placement.content_height, : placement.content_width].float()

@@ -4,81 +4,118 @@ over a diffusers SD 2.1 UNet and VAE (library, command line, training).
 It borrows the caller's modules and gives them back as it found them: its attention-processor
 wrappers and forward hooks do nothing while another extractor (or the caller) runs the UNet,
 ``close()`` unwraps and unhooks, and the last extractor to close restores the caller's
-``requires_grad`` and train/eval flags.
+``requires_grad`` and train/eval flags. This adapter supplies only what is diffusers' own: the
+UNet's layout (:func:`unet_layout`), the call of the UNet, and hooks that hand the recorded
+self-attention layers and the outputs of up blocks 0 and 1 to the extractor, which runs and stops
+the pass (:meth:`~.features.FeatureExtractor.unet_up_features`).
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from .config import IconMattingConfig
-from .features import FeatureExtractor, SelfAttentionRecorder, StopUNet
-
-
-class _RecordingAttnProcessor:
-    """Wraps a diffusers attention processor: self-attention at a recorded resolution is computed
-    by the recorder (once, probabilities recorded); everything else runs the original processor."""
-
-    def __init__(self, inner, recorder: SelfAttentionRecorder):
-        self.inner = inner
-        self.recorder = recorder
-
-    @staticmethod
-    def _plain(attn) -> bool:
-        """True for SD's transformer self-attention (no norms, residual or rescaling inside)."""
-        return (
-            getattr(attn, "group_norm", None) is None
-            and getattr(attn, "spatial_norm", None) is None
-            and getattr(attn, "norm_q", None) is None
-            and not getattr(attn, "residual_connection", False)
-            and getattr(attn, "rescale_output_factor", 1.0) == 1.0
-        )
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if (
-            encoder_hidden_states is None
-            and attention_mask is None
-            and hidden_states.ndim == 3
-            and self.recorder.records(hidden_states.shape[1])
-            and self._plain(attn)
-        ):
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-            out = self.recorder.attend(q, k, v, attn.heads, attn.scale)
-            return attn.to_out[1](attn.to_out[0](out))
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+from .features import FeatureExtractor, SelfAttentionLayer
 
 
 def _no_owner() -> None:
     return None
 
 
-class _CaptureHook:
-    """Forward hook on up block ``index``: keeps blocks 0 and 1's outputs and stops the UNet after
-    the last block needed, only while its extractor runs. It holds its extractor weakly (the UNet
-    must not keep its borrower alive) and pickles it strongly (a pipeline sent to another process,
-    e.g. a Ray worker, keeps working)."""
+class _ExtractorHook:
+    """What an extractor puts into the caller's UNet. It holds its extractor weakly (the UNet must not
+    keep its borrower alive) and pickles it strongly (a pipeline sent to another process, e.g. a Ray
+    worker, keeps working)."""
 
-    def __init__(self, extractor: "SDFeatureExtractor", index: int):
-        self.owner, self.index = weakref.ref(extractor), index
+    def __init__(self, extractor: "SDFeatureExtractor"):
+        self.owner = weakref.ref(extractor)
 
     def __getstate__(self):
-        return {"extractor": self.owner(), "index": self.index}
+        return {**self.__dict__, "owner": self.owner()}
 
     def __setstate__(self, state):
-        extractor = state["extractor"]
-        self.owner, self.index = (_no_owner if extractor is None else weakref.ref(extractor)), state["index"]
+        extractor = state.pop("owner")
+        self.__dict__.update(state)
+        self.owner = _no_owner if extractor is None else weakref.ref(extractor)
+
+
+def _recordable(attn) -> bool:
+    """True for SD's transformer self-attention (no norms, residual or rescaling inside)."""
+    return (
+        getattr(attn, "group_norm", None) is None
+        and getattr(attn, "spatial_norm", None) is None
+        and getattr(attn, "norm_q", None) is None
+        and not getattr(attn, "residual_connection", False)
+        and getattr(attn, "rescale_output_factor", 1.0) == 1.0
+    )
+
+
+def _self_attention_modules(module: nn.Module):
+    """The transformer self-attention modules (``attn1``) under ``module``, in the order they run."""
+    return [m for name, m in module.named_modules() if name.endswith("attn1") and hasattr(m, "processor")]
+
+
+def unet_layout(unet: nn.Module) -> List[SelfAttentionLayer]:
+    """A diffusers UNet2DConditionModel's self-attention layers that an extractor records, in run order
+    (see :data:`~.features.UNetLayout`): down blocks (each halving the latent after its layers if it
+    has a downsampler), the mid block, then up blocks (each doubling it after its output)."""
+    layers, level = [], 0
+
+    def add(block, up_blocks_before):
+        count = sum(1 for m in _self_attention_modules(block) if _recordable(m))
+        layers.extend([SelfAttentionLayer(level, up_blocks_before)] * count)
+
+    for block in unet.down_blocks:
+        add(block, 0)
+        level += bool(getattr(block, "downsamplers", None))
+    if unet.mid_block is not None:
+        add(unet.mid_block, 0)
+    for index, block in enumerate(unet.up_blocks):
+        add(block, index)
+        level -= bool(getattr(block, "upsamplers", None))
+    return layers
+
+
+class _RecordingAttnProcessor(_ExtractorHook):
+    """Wraps a diffusers attention processor: while its extractor runs a pass that records this layer's
+    resolution, the layer's self-attention is computed by the extractor (once, probabilities recorded);
+    otherwise the original processor runs."""
+
+    def __init__(self, inner, extractor: "SDFeatureExtractor"):
+        super().__init__(extractor)
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        ext = self.owner()
+        if (
+            ext is not None
+            and encoder_hidden_states is None
+            and attention_mask is None
+            and hidden_states.ndim == 3
+            and ext.records(hidden_states.shape[1])
+            and _recordable(attn)
+        ):
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            out = ext.self_attention(q, k, v, attn.heads, attn.scale)
+            return attn.to_out[1](attn.to_out[0](out))
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+class _UpBlockHook(_ExtractorHook):
+    """Forward hook on up block ``index``: hands its output to the extractor (which keeps it and may end
+    the pass there; it ignores it while it runs no pass of its own)."""
+
+    def __init__(self, extractor: "SDFeatureExtractor", index: int):
+        super().__init__(extractor)
+        self.index = index
 
     def __call__(self, _module, _inputs, output):
         ext = self.owner()
-        if ext is None or not ext._running:  # another extractor (or the caller) is running this UNet
-            return
-        if self.index < 2:
-            ext._capture(self.index, output)
-        if self.index >= ext._stop_after:
-            raise StopUNet()
+        if ext is not None:
+            ext.up_block_output(self.index, output)
 
 
 _BORROWED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -109,7 +146,7 @@ class SDFeatureExtractor(FeatureExtractor):
 
     It borrows the caller's modules and gives them back as it found them on :meth:`close` (or at
     the end of a ``with`` block): it wraps the UNet's self-attention processors and adds forward
-    hooks to up blocks 0-2, and freezes both modules (``requires_grad`` off, eval mode); close
+    hooks to up blocks 0 and 1, and freezes both modules (``requires_grad`` off, eval mode); close
     unwraps exactly its own processors and removes its hooks, and the last extractor over a UNet
     to close restores the flags the caller had set. The VAE is used
     as given (``load_model`` drops the decoder of the VAE it loads itself). The wrappers and hooks
@@ -117,7 +154,7 @@ class SDFeatureExtractor(FeatureExtractor):
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, empty_prompt_embedding: torch.Tensor, config: IconMattingConfig):
-        super().__init__(config, empty_prompt_embedding, vae.config.scaling_factor)
+        super().__init__(config, empty_prompt_embedding, vae.config.scaling_factor, unet_layout(unet))
         self.unet = unet
         self.vae = vae
         users = _BORROWED.setdefault(unet, {"extractors": weakref.WeakSet(), "flags": None})
@@ -127,14 +164,11 @@ class SDFeatureExtractor(FeatureExtractor):
         self.requires_grad_(False)
         self.eval()
         self._wrapped = []  # (attention module, our processor)
-        for name, module in self.unet.named_modules():
-            if name.endswith("attn1") and hasattr(module, "processor"):
-                wrapper = _RecordingAttnProcessor(module.processor, self.recorder)
-                module.set_processor(wrapper)
-                self._wrapped.append((module, wrapper))
-        self._stop_after = 2
-        self._running = False
-        self._hooks = [block.register_forward_hook(self._make_hook(i)) for i, block in enumerate(self.unet.up_blocks[:3])]
+        for module in _self_attention_modules(self.unet):
+            wrapper = _RecordingAttnProcessor(module.processor, self)
+            module.set_processor(wrapper)
+            self._wrapped.append((module, wrapper))
+        self._hooks = [block.register_forward_hook(_UpBlockHook(self, i)) for i, block in enumerate(self.unet.up_blocks[:2])]
         self.closed = False
 
     def close(self) -> None:
@@ -168,9 +202,6 @@ class SDFeatureExtractor(FeatureExtractor):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _make_hook(self, index: int) -> "_CaptureHook":
-        return _CaptureHook(self, index)
-
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
@@ -183,24 +214,11 @@ class SDFeatureExtractor(FeatureExtractor):
         dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def unet_up_features(self, latents, cond, with_attention):
-        t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
+    def call_unet(self, latents, cond, with_attention):
         if self.closed:
             raise RuntimeError("this SDFeatureExtractor is closed: build a new one over the UNet")
-        self._captured = {}
-        self._stop_after = 2 if with_attention else 1
-        self._running = True
-        try:
-            try:
-                self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype))
-            except StopUNet:
-                pass
-            if 1 not in self._captured:
-                raise RuntimeError("UNet did not run its up blocks 0 and 1")
-            return self._captured[0], self._captured[1]
-        finally:
-            self._running = False
-            self._captured = {}
+        t = torch.tensor(self.config.timestep, dtype=torch.long, device=self.device)
+        self.unet(latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.to(self.device, self.dtype))
 
     def fingerprint_tensors(self) -> Dict[str, torch.Tensor]:
         return {

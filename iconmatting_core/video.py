@@ -1,43 +1,40 @@
-"""Video in and out (PyAV, imported only when a video is used).
+"""Video decoding and the codecs of the outputs (PyAV, imported only when a video is used).
 
-Frames are decoded as a stream and written as they are matted, so memory does not grow with the
-clip's length. Outputs of ``clip.mp4`` in the output folder, keeping each frame's timestamp (a
-variable-frame-rate clip stays variable):
+Clips are decoded as a stream of timed frame chunks (:func:`iter_timed_chunks`), so memory does not
+grow with the clip's length; the ``matte`` job writes its outputs with :data:`ALPHA_CODEC` (H.264)
+and :data:`RGBA_CODEC` (VP9 with alpha, read back with :func:`read_rgba_frames`, since FFmpeg's
+built-in vp9 decoder drops the alpha plane); see ``job.clips``.
 
-* ``alpha``: ``clip_alpha.mp4``, the alpha matte as an H.264 (yuv420p) video;
-* ``rgba``: ``clip_rgba.webm``, the cut-out with its alpha, VP9 ``yuva420p`` (libvpx-vp9): plays in
-  browsers and editors with transparency; read it back with the libvpx-vp9 decoder
-  (:func:`read_rgba_frames`), since FFmpeg's built-in vp9 decoder drops the alpha plane;
-* ``png``: ``clip_frames/clip_000000.png`` ..., the RGBA cut-outs as a PNG sequence.
+Frames come out as a player shows them: a clip whose container says to turn it (a phone's portrait
+clip is stored landscape with a 90 degree display matrix; mirrors too) is decoded turned, and
+:func:`probe` gives its size as shown (:func:`orientation`). Images are turned upright by their
+EXIF orientation the same way (``image_io``), so outputs never need a rotation of their own.
 
-Each output is written under a ``.partial`` name and renamed when the clip is complete, so an
-interrupted run leaves no output that a re-run would take for done. H.264 4:2:0 needs even sizes:
-the alpha video of an odd-sized clip repeats its last row/column.
+An animated GIF or WebP that ``job.targets`` counts as a clip (more than one frame) is decoded by
+Pillow (FFmpeg reads no animated WebP), each frame at the time its stated durations add up to.
 
 A clip that ends before its container says it should (a file cut short) is an error naming both
 numbers, and so is a clip whose container states no frame rate (no rate is made up).
 """
 from __future__ import annotations
 
-import shutil
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".gif"}
-VIDEO_OUTPUTS = ("alpha", "rgba", "png")
-DEFAULT_VIDEO_OUTPUTS = ("alpha", "rgba")
+from .image_io import ANIMATED_EXTENSIONS, iter_animation
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg"}
 ALPHA_CODEC, RGBA_CODEC = "libx264", "libvpx-vp9"
+#: browsers show an animation frame that states 10 ms or less (often 0: "as fast as you can") for 100 ms
+MIN_FRAME_MS, SHORT_FRAME_SHOWN_MS = 10, 100
 
 
-def is_video(path: Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
-def _av():
+def import_av():
     try:
         import av
     except ImportError as exc:  # only needed for videos
@@ -55,10 +52,91 @@ class VideoInfo:
     time_base: Optional[Fraction] = None  # of the stream's timestamps
 
 
+#: how a decoded frame is turned to be shown: (transpose, flip rows, flip columns), in that order
+Orientation = Tuple[bool, bool, bool]
+AS_STORED: Orientation = (False, False, False)
+
+
+def _quarter_turn(a: float, b: float, c: float, d: float) -> Orientation:
+    """The orientation of a display matrix's linear part, in FFmpeg's layout (the same as MP4's
+    ``tkhd`` matrix): the stored pixel at column x, row y is shown at column a*x + c*y, row b*x + d*y
+    (plus a shift). Quarter turns and mirrors only; entries under 2% of the largest count as 0."""
+    big = max(abs(a), abs(b), abs(c), abs(d))
+    if not big:  # an empty matrix: players ignore it
+        return AS_STORED
+    a, b, c, d = (0 if abs(v) < big / 50 else v for v in (a, b, c, d))
+    if a == d == 0 and b and c:
+        return True, b < 0, c < 0
+    if b == c == 0 and a and d:
+        return False, d < 0, a < 0
+    clockwise = math.degrees(math.atan2(b, a)) % 360
+    raise ValueError(f"its container turns it {clockwise:.0f} degrees clockwise; only quarter turns are supported "
+                     "(re-encode it upright)")
+
+
+def orientation(stream, first_frame) -> Orientation:
+    """How a clip's frames are turned for display. From the display matrix the decoder attaches to
+    each frame (PyAV's ``frame.side_data``: rotations and mirrors); else from an older PyAV's
+    ``stream.side_data`` (its counter-clockwise rotation) or an older FFmpeg's ``rotate`` tag
+    (clockwise degrees). ValueError for a turn that is not a quarter turn."""
+    for data in getattr(first_frame, "side_data", ()):
+        if getattr(data.type, "name", str(data.type)) == "DISPLAYMATRIX":
+            matrix = np.frombuffer(bytes(data), dtype=np.int32)  # 9 int32 in the machine's byte order
+            return _quarter_turn(*(float(matrix[i]) for i in (0, 1, 3, 4)))
+    side = getattr(stream, "side_data", None)
+    if isinstance(side, dict) and side.get("DISPLAYMATRIX") is not None:
+        counter_clockwise = float(side["DISPLAYMATRIX"])
+    elif stream.metadata.get("rotate"):
+        counter_clockwise = -float(stream.metadata["rotate"])
+    else:
+        return AS_STORED
+    t = math.radians(counter_clockwise)  # the matrix of that rotation, as FFmpeg writes it
+    return _quarter_turn(math.cos(t), -math.sin(t), math.sin(t), math.cos(t))
+
+
+def turn(frame: np.ndarray, how: Orientation) -> np.ndarray:
+    """A decoded frame [H, W, C] as it is shown (a contiguous array)."""
+    transpose, flip_rows, flip_cols = how
+    if transpose:
+        frame = frame.swapaxes(0, 1)
+    if flip_rows:
+        frame = frame[::-1]
+    if flip_cols:
+        frame = frame[:, ::-1]
+    return np.ascontiguousarray(frame)
+
+
+def _is_animation(path: Path) -> bool:
+    return Path(path).suffix.lower() in ANIMATED_EXTENSIONS
+
+
+def _shown_ms(duration: int) -> int:
+    """How long an animation frame that states ``duration`` ms is shown (as browsers show it)."""
+    return duration if duration > MIN_FRAME_MS else SHORT_FRAME_SHOWN_MS
+
+
+def _animation_frames(path: Path) -> Iterator[Tuple[np.ndarray, Fraction]]:
+    """(RGB frame, time in seconds) of an animated GIF/WebP: each frame starts when the ones before
+    it have been shown for their durations."""
+    ms = 0
+    for frame, duration in iter_animation(path):
+        yield frame, Fraction(ms, 1000)
+        ms += _shown_ms(duration)
+
+
 def probe(path: Path) -> VideoInfo:
-    """Frame rate, frame count (0 if unknown), size, stated duration and time base of the first
-    video stream. ValueError when there is none, or when the container states no frame rate."""
-    av = _av()
+    """Frame rate, frame count (0 if unknown), size as shown, stated duration and time base of the
+    first video stream. ValueError when there is none, when the container states no frame rate, or
+    when it turns the frames by other than a quarter turn. An animated GIF/WebP is read through once
+    (its frame count and durations, in ms; the rate is the average, frames / total duration)."""
+    if _is_animation(path):
+        count, ms, (height, width) = 0, 0, (0, 0)
+        for frame, duration in iter_animation(path):
+            count, ms, (height, width) = count + 1, ms + _shown_ms(duration), frame.shape[:2]
+        if not count:
+            raise ValueError(f"{path} holds no frames")
+        return VideoInfo(Fraction(count * 1000, ms), count, width, height, None, Fraction(1, 1000))
+    av = import_av()
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
@@ -69,37 +147,46 @@ def probe(path: Path) -> VideoInfo:
         duration = container.duration / 1_000_000 if container.duration else None
         if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
-        return VideoInfo(Fraction(fps), int(stream.frames or 0), stream.codec_context.width, stream.codec_context.height,
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if orientation(stream, next(iter(container.decode(stream)), None))[0]:
+            width, height = height, width
+        return VideoInfo(Fraction(fps), int(stream.frames or 0), width, height,
                          duration, Fraction(stream.time_base) if stream.time_base else None)
 
 
-def iter_timed_chunks(path: Path, chunk_size: int) -> Iterator[Tuple[List[np.ndarray], List[Optional[Fraction]]]]:
-    """(RGB frames [H, W, 3] uint8, their timestamps in seconds from the first frame, None when a
-    frame has none), ``chunk_size`` frames at a time, in order."""
-    av = _av()
+def _chunks(timed: Iterable[Tuple[np.ndarray, Optional[Fraction]]], chunk_size: int):
+    chunk: List[np.ndarray] = []
+    times: List[Optional[Fraction]] = []
+    for frame, time in timed:
+        chunk.append(frame)
+        times.append(time)
+        if len(chunk) == chunk_size:
+            yield chunk, times
+            chunk, times = [], []
+    if chunk:
+        yield chunk, times
+
+
+def _decoded_frames(path: Path) -> Iterator[Tuple[np.ndarray, Optional[Fraction]]]:
+    """(RGB frame as shown, time in seconds from the first frame or None) of a clip, in order."""
+    av = import_av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        chunk: List[np.ndarray] = []
-        times: List[Optional[Fraction]] = []
-        start = None
+        start, how = None, None
         for frame in container.decode(stream):
+            if how is None:
+                how = orientation(stream, frame)
             t = Fraction(frame.pts) * Fraction(frame.time_base) if frame.pts is not None and frame.time_base else None
             if t is not None and start is None:
                 start = t
-            chunk.append(frame.to_ndarray(format="rgb24"))
-            times.append(None if t is None else t - start)
-            if len(chunk) == chunk_size:
-                yield chunk, times
-                chunk, times = [], []
-        if chunk:
-            yield chunk, times
+            yield turn(frame.to_ndarray(format="rgb24"), how), None if t is None else t - start
 
 
-def iter_frame_chunks(path: Path, chunk_size: int) -> Iterator[List[np.ndarray]]:
-    """Decoded RGB frames [H, W, 3] uint8, ``chunk_size`` at a time, in order."""
-    for chunk, _ in iter_timed_chunks(path, chunk_size):
-        yield chunk
+def iter_timed_chunks(path: Path, chunk_size: int) -> Iterator[Tuple[List[np.ndarray], List[Optional[Fraction]]]]:
+    """(RGB frames [H, W, 3] uint8 as shown, their timestamps in seconds from the first frame, None
+    when a frame has none), ``chunk_size`` frames at a time, in order."""
+    return _chunks(_animation_frames(path) if _is_animation(path) else _decoded_frames(path), chunk_size)
 
 
 def check_complete(path: Path, info: VideoInfo, count: int, last_time: Optional[Fraction]) -> None:
@@ -116,139 +203,6 @@ def check_complete(path: Path, info: VideoInfo, count: int, last_time: Optional[
                              f"{info.duration:.2f} s (cut short?)")
 
 
-def output_paths(out_dir: Path, video: Path, kinds: Sequence[str], name: Optional[str] = None) -> Dict[str, Path]:
-    """Output paths by kind; ``name`` (default: the clip's stem) from ``batch.output_names``."""
-    name = name or video.stem
-    names = {"alpha": f"{name}_alpha.mp4", "rgba": f"{name}_rgba.webm", "png": f"{name}_frames"}
-    return {k: Path(out_dir) / names[k] for k in kinds}
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.stem + ".partial" + path.suffix)
-
-
-class VideoOutputs:
-    """Writes the requested outputs of one clip frame by frame; :meth:`close` completes them."""
-
-    def __init__(self, out_dir: Path, video: Path, info: VideoInfo, kinds: Sequence[str], name: Optional[str] = None):
-        self.final = output_paths(out_dir, video, kinds, name)
-        self.stem, self.info, self.count = (name or video.stem).rsplit("/", 1)[-1], info, 0
-        self.containers: Dict[str, object] = {}
-        self.streams: Dict[str, object] = {}
-        self.time_base = Fraction(info.time_base) if info.time_base else 1 / Fraction(info.fps)
-        self.last_pts = -1
-        try:
-            next(iter(self.final.values())).parent.mkdir(parents=True, exist_ok=True)
-            for kind in kinds:
-                if kind == "png":
-                    _partial(self.final[kind]).mkdir(parents=True, exist_ok=True)
-                else:
-                    self._open(kind)
-        except Exception:
-            self.abort()
-            raise
-
-    def _open(self, kind: str) -> None:
-        av = _av()
-        codec = ALPHA_CODEC if kind == "alpha" else RGBA_CODEC
-        if codec not in av.codecs_available:
-            raise RuntimeError(f"this PyAV's FFmpeg has no {codec} encoder, needed for the {kind} video")
-        container = av.open(str(_partial(self.final[kind])), "w")
-        self.containers[kind] = container
-        # libvpx's default (best-quality search) takes ~10x longer than matting a frame; realtime speed 8
-        # keeps the same size at this quality for mattes, and buffers no frames (flat memory)
-        options = {"crf": "12"} if kind == "alpha" else {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1"}
-        stream = container.add_stream(codec, rate=self.info.fps, options=options)
-        width, height = self.info.width, self.info.height
-        if kind == "alpha":
-            width, height = width + width % 2, height + height % 2
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p" if kind == "alpha" else "yuva420p"
-        stream.codec_context.time_base = self.time_base
-        self.streams[kind] = stream
-
-    def _encode(self, kind: str, array: np.ndarray, fmt: str, pts: int) -> None:
-        av = _av()
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format=fmt)
-        frame.pts = pts
-        frame.time_base = self.time_base
-        for packet in self.streams[kind].encode(frame):
-            self.containers[kind].mux(packet)
-
-    def write(self, alpha: np.ndarray, rgba: np.ndarray, time: Optional[Fraction] = None) -> None:
-        """alpha [H, W] uint8 and rgba [H, W, 4] uint8 of the next frame, shown at ``time`` seconds
-        from the start (default: the average frame rate's next slot)."""
-        from PIL import Image
-
-        if time is None:
-            time = self.count / Fraction(self.info.fps)
-        pts = max(round(Fraction(time) / self.time_base), self.last_pts + 1)
-        self.last_pts = pts
-        if "alpha" in self.streams:
-            a = alpha
-            if a.shape[0] % 2 or a.shape[1] % 2:
-                a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)), mode="edge")
-            self._encode("alpha", a, "gray", pts)
-        if "rgba" in self.streams:
-            self._encode("rgba", rgba, "rgba", pts)
-        if "png" in self.final:
-            Image.fromarray(rgba, "RGBA").save(_partial(self.final["png"]) / f"{self.stem}_{self.count:06d}.png")
-        self.count += 1
-
-    def close(self) -> None:
-        """Flush the encoders and move every output to its final name."""
-        for kind, stream in self.streams.items():
-            for packet in stream.encode():
-                self.containers[kind].mux(packet)
-            self.containers[kind].close()
-        self.containers, self.streams = {}, {}
-        for path in self.final.values():
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            _partial(path).rename(path)
-
-    def abort(self) -> None:
-        """Drop the partial outputs (after an error)."""
-        for container in self.containers.values():
-            try:
-                container.close()
-            except Exception:
-                pass
-        self.containers, self.streams = {}, {}
-        for path in self.final.values():
-            p = _partial(path)
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-
-
-def matte_video(pipe, context, video: Path, out_dir: Path, kinds: Sequence[str], resize_mode: str,
-                chunk_size: int = 4, estimate_colors: bool = True, on_frames=None, name: Optional[str] = None) -> int:
-    """Matte every frame of ``video`` against ``context`` and write the outputs (named by ``name``,
-    default the clip's stem); returns the frame count. ``on_frames(n)`` is called after each chunk
-    of n frames (progress). A clip that decodes to no frames, or ends before its container says it
-    should, raises ValueError and leaves no outputs."""
-    info = probe(video)
-    outputs = VideoOutputs(out_dir, video, info, kinds, name)
-    last = None
-    try:
-        for frames, times in iter_timed_chunks(video, chunk_size):
-            alphas = pipe.matte(context, frames, resize_mode=resize_mode, chunk_size=chunk_size)
-            for frame, alpha, time in zip(frames, alphas, times):
-                rgba = pipe.cutout(frame, alpha, estimate_colors=estimate_colors)
-                outputs.write(to_uint8(alpha), to_uint8(rgba), time)
-                last = time
-            if on_frames is not None:
-                on_frames(len(frames))
-        check_complete(video, info, outputs.count, last)
-        outputs.close()
-    except BaseException:
-        outputs.abort()
-        raise
-    return outputs.count
-
-
 def to_uint8(x) -> np.ndarray:
     """[0, 1] float tensor/array -> uint8 array, rounded."""
     if hasattr(x, "detach"):
@@ -259,7 +213,7 @@ def to_uint8(x) -> np.ndarray:
 def read_rgba_frames(path: Path) -> Tuple[Fraction, List[np.ndarray]]:
     """(frame rate, RGBA frames [H, W, 4] uint8) of a VP9 WebM with alpha, decoded with libvpx-vp9
     (which reads the alpha plane the built-in decoder drops). For checks and small clips."""
-    av = _av()
+    av = import_av()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         decoder = av.CodecContext.create(RGBA_CODEC, "r")

@@ -13,7 +13,6 @@ import dataclasses
 import inspect
 import logging
 import os
-import sys
 from typing import List
 
 import torch
@@ -34,10 +33,12 @@ WEIGHTS_HINT = (
     "Download icm.ckpt (the IconMatting release, linked from github.com/tiny-smart/in-context-matting) "
     "into ComfyUI/models/iconmatting/."
 )
-#: Words users search for. Hosts with ``search_aliases`` (newer ComfyUI) search them; older
-#: frontends search only the node id and display name, so the display names carry the main ones too.
-ALIASES = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal",
-           "in-context matting"]
+#: The words users type for the task, carried by the one node that does it (Remove Background). Every node's
+#: ``search_aliases`` hold only the words of its own job, so a search for the task lists that node, not the
+#: whole pack (hosts with ``search_aliases``, newer ComfyUI; older frontends search only node ids and display
+#: names, so the display names carry the main words too).
+TASK_WORDS = ["matting", "alpha", "alpha matte", "cutout", "cut out", "remove background", "background removal",
+              "background remover", "transparent background", "in-context matting"]
 LOAD_NODE = "IconMatting 1 · Load"
 
 ModelType = io.Custom("ICONMATTING_MODEL")
@@ -84,8 +85,23 @@ def advanced(inp):
     return inp
 
 
+#: Hosts with dynamic V3 inputs (0.28.2: ``io.DynamicCombo``) parse every V3 input's type, which must then be a
+#: name, and check V3 combo values themselves; older hosts (0.3.75) check only combos typed by their options.
+HOST_CHECKS_V3_COMBOS = hasattr(io, "DynamicCombo")
+
+
+class Choice(io.Combo.Input):
+    """A combo of fixed options whose value the host checks when a prompt is queued, reporting a wrong one once,
+    under its own input. (A node's ``validate_inputs`` cannot: the host reports its message under every input the
+    function names.) Where the host does not check V3 combos (``HOST_CHECKS_V3_COMBOS`` false), this combo's type
+    is its list of options, the V1 form that host checks; the frontends draw both forms as the same dropdown."""
+
+    def get_io_type(self):
+        return super().get_io_type() if HOST_CHECKS_V3_COMBOS else list(self.options)
+
+
 def check_choice(name: str, value, options) -> None:
-    """Combo values sent by API clients: older hosts do not check them before ``execute``."""
+    """A choice given to ``execute`` directly (the host checks prompts: :class:`Choice`)."""
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(str, options))}; got {value!r}.")
 
@@ -122,16 +138,17 @@ def one(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def show_on_node(text: str) -> None:
-    """Show ``text`` on the running node in the frontend (ComfyUI's progress text, as its API nodes
-    use it) and in the server log. Without a running server (tests, scripts) only the log."""
-    log.warning("IconMatting: %s", text)
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None or not hasattr(instance, "send_progress_text"):
-        return
-    from comfy_execution.utils import get_executing_context
+#: The ui output key of a note that is a warning (the pack's web extension also shows it in a toast).
+WARNING_KEY = "iconmatting_warning"
 
-    context = get_executing_context()
-    if context is not None:
-        instance.send_progress_text(text, context.node_id)
+
+def node_note(text: str, warning: bool = False) -> dict:
+    """The one way a node tells the user about its run; returns the ``ui`` of its ``io.NodeOutput``.
+
+    The text goes out as the node's ui ``text``: the pack's web extension (``web/iconmatting_notes.js``)
+    writes it on the node, in both renderers (litegraph and the Vue "Nodes 2.0") of every frontend tested
+    (1.32.9, 1.45.21, 1.58.1), and a warning (``WARNING_KEY``) also in a toast; API clients read it in the
+    prompt's history. (The host's progress text is not used: frontend 1.58 removes it when the run ends.)
+    The log gets it once, at WARNING level for a warning, else INFO."""
+    log.log(logging.WARNING if warning else logging.INFO, "IconMatting: %s", text)
+    return {"text": [text], WARNING_KEY: [warning]}

@@ -8,12 +8,11 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 from comfy_api.latest import io
 
 from ..iconmatting_core.checkpoint import CheckpointError
-from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ALIASES, ModelType, advanced,
-                     check_choice, full_path, missing_input, schema, show_on_node)
-from .host_model import IconMattingOnHost
+from ..iconmatting_core.precision import CHOICES as DTYPES
+from .common import (CATEGORY, LOAD_NODE, MODEL_FOLDER, RELEASED_WEIGHTS, WEIGHTS_HINT, ModelType, advanced,
+                     check_choice, full_path, missing_input, node_note, schema)
+from .host_model import load_on_host
 from .native_features import NotStableDiffusion2, unet_layout
-
-DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
 
 def unet_up_channels(model) -> Optional[Tuple[int, int]]:
@@ -41,6 +40,7 @@ def head_fits_model(head_channels: Tuple[int, int], unet_channels: Optional[Tupl
 
 
 def patches_warning(model) -> Optional[str]:
+    """The one text of the patched-MODEL warning (shown once per Load: on the node, in the log)."""
     patches = getattr(model, "patches", None)
     if not patches:
         return None
@@ -56,7 +56,8 @@ class IconMattingLoad(io.ComfyNode):
             node_id="IconMattingLoad",
             display_name=LOAD_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=["iconmatting model", "load matting model", "matting weights", "icm.ckpt"],
+            has_intermediate_output=True,  # newer hosts send its warning again when it is cached
             description="IconMatting on the SD 2.1 model of a Load Checkpoint node (v2-1_768-ema-pruned.safetensors): "
             "ComfyUI loads, offloads and optimises it as any model.",
             inputs=[
@@ -67,9 +68,10 @@ class IconMattingLoad(io.ComfyNode):
                 io.Combo.Input("matting_model", options=weights, default=weights[0],
                                tooltip="IconMatting weights in ComfyUI/models/iconmatting: icm.ckpt as released, "
                                "or a .safetensors conversion."),
-                advanced(io.Combo.Input("dtype", options=DTYPES, default="auto",
-                                        tooltip="Precision of the matting head. auto: fp32 on the CPU; on a GPU the half precision "
-                                        "ComfyUI picks for it (fp16 or bf16). The SD model keeps the precision ComfyUI loaded it in.")),
+                advanced(io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                                        tooltip="Precision of the matting head. auto: bf16 where ComfyUI finds the device computes "
+                                        "it natively (e.g. NVIDIA from Ampere on), else fp32; never fp16 unless chosen (it can "
+                                        "overflow). The SD model keeps the precision ComfyUI loaded it in.")),
             ],
             outputs=[ModelType.Output("iconmatting_model", tooltip="IconMatting over the host's SD 2.1, for the nodes below.")],
         )
@@ -88,12 +90,11 @@ class IconMattingLoad(io.ComfyNode):
         check_choice("dtype", dtype, DTYPES)
         path = full_path(MODEL_FOLDER, matting_model, WEIGHTS_HINT)
         try:
-            loaded = IconMattingOnHost(model, clip, vae, path, dtype)
+            loaded = load_on_host(model, clip, vae, path, dtype)
             head_fits_model(loaded.model.config.unet_feature_channels, unet_up_channels(model), matting_model)
         except (CheckpointError, NotStableDiffusion2) as exc:
             raise ValueError(str(exc)) from exc
         warning = patches_warning(model)
         if warning:
-            show_on_node(warning)
-            return io.NodeOutput(loaded, ui={"text": [warning]})
+            return io.NodeOutput(loaded, ui=node_note(warning, warning=True))
         return io.NodeOutput(loaded)

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..iconmatting_core.matching import MatchResult
 from ..iconmatting_core.postprocess import composite_over, pair_backgrounds
-from .common import precision_hint, ALIASES, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
+from .common import precision_hint, TASK_WORDS, CATEGORY, LOAD_NODE, MatchType, ModelType, advanced, progress, schema, split_images
 
 #: display names carry the words users search for (frontends without search_aliases search only names)
 DECODE_NODE = "IconMatting 5 · Remove Background"
@@ -20,7 +20,7 @@ class IconMattingDecodeAlpha(io.ComfyNode):
             node_id="IconMattingDecodeAlpha",
             display_name=DECODE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES,
+            search_aliases=TASK_WORDS,
             description="Removes the background: predicts each matched target's alpha matte at its own resolution, and "
             "its RGBA cut-out.",
             inputs=[
@@ -62,16 +62,19 @@ class IconMattingComposite(io.ComfyNode):
             node_id="IconMattingComposite",
             display_name=COMPOSITE_NODE,
             category=CATEGORY,
-            search_aliases=ALIASES + ["composite", "replace background"],
-            description="Places RGBA cut-outs over a new background (resized to cover each cut-out). Cut-outs and "
-            "backgrounds may be batches or lists (e.g. from Remove Background and Load Image Folder): one background for all, "
-            "or the i-th background for the i-th cut-out.",
+            search_aliases=["composite", "replace background", "change background", "new background", "background swap"],
+            description="Places RGBA cut-outs over new backgrounds (each resized to cover its cut-out). Cut-outs and "
+            "backgrounds may be batches or lists (e.g. from Remove Background and Load Image Folder): one background for all "
+            "cut-outs, one cut-out over every background (a product on many backgrounds), or the i-th cut-out over the i-th "
+            "background.",
             is_input_list=True,
             inputs=[
                 io.Image.Input("rgba", tooltip=f"RGBA cut-outs from {DECODE_NODE}."),
-                io.Image.Input("background", tooltip="New background: one for all cut-outs, or one per cut-out (in order)."),
+                io.Image.Input("background", tooltip="New background(s): one for all cut-outs, any number for one cut-out, "
+                               "or one per cut-out (in order)."),
             ],
-            outputs=[io.Image.Output("image", is_output_list=True, tooltip="Each cut-out over its background, at the cut-out's size.")],
+            outputs=[io.Image.Output("image", is_output_list=True,
+                                     tooltip="One composite per cut-out (or per background, for one cut-out), at the cut-out's size.")],
         )
 
     @classmethod
@@ -80,4 +83,4 @@ class IconMattingComposite(io.ComfyNode):
         if any(c.shape[-1] != 4 for c in cutouts):
             raise ValueError(f"rgba must have 4 channels. Connect the rgba output of {DECODE_NODE}.")
         pairs = pair_backgrounds(len(cutouts), len(backgrounds))
-        return io.NodeOutput([composite_over(cut, backgrounds[i])[None] for cut, i in zip(cutouts, pairs)])
+        return io.NodeOutput([composite_over(cutouts[i], backgrounds[j])[None] for i, j in pairs])

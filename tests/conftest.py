@@ -6,13 +6,19 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tests run many small torch ops on two shared cores. OpenMP threads that spin while they wait for work take the
+# cores from whatever else runs (the ComfyUI, CLI or Ray process a test waits for, or other jobs on the machine):
+# a tiny UNet pass measured 25x slower so. Waiting threads sleep instead, here and in every process the tests start
+# (they inherit the environment). Set before torch loads its OpenMP runtime, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+SUPPORT = ROOT / "tests" / "support"  # the tests' helpers (tiny models, sample inputs, the ComfyUI and browser harnesses)
+for _path in (ROOT, SUPPORT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from comfy_harness import HOSTS  # noqa: E402
 
@@ -62,6 +68,25 @@ def comfy_host(request):
 
 
 @pytest.fixture(scope="session")
+def comfy_jobs(request):
+    """The jobs of every selected test that uses a ``comfy_harness.host_job`` fixture, run in one ComfyUI
+    boot per host (``comfy_harness.HostJobs``)."""
+    from comfy_harness import HostJobs
+
+    return HostJobs(request)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many ComfyUI processes this run started (one per host for all host jobs, see comfy_harness)."""
+    from comfy_harness import BOOTS
+
+    if BOOTS:
+        per_host = ", ".join(f"{v}: {sum(1 for b in BOOTS if b[0] == v)}" for v in dict.fromkeys(b[0] for b in BOOTS))
+        terminalreporter.write_line(f"ComfyUI boots: {len(BOOTS)} ({per_host}) for {sum(b[1] for b in BOOTS)} job(s), "
+                                    f"{sum(b[2] for b in BOOTS):.0f} s")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny SD diffusers folder + head weights, written once per session."""
     from tiny_models import save_tiny_head, save_tiny_sd_folder
@@ -73,13 +98,22 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_comfy_checkpoint(tmp_path_factory):
+    """The tiny SD 2.x single file ComfyUI's own loader reads (``tiny_sd2_checkpoint``), under the real SD 2.1
+    file's name, written once per session: host jobs and browser tests link it into their models folders."""
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
+
+    return save_tiny_comfy_sd2_checkpoint(tmp_path_factory.mktemp("tiny_comfy") / "v2-1_768-ema-pruned.safetensors")
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_dir):
     from iconmatting_core.pipeline import IconMattingPipeline, load_model
 
     return IconMattingPipeline(load_model(tiny_dir / "head.safetensors", tiny_dir / "sd", "fp32"))
 
 
-# --- the node pack, as ComfyUI imports it, and what its nodes need around them (tests/test_nodes*.py, ...) ---
+# --- the node pack, as ComfyUI imports it, and what its nodes need around them (tests/unit/test_nodes*.py, ...) ---
 PACK = "iconmatting_pack_under_test"
 
 
@@ -142,46 +176,3 @@ def host_model(pack, request):
     return types.SimpleNamespace(model=model, extractor=model.extractor, pipeline=lambda features=True: pipe)
 
 
-@pytest.fixture()
-def shown(pack, monkeypatch):
-    """Texts the nodes send to the frontend as progress text (a stand-in PromptServer)."""
-    sent = []
-    server = types.ModuleType("server")
-    server.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(
-        send_progress_text=lambda text, node_id: sent.append((node_id, text))))
-    monkeypatch.setitem(sys.modules, "server", server)
-    from comfy_execution.utils import CurrentNodeContext
-
-    with CurrentNodeContext("prompt", "17"):
-        yield sent
-
-
-def make_reference(h=100, w=150, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(h, w, 3, generator=g)
-    mask = torch.zeros(h, w)
-    mask[h // 5 : h * 4 // 5, w // 5 : w * 4 // 5] = 1
-    return image, mask
-
-
-def make_targets(n=3, h=90, w=60, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, h, w, 3, generator=g)
-
-
-def save_reference_and_targets(tmp_path, n=2, folder="targets"):
-    """ref.png + mask.png in tmp_path and n target PNGs in tmp_path/folder (returned), for command-line tests."""
-    import numpy as np
-    from PIL import Image
-
-    def save(t, path):
-        Image.fromarray((t.numpy() * 255).astype(np.uint8)).save(path)
-
-    image, mask = make_reference()
-    save(image, tmp_path / "ref.png")
-    save(mask, tmp_path / "mask.png")
-    targets = tmp_path / folder
-    targets.mkdir()
-    for i, t in enumerate(make_targets(n)):
-        save(t, targets / f"t{i}.png")
-    return targets

@@ -1,12 +1,12 @@
 """Build a drag-and-drop (UI-format) ComfyUI workflow from an API-format twin.
 
-    python tests/frontend_harness.py templates      # every workflows/api/*.json, plus thumbnails
+    python tests/support/frontend_harness.py templates      # every workflows/api/*.json, plus thumbnails
     python tools/api_to_ui.py API.json UI.json --server http://127.0.0.1:8188
     python tools/api_to_ui.py API.json UI.json --object-info object_info.json
 
 Each node's widgets (in the order a UI file stores ``widgets_values``) and outputs are read from
 ComfyUI's ``/object_info`` (a running ComfyUI, or a saved copy of its answer), so any node type
-works; ``tests/frontend_harness.py templates`` boots the test ComfyUI for this.
+works; ``tests/support/frontend_harness.py templates`` boots the test ComfyUI for this.
 
 Layout: a left-to-right pipeline. Each node's column is its longest path from a source; a source
 sits just left of its first consumer; in a column, nodes follow the order of what feeds them, at

@@ -1,7 +1,7 @@
 """Template cards for ComfyUI's template browser: ``workflows/<name>.jpg``, one per workflow.
 
     python tools/template_cards.py          # writes every card (also run by
-                                            # ``tests/frontend_harness.py templates``)
+                                            # ``tests/support/frontend_harness.py templates``)
 
 A card shows what its workflow produces: the reference with its mask, then the mattes and cut-outs
 (or composites, or video frames, or a generated batch cut out). The pictures are generated here, not photographed: a figure drawn

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import metrics as M
+from . import metrics as M
 from .dataset import DatasetError, ICM57Dataset, Sample, read_image, read_matte, read_trimap
 from .protocols import PROTOCOLS, crop_resize, project_jobs, reference_jobs
 from .report import METRIC_KEYS, write_csv

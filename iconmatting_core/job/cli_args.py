@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..hub import SD_REPO_ID
 from . import model_files
@@ -30,6 +31,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed_value(text: str) -> int:
+    from ..features import seed_problem
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    problem = seed_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{value} is {problem}")
+    return value
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -41,6 +55,30 @@ def default_threads() -> int:
     """Torch threads of the local engine: one core left for decoding, encoding and the system,
     at most 8 (more rarely helps); 1 on a 1- or 2-core machine."""
     return max(1, min(available_cores() - 1, 8))
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: 1 up to the cores this process may use. More is refused, not capped: threads
+    beyond the cores only contend for them (``--threads 999`` was reported to run about 100x
+    slower), and a cap would silently change the thread count that bit-for-bit reproducibility is
+    stated for (README: same ``--threads``, same bits)."""
+    value = positive_int(text)
+    cores = available_cores()
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"{value} is more than the {cores} cores this process may use; give at most {cores} "
+                                         "(or leave it out for the default)")
+    return value
+
+
+def local_cpus_problem(cpus: float, address: Optional[str]) -> Optional[str]:
+    """What is wrong with ``--cpus-per-worker`` for a Ray the job starts on this machine (no
+    ``--address``, no ``RAY_ADDRESS``), or None: more than this machine's cores is an actor Ray can
+    never place, and the job would wait for it forever. A cluster's nodes are for Ray to judge."""
+    cores = available_cores()
+    if address is None and not os.environ.get("RAY_ADDRESS") and cpus > cores:
+        return (f"--cpus-per-worker {cpus:g} is more than the {cores} cores of this machine, where the job starts its Ray; "
+                f"give at most {cores} (or the --address of a cluster with bigger nodes)")
+    return None
 
 
 def set_threads(threads) -> int:
@@ -58,8 +96,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", help=f"where to look for model files (default ${MODELS_ENV} or ~/.cache/iconmatting/models)")
     p.add_argument("--device", default="auto", help=f"{model_files.DEVICE_HELP} (default auto: CUDA when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    p.add_argument("--threads", type=positive_int,
-                   help="torch CPU threads (default: cores - 1, at most 8; results are the same up to float rounding)")
+    p.add_argument("--threads", type=thread_count,
+                   help="torch CPU threads, at most the cores this process may use (default: cores - 1, at most 8; "
+                        "results are the same up to float rounding)")
 
 
 def add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -67,7 +106,7 @@ def add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--mask", nargs="+", required=required,
                    help="foreground mask of each reference (white = foreground; or an image's alpha); one mask for all is fine")
     p.add_argument("--pooling", default="mask", choices=["mask", "scribble"], help="'scribble' for strokes/points")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise added before feature extraction")
 
 
 def load_pipe(args):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, set_threads
 from .outputs import OutputError, check_writable
+from .record import reference_recipe
 
 
 def add_parser(subparsers) -> None:
@@ -36,9 +37,11 @@ def run(args) -> int:
     resize_mode = args.resize_mode or "pad"
     try:
         context = encode_reference(pipe, args, resize_mode)
+        reference = reference_recipe(args.reference, args.mask, args.pooling, args.seed, resize_mode)
     except (OSError, ValueError) as exc:
         print(f"error: reference: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    path = save_context(out, context, pipe.fingerprint, {"resize_mode": resize_mode, **files})
+    # the reference's recipe, as `matte --reference/--mask` records it: outputs of both agree
+    path = save_context(out, context, pipe.fingerprint, {"resize_mode": resize_mode, **files, "reference": reference})
     print(f"wrote {path} ({context.tokens.shape[0]} tokens from {context.num_references} reference(s))")
     return 0

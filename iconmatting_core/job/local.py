@@ -1,19 +1,20 @@
 """The local engine: targets matted one after another in this process (images, then clips
-streamed frame chunk by frame chunk)."""
+streamed frame chunk by frame chunk). Outputs are written with their records (``record.JobRecord``)."""
 from __future__ import annotations
 
+import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from ..image_io import png_bytes, read_image
-from ..video import matte_video, to_uint8
-from ..video import probe as probe_video
-from .outputs import Failures, JobStopped, Progress, error_text, output_paths, stop_reason, write_file
+from ..image_io import read_image
+from ..video import probe as probe_video, to_uint8
+from .clips import matte_video
+from .outputs import Failures, JobStopped, Progress, error_text, stop_reason, target_outputs
+from .record import RECORD_KEY, JobRecord
 from .targets import Target, split_targets
 
 
-def matte_images(pipe, context, images: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+def matte_images(pipe, context, images: Sequence[Target], record: JobRecord, resize_mode: str, estimate_colors: bool,
                  failures: Failures) -> int:
     """Matte image targets, writing ``<name>_alpha.png`` and ``<name>_rgba.png``; a target that
     fails is recorded and skipped; an error every target would meet raises JobStopped. Returns
@@ -26,9 +27,7 @@ def matte_images(pipe, context, images: Sequence[Target], out_dir: Path, resize_
                 image = read_image(target.path)
                 alpha = pipe.matte(context, image, resize_mode=resize_mode)[0]
                 rgba = pipe.cutout(image, alpha, estimate_colors=estimate_colors)
-                alpha_path, rgba_path = output_paths(out_dir, target.name)
-                write_file(alpha_path, png_bytes(to_uint8(alpha), "L"))
-                write_file(rgba_path, png_bytes(to_uint8(rgba), "RGBA"))
+                record.write_images(target, to_uint8(alpha), to_uint8(rgba))
                 matted += 1
                 bar.update(1, f"{target.path.name}: ok")
             except Exception as exc:  # one bad image must not lose the others
@@ -43,17 +42,20 @@ def matte_images(pipe, context, images: Sequence[Target], out_dir: Path, resize_
     return matted
 
 
-def matte_clips(pipe, context, videos: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+def matte_clips(pipe, context, videos: Sequence[Target], record: JobRecord, resize_mode: str, estimate_colors: bool,
                 failures: Failures, video_outputs: Sequence[str], chunk_size: int) -> int:
-    """Matte clips one by one (see ``video.matte_video``); as :func:`matte_images`."""
+    """Matte clips one by one (see ``clips.matte_video``); as :func:`matte_images`."""
     matted = 0
     for target in videos:
         bar = None
         try:
             info = probe_video(target.path)
+            made = record.describe(target)
             bar = Progress(info.frames or None, target.path.name, "frame")
-            frames = matte_video(pipe, context, target.path, out_dir, video_outputs, resize_mode, chunk_size,
-                                 estimate_colors, on_frames=bar.update, name=target.name)
+            frames = matte_video(pipe, context, target.path, record.out_dir, video_outputs, resize_mode, chunk_size,
+                                 estimate_colors, on_frames=bar.update, name=target.name,
+                                 tags={RECORD_KEY: json.dumps(made)})
+            record.complete(made, target_outputs(record.out_dir, target, video_outputs))
             matted += 1
             bar.log(f"{target.path.name}: ok, {frames} frames at {float(info.fps):.3g} fps")
         except Exception as exc:
@@ -68,9 +70,9 @@ def matte_clips(pipe, context, videos: Sequence[Target], out_dir: Path, resize_m
     return matted
 
 
-def run_local(pipe, context, todo: Sequence[Target], out_dir: Path, resize_mode: str, estimate_colors: bool,
+def run_local(pipe, context, todo: Sequence[Target], record: JobRecord, resize_mode: str, estimate_colors: bool,
               failures: Failures, video_outputs: Sequence[str], chunk_size: int) -> int:
     images, videos = split_targets(todo)
-    matted = matte_images(pipe, context, images, out_dir, resize_mode, estimate_colors, failures) if images else 0
-    return matted + matte_clips(pipe, context, videos, out_dir, resize_mode, estimate_colors, failures,
+    matted = matte_images(pipe, context, images, record, resize_mode, estimate_colors, failures) if images else 0
+    return matted + matte_clips(pipe, context, videos, record, resize_mode, estimate_colors, failures,
                                 video_outputs, chunk_size)

@@ -2,12 +2,18 @@
 (folders, globs, files, manifests; images and videos; see ``targets``) -> ``<name>_alpha.png`` and
 ``<name>_rgba.png`` per image, and alpha/RGBA videos (or a PNG sequence) per clip, in ``--out``.
 
-Targets whose outputs exist are skipped (re-run to resume); a target that fails is reported,
-listed in ``failures.jsonl`` and skipped; an error every target would meet (disk full, out of GPU
-memory) stops the job with one line. Exit status: 0 all done, 1 some targets failed or the job
-stopped, 2 a usage, model-file or context-file problem (found before any target is matted).
-``--engine ray`` mattes the images on a Ray cluster (``ray_engine``); clips always run on the
-local engine, in this process.
+Every output carries the record of its source and recipe (``record``). Re-running resumes: a
+target whose outputs exist and were made from the same source with the same recipe is skipped;
+when outputs in ``--out`` were made differently (another source under the same name, another
+mask, weights, resize mode...) the job stops before any matting with one line saying how many and
+what differs, and ``--overwrite`` redoes exactly those. The context is loaded and checked in full
+first, whatever is left to do; a ``--context`` job whose outputs are all done loads no model. One
+job at a time per ``--out`` (a lock). A target that fails is reported, listed in
+``failures.jsonl`` and skipped; an error every target would meet (disk full, out of GPU memory)
+stops the job with one line. Exit status: 0 all done, 1 some targets failed or the job stopped, 2
+a usage, model-file or context-file problem, outputs made differently or a busy ``--out`` (found
+before any target is matted). ``--engine ray`` mattes the images on a Ray cluster
+(``ray_engine``); clips always run on the local engine, in this process.
 """
 from __future__ import annotations
 
@@ -15,10 +21,13 @@ import sys
 from pathlib import Path
 from typing import List
 
-from ..video import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
+from ..files import remove_partials
 from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, positive_float, positive_int, set_threads
+from .cli_args import local_cpus_problem
+from .clips import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
 from .local import matte_clips, run_local
-from .outputs import Failures, JobStopped, check_writable, is_done, remove_partials
+from .outputs import Failures, JobStopped, check_writable
+from .record import JobRecord, OutputLock, context_reference, job_recipe, reference_recipe
 from .targets import TargetError, list_targets, split_targets
 
 
@@ -30,6 +39,8 @@ def add_parser(subparsers) -> None:
     m = subparsers.add_parser("matte", help="matte a batch of targets (images and videos) with one marked reference")
     add_reference_args(m, required=False)
     m.add_argument("--context", help="context file from `encode` (instead of --reference/--mask)")
+    m.add_argument("--trust-unverified-context", action="store_true",
+                   help="use a --context file of format 1 (no checksums: damage cannot be detected)")
     m.add_argument("--targets", required=True, nargs="+",
                    help="folder(s) (searched recursively), glob(s) (** for any depth), image/video files, or manifest "
                         "files (.txt/.lst) with one path per line; outputs mirror the folders' trees under --out")
@@ -38,6 +49,9 @@ def add_parser(subparsers) -> None:
     add_model_args(m)
     m.add_argument("--resize-mode", choices=["pad", "stretch"], help="default: the context file's, else pad")
     m.add_argument("--no-foreground", action="store_true", help="do not estimate foreground colours for the RGBA cut-outs")
+    m.add_argument("--overwrite", action="store_true",
+                   help="redo the targets whose outputs in --out were made differently (another source, reference, "
+                        "weights or setting); without it such a job stops before matting")
     m.add_argument("--video-out", default=",".join(DEFAULT_VIDEO_OUTPUTS),
                    help="outputs per video, comma-separated: alpha (<name>_alpha.mp4), rgba (<name>_rgba.webm, VP9 with "
                         "alpha), png (<name>_frames/ RGBA PNG sequence); default alpha,rgba")
@@ -65,22 +79,45 @@ def _check_usage(args) -> None:
         raise UsageError("give --context FILE, or --reference IMAGE with --mask MASK")
     if args.engine == "local" and (args.address or args.workers):
         raise UsageError("--address and --workers are for --engine ray")
+    cpus = local_cpus_problem(args.cpus_per_worker, args.address) if args.engine == "ray" else None
+    if cpus:
+        raise UsageError(cpus)
 
 
-def _context(args, pipe):
-    """(context, resize mode) from --context (checked against ``pipe``'s weights when given) or
-    from --reference/--mask."""
-    from ..context_file import load_context, read_context_metadata
+class Reference:
+    """The job's reference: the context (from --context, checked in full, or encoded from
+    --reference/--mask), the targets' resize mode, the recipe its outputs record, and the
+    pipeline when one was loaded for it."""
 
-    if args.context:
-        context = load_context(args.context, expected_fingerprint=pipe.fingerprint if pipe is not None else None)
-        stored = read_context_metadata(args.context)["extra"].get("resize_mode")
-        return context, args.resize_mode or stored or context.resize_mode
-    resize_mode = args.resize_mode or "pad"
-    try:
-        return encode_reference(pipe, args, resize_mode), resize_mode
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"reference: {' '.join(str(exc).split())}") from None
+    def __init__(self, args, pipe=None):
+        from ..context_file import read_context_file
+
+        self.pipe, self.header = pipe, None
+        foreground = not args.no_foreground
+        if args.context:  # the file says everything the recipe needs: no model yet
+            self.context, self.header = read_context_file(args.context, args.trust_unverified_context)
+            self.resize_mode = args.resize_mode or self.header["extra"].get("resize_mode") or self.context.resize_mode
+            self.recipe = job_recipe(context_reference(self.context, self.header), self.header["fingerprint"],
+                                     self.resize_mode, args.dtype, self.context.config.image_size, foreground)
+            return
+        self.pipe, _ = load_pipe(args)
+        self.resize_mode = args.resize_mode or "pad"
+        try:
+            self.context = encode_reference(self.pipe, args, self.resize_mode)
+            reference = reference_recipe(args.reference, args.mask, args.pooling, args.seed, self.resize_mode)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"reference: {' '.join(str(exc).split())}") from None
+        self.recipe = job_recipe(reference, self.pipe.fingerprint, self.resize_mode, args.dtype, self.pipe.config.image_size,
+                                 foreground)
+
+    def load_pipe(self, args):
+        """The pipeline, loaded now if it was not, with the context file checked against it."""
+        from ..context_file import check_fits
+
+        if self.pipe is None:
+            self.pipe, _ = load_pipe(args)
+            check_fits(args.context, self.header, self.context, self.pipe.fingerprint, self.pipe.config)
+        return self.pipe
 
 
 def run(args) -> int:
@@ -94,43 +131,55 @@ def run(args) -> int:
     except TargetError as exc:
         raise UsageError(str(exc)) from None
     check_writable(out_dir)
-    remove_partials(out_dir)  # a killed run's half files
+    with OutputLock(out_dir):  # held until the job ends, however it ends
+        return _run(args, kinds, out_dir, found)
+
+
+def _run(args, kinds, out_dir: Path, found) -> int:
+    remove_partials(out_dir)  # a killed run's half files (no other job writes here: the lock)
     for note in found.notes():
         print(f"note: {note}", file=sys.stderr)
     targets = found.targets
-    todo = [t for t in targets if not is_done(out_dir, t, kinds)]
-    if len(todo) < len(targets):
-        print(f"skipping {len(targets) - len(todo)} target(s) with existing outputs in {out_dir}", file=sys.stderr)
-    if not todo:
-        Failures(out_dir).finish()  # nothing is failing any more: drop a previous run's list
-        return 0
-
     threads = set_threads(args.threads)
+    reference = Reference(args)
+    record = JobRecord(out_dir, reference.recipe)
+    plan = record.plan(targets, kinds)
+    if plan.different and not args.overwrite:
+        raise UsageError(plan.refusal(out_dir))
+    if plan.done:
+        print(f"skipping {len(plan.done)} target(s) with existing outputs made the same way in {out_dir}", file=sys.stderr)
+    if plan.different:
+        print(f"overwriting the outputs of {len(plan.different)} target(s) made differently", file=sys.stderr)
+    redo = set(plan.todo) | set(plan.different)
+    todo = [t for t in targets if t in redo]
+    failures = Failures(out_dir)
+    for path, why in found.problems:  # entries skipped while listing (pipes, broken links, ...) are failures too
+        failures.add(path, why)
+    if not todo:
+        failures.finish()  # nothing else to do: the list holds only those (or is removed)
+        return 1 if failures else 0
+
     images, videos = split_targets(todo)
     ray_images_only = args.engine == "ray" and not videos and args.context and getattr(args, "pipe_factory", None) is None
-    pipe, context = None, None
-    if ray_images_only:  # the Ray driver needs no model: the workers check the context file
-        context, resize_mode = _context(args, None)
-    else:
-        pipe, _ = load_pipe(args)
-        context, resize_mode = _context(args, pipe)
+    # the Ray driver needs no model for a context file: the workers check it against theirs
+    pipe = None if ray_images_only else reference.load_pipe(args)
+    context, resize_mode = reference.context, reference.resize_mode
 
-    failures = Failures(out_dir)
     matted = 0
     try:
         if args.engine == "ray":
-            from ..ray_engine import RayJob, run_ray_job
+            from .ray_engine import RayJob, run_ray_job
 
             if images:
-                job = RayJob.from_args(args, context, resize_mode, kinds, getattr(args, "pipe_factory", None))
-                matted += run_ray_job(job, images, out_dir, failures)
+                job = RayJob.from_args(args, context, reference.header, resize_mode, kinds, getattr(args, "pipe_factory", None))
+                matted += run_ray_job(job, images, record, failures)
             if videos:
                 print(f"note: {len(videos)} clip(s) are matted by the local engine on this machine ({threads} threads); "
                       "the Ray engine takes images", file=sys.stderr)
-                matted += matte_clips(pipe, context, videos, out_dir, resize_mode, not args.no_foreground, failures,
+                matted += matte_clips(pipe, context, videos, record, resize_mode, not args.no_foreground, failures,
                                       kinds, args.chunk_size)
         else:
-            matted = run_local(pipe, context, todo, out_dir, resize_mode, not args.no_foreground, failures, kinds,
+            matted = run_local(pipe, context, todo, record, resize_mode, not args.no_foreground, failures, kinds,
                                args.chunk_size)
     except JobStopped as exc:
         removed = remove_partials(out_dir)

@@ -1,8 +1,10 @@
 """Finding and loading the model files of a job (command line and Ray workers), every problem as
-one line: :class:`ModelFileError` (exit status 2)."""
+one line: :class:`ModelFileError` (exit status 2); a head trained on other SD weights than the ones
+loaded is a one-line warning on stderr (``context_file.other_sd_warning``)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -111,6 +113,11 @@ def load(matting_weights, sd_path, device: str = "auto", dtype: str = "auto"):
         # SD 2.x: per-block head sizes and linear projections; SD 1.x: one head count, conv projections
         raise ModelFileError(f"--sd {sd_path}: not Stable Diffusion 2.x (its UNet is shaped like SD 1.x: attention_head_dim "
                              f"{config.attention_head_dim}, use_linear_projection {config.use_linear_projection}); use {SD_REPO_ID}")
+    from ..context_file import other_sd_warning
+
+    warning = other_sd_warning(matting_weights, pipe.model.extractor)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return pipe
 
 

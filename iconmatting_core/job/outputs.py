@@ -1,21 +1,22 @@
-"""Where a job's outputs go and how they are written: output paths, what is already done, safe
-writes (never a half file; a full disk stops the job), the failures manifest and progress lines."""
+"""Where a job's outputs go and what stops a job: output paths, the errors every target would meet
+(a full disk, out of GPU memory), the failures manifest and progress lines. Files are written by
+``iconmatting_core.files`` (atomic, never a half file); which outputs count as done is the job
+record's (``record``)."""
 from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
-from ..video import output_paths as video_output_paths
+from ..files import write_file
+from .clips import output_paths as video_output_paths
 from .targets import Target
 
 FAILURES_FILE = "failures.jsonl"
-PARTIAL = ".partial"
 _STOP_ERRNOS = {
     getattr(errno, name): what for name, what in (("ENOSPC", "no space left on the disk"),
                                                   ("EDQUOT", "disk quota exceeded"), ("EROFS", "the disk is read-only"))
@@ -43,10 +44,6 @@ def target_outputs(out_dir: Path, target: Target, video_outputs: Sequence[str]) 
     return list(output_paths(out_dir, target.name))
 
 
-def is_done(out_dir: Path, target: Target, video_outputs: Sequence[str]) -> bool:
-    return all(p.exists() for p in target_outputs(out_dir, target, video_outputs))
-
-
 def stop_reason(exc: BaseException) -> Optional[str]:
     """A one-line reason when ``exc`` would stop every remaining target too, else None."""
     if isinstance(exc, JobStopped):
@@ -54,39 +51,33 @@ def stop_reason(exc: BaseException) -> Optional[str]:
     if isinstance(exc, OSError) and exc.errno in _STOP_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"{_STOP_ERRNOS[exc.errno]}{where}; free space (or pick another --out) and re-run the same command to resume"
-    if is_out_of_memory(f"{type(exc).__name__}: {exc}"):
+    if is_out_of_memory(exc):
         return OUT_OF_MEMORY
     return None
 
 
-def is_out_of_memory(error: str) -> bool:
-    """Whether an error text (``Type: message``) is torch running out of GPU memory."""
+def _out_of_memory_types() -> tuple:
+    torch = sys.modules.get("torch")
+    if torch is None:  # torch never loaded: nothing raised can be its error
+        return ()
+    return tuple({t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if isinstance(t, type)})
+
+
+def is_out_of_memory(error: Union[BaseException, str]) -> bool:
+    """Whether an error is torch running out of GPU memory: an exception by its type
+    (``torch.OutOfMemoryError``), except a CUDA error torch raises untyped (a RuntimeError saying
+    "CUDA error: out of memory", e.g. a library's own allocation), which only its words tell; an
+    error that came back as text (a Ray worker's ``Type: message``) by its words."""
+    if isinstance(error, BaseException):
+        if isinstance(error, _out_of_memory_types()):
+            return True
+        return isinstance(error, RuntimeError) and "CUDA error: out of memory" in str(error)
     return error.startswith("OutOfMemoryError") or "CUDA out of memory" in error or "CUDA error: out of memory" in error
 
 
 OUT_OF_MEMORY = ("out of GPU memory; close other GPU programs, or use --dtype fp16, a smaller --chunk-size, "
                 "or --device cpu, and re-run the same command to resume")
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write via a temporary ``.partial`` name, so an interrupted run never leaves a half file that
-    counts as done; the temporary file is removed when writing fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL)
-    try:
-        _write_bytes(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def _write_bytes(path: Path, data: bytes) -> None:  # the one place bytes reach the disk (tests inject faults here)
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def check_writable(out_dir: Path, what: str = "--out") -> None:
@@ -101,26 +92,6 @@ def check_writable(out_dir: Path, what: str = "--out") -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"{what} {out_dir} cannot be written ({exc.strerror or exc}); pick a writable folder") from None
-
-
-def remove_partials(out_dir: Path) -> int:
-    """Remove ``*.partial*`` files a job left in ``out_dir`` (a killed or stopped run); returns how many."""
-    removed = 0
-    for dirpath, dirnames, filenames in os.walk(out_dir):
-        for name in filenames + dirnames:
-            if PARTIAL in name:
-                p = Path(dirpath) / name
-                try:
-                    if p.is_dir():
-                        import shutil
-
-                        shutil.rmtree(p)
-                    else:
-                        p.unlink()
-                    removed += 1
-                except OSError:
-                    pass
-    return removed
 
 
 class Failures:

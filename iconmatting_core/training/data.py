@@ -10,15 +10,22 @@ Layouts (``--data DIR``):
       DIR/<group>/alphas/<stem>.png      # alpha matte, or a binary mask (white = foreground)
       DIR/<group>/trimaps/<stem>.png     # optional
 
-  images and alphas are matched by file stem. An alpha file is read as gray (16-bit PNGs / 65535),
-  except an RGBA/LA cut-out whose alpha channel is not all opaque: its alpha channel.
+  images and alphas are matched by file stem, extensions in any case (``IMG_0001.JPG``); hidden
+  files and folders (``.cache/``, ``.DS_Store``, macOS's ``._IMG_0001.JPG``) are not data. An alpha
+  file is read as ``image_io`` reads mattes (8-bit / 255, 16-bit / 65535), except an RGBA/LA
+  cut-out whose alpha channel is not all opaque: its alpha channel.
 
-Trimaps: a trimap file is thresholded as the authors' ``ToTensor`` does (< 85 background,
->= 170 foreground, else unknown). Without one, the unknown region is derived from the alpha after
-the crop and resize: pixels with 0 < alpha < 1, and the pixels within ``radius`` model pixels of
-the boundary between alpha = 0 and alpha = 1 (both sides), where ``radius`` defaults to
-:data:`TRIMAP_RADIUS` at 768 px (scaled with the image size); a hard mask thus gets a band around
-its edge.
+Every file is hashed while it is checked: :meth:`TrainData.summary` carries a digest of the data's
+content (each file's path in the folder, size and sha256, and each image's group), so a run knows
+its data by what it holds, not by the folder's name (``state``: a resumed run with other data is
+refused).
+
+Trimaps: a trimap file (8-bit, or 16-bit scaled to 8 bits) is thresholded as the authors'
+``ToTensor`` does (< 85 background, >= 170 foreground, else unknown). Without one, the unknown
+region is derived from the alpha after the crop and resize: pixels with 0 < alpha < 1, and the
+pixels within ``radius`` model pixels of the boundary between alpha = 0 and alpha = 1 (both
+sides), where ``radius`` defaults to :data:`TRIMAP_RADIUS` at 768 px (scaled with the image size);
+a hard mask thus gets a band around its edge.
 
 Sampling (``icm/data/data_generator.py: InContextDataset``): sample ``p`` of the run (a global
 position, the same whatever the number of processes) takes the target at ``p mod N`` of a seeded
@@ -32,6 +39,9 @@ resumed at any step, or split over processes, sees the same samples.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eval import DatasetError, centre_crop_box, draw_references, load_dataset
+from ..image_io import ImageReadError, open_image, read_matte_image, read_trimap_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TRIMAP_RADIUS = 10  # unknown band half-width in model pixels at 768 px
@@ -59,12 +70,14 @@ class Item:
 
 @dataclass
 class TrainData:
-    """Checked items, their groups (indices into items) and the files skipped as unreadable."""
+    """Checked items, their groups (indices into items), the files skipped as unreadable and, per
+    file used (path relative to ``root``), its size and sha256."""
 
     root: Path
     layout: str
     items: List[Item]
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    files: Dict[str, Tuple[int, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.groups: Dict[str, List[int]] = {}
@@ -74,23 +87,41 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.items)
 
+    def relative(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def digest(self) -> str:
+        """sha256 over each image's group and name and its files' relative paths, sizes and sha256."""
+        entries = [[i.group, i.name] + [[self.relative(p), *self.files[self.relative(p)]] if p else None
+                                        for p in (i.image, i.alpha, i.trimap)] for i in self.items]
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
     def summary(self) -> dict:
         return {"root": self.root.name, "layout": self.layout, "images": len(self.items), "groups": len(self.groups),
-                "trimaps": sum(i.trimap is not None for i in self.items), "skipped": [p for p, _ in self.skipped]}
+                "trimaps": sum(i.trimap is not None for i in self.items), "skipped": [p for p, _ in self.skipped],
+                "digest": self.digest()}
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
 
 
 def _files_by_stem(folder: Path) -> Dict[str, Path]:
     out: Dict[str, Path] = {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.is_file() and not _hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES:
                 out.setdefault(p.stem, p)
     return out
 
 
+def _group_folders(root: Path) -> List[Path]:
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and not _hidden(d)]
+
+
 def _group_layout(root: Path) -> List[Item]:
     items: List[Item] = []
-    groups = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    groups = _group_folders(root)
     for g in groups:
         images, alphas, trimaps = (_files_by_stem(g / s) for s in ("images", "alphas", "trimaps"))
         if not (g / "images").is_dir() or not (g / "alphas").is_dir():
@@ -116,20 +147,22 @@ def _layout(root: Path, json_path=None) -> Tuple[str, List[Item]]:
         ds = load_dataset(root, json_path)
         return "eval", [Item(s.name, s.group, s.image_path, s.alpha_path, s.trimap_path)
                         for members in ds.groups.values() for s in members]
-    if any(d.is_dir() and (d / "images").is_dir() for d in root.iterdir()):
+    if any((d / "images").is_dir() for d in _group_folders(root)):
         return "groups", _group_layout(root)
     raise DatasetError(
         f"{root} is not a training data folder: expected DIR/image/, DIR/alpha/ and a group json (the eval "
         "layout), or one folder per group with images/ and alphas/ inside (DIR/<group>/images, DIR/<group>/alphas)")
 
 
-def _size(path: Path) -> Tuple[int, int]:
+def _check(path: Path) -> Tuple[Tuple[int, int], int, str]:
+    """(width x height as stored, file size, sha256) of an image file; raises when it cannot be decoded."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
         size = im.size
         im.verify()
-    return size
+    return size, len(data), hashlib.sha256(data).hexdigest()
 
 
 def load_train_data(root, json_path=None, log=None) -> TrainData:
@@ -140,7 +173,7 @@ def load_train_data(root, json_path=None, log=None) -> TrainData:
     log = log or (lambda line: print(line, file=sys.stderr))
     root = Path(root)
     layout, items = _layout(root, json_path)
-    good, skipped = [], []
+    good, skipped, files = [], [], {}
     for item in items:
         sizes = {}
         for what in ("image", "alpha", "trimap"):
@@ -148,7 +181,8 @@ def load_train_data(root, json_path=None, log=None) -> TrainData:
             if path is None:
                 continue
             try:
-                sizes[what] = _size(path)
+                sizes[what], length, sha = _check(path)
+                files[Path(path).relative_to(root).as_posix()] = (length, sha)
             except Exception as exc:  # noqa: BLE001 - any decoder failure: skip the file
                 skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
                 break
@@ -163,31 +197,29 @@ def load_train_data(root, json_path=None, log=None) -> TrainData:
         log(f"skipping unreadable file {path} ({why})")
     if not good:
         raise DatasetError(f"no usable image with an alpha in {root}" + (" (all unreadable)" if skipped else ""))
-    return TrainData(root, layout, good, skipped)
+    used = {Path(p).relative_to(root).as_posix() for i in good for p in (i.image, i.alpha, i.trimap) if p}
+    return TrainData(root, layout, good, skipped, {k: v for k, v in files.items() if k in used})
 
 
 # --------------------------------------------------------------------------- samples
 
 def _read(path: Path, mode: str):
-    from PIL import Image, ImageOps
+    """An image file upright as RGB (``mode`` "RGB"), a trimap as 8-bit levels ("L") or an alpha file
+    as a float image in [0, 1] ("F"); 16-bit files as ``image_io`` reads them."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"cannot read {path}: {exc}") from None
+        im = open_image(path)
+    except ImageReadError as exc:
+        raise DatasetError(str(exc)) from None
     if mode == "RGB":
         return im.convert("RGB")
-    if im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
-    elif im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float32)
-        a = a / (65535.0 if a.max() > 255 else 255.0 if a.max() > 1 else 1.0)
-    elif im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() != (255, 255):
+    if mode == "L":
+        return Image.fromarray(read_trimap_image(im))
+    if im.mode in ("RGBA", "LA") and im.getchannel("A").getextrema() != (255, 255):
         a = np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0  # a cut-out: its alpha channel
     else:
-        a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        a = read_matte_image(im)
     return Image.fromarray(np.clip(a, 0, 1).astype(np.float32), mode="F")
 
 
@@ -201,6 +233,12 @@ def _resample(name: str):
 def _crop_resize(im, size: int, interpolation: str):
     y0, y1, x0, x1 = centre_crop_box(im.height, im.width)
     return im.crop((x0, y0, x1, y1)).resize((size, size), _resample(interpolation))
+
+
+def band_radius(size: int, radius: Optional[int] = None) -> int:
+    """The derived unknown band's half-width at model size ``size``: ``radius`` when given, else
+    :data:`TRIMAP_RADIUS` scaled from 768 px (at least 1)."""
+    return radius if radius is not None else max(1, round(TRIMAP_RADIUS * size / 768))
 
 
 def derived_unknown(alpha: torch.Tensor, radius: int) -> torch.Tensor:
@@ -226,7 +264,7 @@ class TrainSamples(torch.utils.data.Dataset):
 
     def __init__(self, data: TrainData, size: int, seed: int, radius: Optional[int] = None, fixed: bool = False):
         self.data, self.size, self.seed, self.fixed = data, size, int(seed), fixed
-        self.radius = radius if radius is not None else max(1, round(TRIMAP_RADIUS * size / 768))
+        self.radius = band_radius(size, radius)
         self._perm: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -259,7 +297,7 @@ class TrainSamples(torch.utils.data.Dataset):
         if not with_trimap:
             return x, alpha, None
         if item.trimap is not None:
-            tri = _read(item.trimap, "RGB").convert("L")
+            tri = _read(item.trimap, "L")
             tri = np.asarray(_crop_resize(tri, self.size, "nearest"), dtype=np.uint8)
             unknown = trimap_unknown(tri)
         else:

@@ -1,18 +1,36 @@
-"""The authors' training losses (tiny-smart/in-context-matting ``icm/criterion/loss_function.py``),
-term by term with the same arithmetic, quirks included.
+"""Training losses of the IconMatting head, written from their definitions.
 
-All inputs are [B, 1, H, W] float: ``unknown`` the unknown-region map (1 where the trimap is 0.5,
-else 0), ``pred`` the predicted alpha, ``target`` the ground-truth alpha.
+Inputs are [B, 1, H, W] float: ``pred`` the predicted alpha, ``target`` the ground-truth alpha and
+``unknown`` the unknown region U (1 where the trimap is 0.5, else 0); the known region is
+K = [U == 0]. The recipe's numbers (facts from the authors' training configuration, which our
+fixtures check term by term) are: every term has weight 1; region terms are normalised to a
+512 x 512 image; the pyramid has 5 levels; the penalty on the predicted gradient has weight 0.01.
 
-* Region terms are scaled by ``B * 262144 / (pixels of the region)`` (0 when the region is empty)
-  and use the *mean* over all pixels of the masked maps, as the authors' code does.
-* :func:`recipe_losses` (``LossFunction2``, training from scratch): per sample, an alpha that is
-  all 0 or all 1 gets only the smooth-L1 known-region term, which is logged under the name
-  ``known_l1_loss`` (their key); every other sample (also a binary, non-constant alpha) gets
-  ``unknown_l1_loss + known_l1_loss + loss_pha_laplacian + loss_gradient_penalty``. Each term is
-  **summed over the samples** of the batch.
-* :func:`finetune_losses` (``LossFunction`` of ``finetune.yaml``): the four matting terms on the
-  whole batch at once (region scales over the batch, means over the batch).
+Region mean. For a per-pixel error e and a 0/1 region R over the pixels p of one H x W image:
+
+    mean_R(e) = (512 * 512 / (H * W)) * sum_p R_p e_p / sum_p R_p        (0 when R is empty)
+
+i.e. the mean error inside the region, scaled as if the image had 512 x 512 pixels. The four
+matting terms, with d = pred - target:
+
+    unknown_l1_loss       = mean_U(|d|)
+    known_l1_loss         = mean_K(|d|)
+    loss_pha_laplacian    = (1/5) * sum_{l=0..4} 2^l * mean over pixels of |Lap_l(pred) - Lap_l(target)|
+    loss_gradient_penalty = mean_U(|Sx*d| + |Sy*d| + 0.01 * (|Sx*pred| + |Sy*pred|))
+
+where Sx, Sy are the 3 x 3 Sobel derivatives (zero padding) and Lap_l the l-th band of a Laplacian
+pyramid (:func:`laplacian_bands`). Each Sobel response is taken of pred and of target separately,
+so Sx*d above stands for Sx*pred - Sx*target.
+
+Two recipes (``LOSSES``):
+
+* ``recipe`` (training from scratch): each sample on its own. A sample whose alpha is constant
+  (all 0 or all 1: a segmentation sample) gets only the smooth-L1 error in the known region,
+  mean_K(huber(d)) with huber(x) = x^2 / 2 for |x| < 1 else |x| - 1/2, logged under the name
+  ``known_l1_loss``; every other sample gets the four matting terms. Each term is summed over the
+  samples (keys in the order the samples first produce them).
+* ``finetune``: the four matting terms on the whole batch at once; the region means then pool the
+  pixels of all samples (the sums run over the batch, the 512 x 512 scale stays per image).
 """
 from __future__ import annotations
 
@@ -21,122 +39,118 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-REGION_PIXELS = 262144  # 512 x 512: the authors' normalisation of the region terms
+UNIT_IMAGE_PIXELS = 512 * 512
+PYRAMID_LEVELS = 5
+PREDICTED_GRADIENT_WEIGHT = 0.01
+HUBER_BETA = 1.0  # where the smooth-L1 term turns from quadratic to linear
 MATTING_TERMS = ("unknown_l1_loss", "known_l1_loss", "loss_pha_laplacian", "loss_gradient_penalty")
-LAPLACIAN_LEVELS = 5
-_SOBEL_X = [[[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]]]
-_SOBEL_Y = [[[[-1, -2, -1], [0, 0, 0], [1, 2, 1]]]]
 
 
-def _scale(region: torch.Tensor):
-    """B * 262144 / region pixels, or 0 for an empty region (a Python 0, as in the authors' code)."""
-    total = torch.sum(region)
-    return 0 if total == 0 else region.shape[0] * REGION_PIXELS / total
+def region_mean(error: torch.Tensor, region: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """mean_R(e) of the module docstring: [B] (one per sample) or a scalar (pixels pooled over the batch).
+
+    The count is clamped to 1: an empty region has a zero sum, so its mean is 0 (and so is its gradient).
+    """
+    dims = (1, 2, 3) if per_sample else (0, 1, 2, 3)
+    height, width = error.shape[-2:]
+    inside = (error * region).sum(dims) / region.sum(dims).clamp_min(1)
+    return inside * (UNIT_IMAGE_PIXELS / (height * width))
 
 
-def _known(unknown: torch.Tensor) -> torch.Tensor:
-    known = torch.zeros_like(unknown)
-    known[unknown == 0] = 1
-    return known
+def huber(x: torch.Tensor, beta: float = HUBER_BETA) -> torch.Tensor:
+    """x^2 / (2 beta) where |x| < beta, else |x| - beta / 2 (continuous, with a continuous slope)."""
+    size = x.abs()
+    return torch.where(size < beta, size * size / (2 * beta), size - beta / 2)
 
 
-def unknown_l1(unknown, pred, target) -> torch.Tensor:
-    return F.l1_loss(pred * unknown, target * unknown) * _scale(unknown)
+def _sobel_pair(dtype, device) -> torch.Tensor:
+    """[2, 1, 3, 3]: d/dx then d/dy, each a central difference [-1, 0, 1] along its axis smoothed by
+    [1, 2, 1] across it (cross-correlation weights, as conv2d applies them)."""
+    smooth = torch.tensor([1.0, 2.0, 1.0], dtype=dtype, device=device)
+    slope = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device=device)
+    d_dx = torch.outer(smooth, slope)  # rows smooth, columns differentiate
+    return torch.stack([d_dx, d_dx.T])[:, None]
 
 
-def known_l1(unknown, pred, target) -> torch.Tensor:
-    known = _known(unknown)
-    return F.l1_loss(pred * known, target * known) * _scale(known)
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] -> [B, 2, H, W]: Sobel d/dx and d/dy with zero padding."""
+    return F.conv2d(x, _sobel_pair(x.dtype, x.device), padding=1)
 
 
-def known_smooth_l1(unknown, pred, target) -> torch.Tensor:
-    known = _known(unknown)
-    return F.smooth_l1_loss(pred * known, target * known) * _scale(known)
+def _binomial_blur(x: torch.Tensor) -> torch.Tensor:
+    """5 x 5 binomial blur (weights C(4, i) C(4, j) / 256, i.e. 1 4 6 4 1 in each direction) of every
+    channel, mirrored at the borders (reflect, edge pixel not repeated)."""
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
+    kernel = torch.outer(taps, taps)[None, None]
+    b, c, h, w = x.shape
+    flat = F.pad(x.reshape(b * c, 1, h, w), (2, 2, 2, 2), mode="reflect")
+    return F.conv2d(flat, kernel).reshape(b, c, h, w)
 
 
-def gradient_penalty(unknown, pred, target) -> torch.Tensor:
-    """Sobel gradients of prediction and target compared in the unknown region, plus 0.01 times
-    the mean absolute predicted gradient there."""
-    scale = _scale(unknown)
-    kx = torch.tensor(_SOBEL_X).type(dtype=pred.type())
-    ky = torch.tensor(_SOBEL_Y).type(dtype=pred.type())
-    px, tx = F.conv2d(pred, weight=kx, padding=1), F.conv2d(target, weight=kx, padding=1)
-    py, ty = F.conv2d(pred, weight=ky, padding=1), F.conv2d(target, weight=ky, padding=1)
-    return (F.l1_loss(px * unknown, tx * unknown) * scale
-            + F.l1_loss(py * unknown, ty * unknown) * scale
-            + 0.01 * torch.mean(torch.abs(px * unknown)) * scale
-            + 0.01 * torch.mean(torch.abs(py * unknown)) * scale)
+def laplacian_bands(x: torch.Tensor, levels: int = PYRAMID_LEVELS):
+    """The band-pass images of a Laplacian pyramid, finest first: ``levels`` tensors [B, C, h_l, w_l].
 
-
-def _gauss_kernel(device, dtype) -> torch.Tensor:
-    row = torch.tensor([1, 4, 6, 4, 1], device=device, dtype=dtype)
-    return (torch.outer(row, row) / 256)[None, None]
-
-
-def _blur(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = img.shape
-    x = F.pad(img.reshape(b * c, 1, h, w), (2, 2, 2, 2), mode="reflect")
-    return F.conv2d(x, kernel).reshape(b, c, h, w)
-
-
-def laplacian_pyramid(img: torch.Tensor, levels: int = LAPLACIAN_LEVELS):
-    """Band-pass levels [B, C, H/2^i, W/2^i] (odd sizes cropped to even first)."""
-    kernel = _gauss_kernel(img.device, img.dtype)
-    current, pyramid = img, []
+    Per level: crop the image to even height and width; its coarse version is the blurred image at
+    every other pixel; the band is the image minus the coarse version brought back to its size (zeros
+    between the coarse pixels, blurred, times 4 for the three zeros of every 2 x 2 cell); the coarse
+    version is the next level's image. Needs sides of at least 2^(levels-1) * 4 pixels (64 px for 5).
+    """
+    bands = []
     for _ in range(levels):
-        h, w = current.shape[2:]
-        current = current[:, :, : h - h % 2, : w - w % 2]
-        down = _blur(current, kernel)[:, :, ::2, ::2]
-        up = torch.zeros(down.shape[0], down.shape[1], down.shape[2] * 2, down.shape[3] * 2,
-                         device=img.device, dtype=img.dtype)
-        up[:, :, ::2, ::2] = down * 4
-        pyramid.append(current - _blur(up, kernel))
-        current = down
-    return pyramid
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        coarse = _binomial_blur(x)[..., ::2, ::2]
+        spread = torch.zeros_like(x)
+        spread[..., ::2, ::2] = 4 * coarse
+        bands.append(x - _binomial_blur(spread))
+        x = coarse
+    return bands
 
 
-def laplacian(pred, target, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
-    """sum_i 2^i * L1(level i) / levels over a 5-level Laplacian pyramid (images >= 64 px)."""
-    loss = 0
-    for i, (p, t) in enumerate(zip(laplacian_pyramid(pred, levels), laplacian_pyramid(target, levels))):
-        loss += (2**i) * F.l1_loss(p, t)
-    return loss / levels
-
-
-def matting_terms(unknown, pred, target) -> Dict[str, torch.Tensor]:
-    """The four matting terms on a batch (``LossFunction`` with the four losses)."""
+def _matting_terms(unknown, pred, target, per_sample: bool) -> Dict[str, torch.Tensor]:
+    """The four matting terms: [B] each when ``per_sample``, else scalars over the pooled batch."""
+    known = (unknown == 0).to(unknown.dtype)
+    error = (pred - target).abs()
+    both = sobel(torch.cat([pred, target]))
+    slopes_pred, slopes_target = both[: len(pred)], both[len(pred):]
+    slope_error = (slopes_pred - slopes_target).abs().sum(1, keepdim=True)
+    steepness = slopes_pred.abs().sum(1, keepdim=True)
+    bands = zip(laplacian_bands(pred), laplacian_bands(target))
+    dims = (1, 2, 3) if per_sample else (0, 1, 2, 3)
+    pyramid = sum(2**level * (p - t).abs().mean(dims) for level, (p, t) in enumerate(bands)) / PYRAMID_LEVELS
     return {
-        "unknown_l1_loss": unknown_l1(unknown, pred, target),
-        "known_l1_loss": known_l1(unknown, pred, target),
-        "loss_pha_laplacian": laplacian(pred, target),
-        "loss_gradient_penalty": gradient_penalty(unknown, pred, target),
+        "unknown_l1_loss": region_mean(error, unknown, per_sample),
+        "known_l1_loss": region_mean(error, known, per_sample),
+        "loss_pha_laplacian": pyramid,
+        "loss_gradient_penalty": region_mean(slope_error + PREDICTED_GRADIENT_WEIGHT * steepness, unknown, per_sample),
     }
 
 
-def is_constant_alpha(target: torch.Tensor) -> bool:
-    """The authors' test for the segmentation branch: every value 0, or every value 1."""
-    return bool(torch.all(target == 0) or torch.all(target == 1))
-
-
-def sample_terms(unknown, pred, target) -> Dict[str, torch.Tensor]:
-    """One sample [1, 1, H, W] under ``LossFunction2``."""
-    if is_constant_alpha(target):
-        return {"known_l1_loss": known_smooth_l1(unknown, pred, target)}
-    return matting_terms(unknown, pred, target)
+def is_constant_alpha(target: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B] bool: the sample's alpha is 0 everywhere or 1 everywhere (a segmentation sample)."""
+    flat = target.flatten(1)
+    return (flat == 0).all(1) | (flat == 1).all(1)
 
 
 def recipe_losses(unknown, pred, target) -> Dict[str, torch.Tensor]:
-    """``LossFunction2``: per-sample terms, each summed over the batch (keys in first-seen order)."""
-    out: Dict[str, torch.Tensor] = {}
-    for i in range(pred.shape[0]):
-        for key, value in sample_terms(unknown[i:i + 1], pred[i:i + 1], target[i:i + 1]).items():
-            out[key] = out[key] + value if key in out else value
+    """The ``recipe`` loss (module docstring): per-sample terms, each summed over the samples."""
+    constant = is_constant_alpha(target)
+    terms = _matting_terms(unknown, pred, target, per_sample=True)
+    known = (unknown == 0).to(unknown.dtype)
+    segmentation_term = region_mean(huber(pred - target), known, per_sample=True)
+    terms["known_l1_loss"] = torch.where(constant, segmentation_term, terms["known_l1_loss"])
+    matting = ~constant
+    out = {}
+    if constant[0]:
+        out["known_l1_loss"] = terms["known_l1_loss"].sum()
+    if matting.any():
+        for key in MATTING_TERMS:
+            out[key] = terms[key].sum() if key == "known_l1_loss" else terms[key][matting].sum()
     return out
 
 
 def finetune_losses(unknown, pred, target) -> Dict[str, torch.Tensor]:
-    """``LossFunction`` of finetune.yaml: the four matting terms on the whole batch."""
-    return matting_terms(unknown, pred, target)
+    """The ``finetune`` loss (module docstring): the four matting terms over the whole batch."""
+    return _matting_terms(unknown, pred, target, per_sample=False)
 
 
 LOSSES = {"recipe": recipe_losses, "finetune": finetune_losses}

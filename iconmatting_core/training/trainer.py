@@ -1,24 +1,34 @@
 """The training loop: frozen SD features (as at inference) -> the IconMatting head, trained in fp32.
 
 Per step, for each sample (global position p, see ``data``): the target and its reference go
-through the frozen extractor without gradients exactly as at inference (t = 200, ensemble copies
-of a sampled latent, fresh noise: the noise seed is derived from (seed, p)); the reference's
-tokens are the correspondence cells its guidance covers entirely (min-pooling); the head then
-runs with gradients: similarity -> propagation per sample, fusion and detail decoder over BatchNorm
-groups of ``bn_group`` samples (the authors' 2 per GPU, whose BatchNorm statistics are per GPU).
+through the frozen extractor without gradients exactly as at inference (``config.timestep``,
+ensemble copies of a sampled latent, fresh noise: the noise seed is derived from (seed, p), with
+the reference's noise drawn apart from the target's, REFERENCE_NOISE vs TARGET_NOISE, as at
+inference); the reference's tokens are the correspondence cells its guidance covers entirely
+(min-pooling); the head then runs with gradients: similarity -> propagation per sample, fusion and
+detail decoder over BatchNorm groups of ``bn_group`` samples (the authors' 2 per GPU, whose
+BatchNorm statistics are per GPU).
 
-Objective: the authors sum the per-sample losses over a GPU's 2 samples and DDP averages over
-GPUs, i.e. 2 x the mean over the global batch; the ``recipe`` loss is scaled so the gradient is
-that for any process count and batch size (``AUTHORS_BATCH / batch_size`` per process), which makes
-N processes give the head one process gives with the same global batch. Optimizer: Adam (no
+Batch: ``batch_size`` is the global batch, all processes together (default 4: the authors' 2 GPUs x
+2 samples); each of N processes takes ``batch_size / N`` samples.
+
+Objective (:func:`group_objective`): the authors' loss on each BatchNorm group (their loss on a
+GPU's 2 samples), averaged over the groups of the global batch -- what their DDP run optimises
+(each GPU's loss, gradients averaged over GPUs). So the ``recipe`` loss (``LossFunction2``, a sum
+over a GPU's samples) is 2 x the mean over the batch, and the ``finetune`` loss (``LossFunction``,
+whose region terms pool a GPU's pixels) is the mean over pairs of its value on each pair: both give
+the same head however the batch is split over processes (1 x 4 or 2 x 2). Optimizer: Adam (no
 weight decay), lr x the authors' LambdaLinearScheduler (linear from 1e-6 over ``warmup`` steps,
 then 1). The step stops with :class:`TrainingStopped` when the loss is NaN or above 1e4.
 
 Several processes: launch with ``torchrun`` (or ``accelerate launch``); the environment's RANK /
-WORLD_SIZE / LOCAL_RANK select DDP (NCCL on CUDA, gloo on CPU). Only rank 0 writes files.
+WORLD_SIZE / LOCAL_RANK select DDP (NCCL on CUDA, gloo on CPU). Only rank 0 writes files. A run
+starts only as ``state.check_start`` allows (never over another run; a resume only with the run's
+own recipe, :func:`run_recipe`, unless ``resume_with_changes``).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -37,10 +47,12 @@ from ..features import REFERENCE_NOISE, TARGET_NOISE
 from ..matching import inter_image_similarity, intra_image_propagation
 from ..preprocess import Placement
 from . import state as S
-from .data import StepSampler, TrainData, TrainSamples
+from .data import StepSampler, TrainData, TrainSamples, band_radius
 from .losses import LOSSES
 
-AUTHORS_BATCH = 2
+AUTHORS_GPU_BATCH = 2  # samples per GPU in the authors' runs: the BatchNorm group
+AUTHORS_GPUS = 2
+AUTHORS_BATCH = AUTHORS_GPU_BATCH * AUTHORS_GPUS  # the global batch of their configs (2 GPUs x 2)
 LOSS_LIMIT = 1e4
 WARMUP_START = 1e-6
 
@@ -53,19 +65,52 @@ class TrainingStopped(RuntimeError):
 class TrainSettings:
     out: str
     steps: int = 10000
-    batch_size: int = 2
+    batch_size: int = AUTHORS_BATCH  # global: all processes together
     lr: float = 4e-4
     warmup: int = 250
     loss: str = "recipe"
     seed: int = 42
-    bn_group: int = AUTHORS_BATCH
+    bn_group: int = AUTHORS_GPU_BATCH
     val_every: int = 500
     checkpoint_every: int = 500
     checkpoints_total_limit: Optional[int] = 3
     resume: Optional[str] = None
+    resume_with_changes: bool = False  # resume although the recipe changed (recorded in the history)
     workers: int = 0
     trimap_radius: Optional[int] = None
+    init: Optional[str] = None  # digest of the initial head's weights (state.weights_digest); None: from scratch
+    mixed_precision: str = "no"  # of the frozen SD pass (recorded; the extractor's dtype is the caller's)
     extra: dict = field(default_factory=dict)  # recorded in the head metadata (command line, files)
+
+
+def run_recipe(s: TrainSettings, config: IconMattingConfig, data: TrainData, val_data: Optional[TrainData],
+               sd_fingerprint: Optional[str] = None) -> dict:
+    """What makes a run's head, compared when it is resumed (``state.check_start``); the SD
+    fingerprint is left out until the SD weights are loaded. JSON-normalised (tuples as lists)."""
+    recipe = {"batch_size": s.batch_size, "bn_group": s.bn_group, "lr": s.lr, "warmup": s.warmup, "loss": s.loss,
+              "seed": s.seed, "trimap_radius": band_radius(config.image_size, s.trimap_radius),
+              "mixed_precision": s.mixed_precision, "config": config.to_dict(), "init": s.init,
+              "data": data.digest(), "val_data": val_data.digest() if val_data is not None else None}
+    if sd_fingerprint is not None:
+        recipe["sd"] = sd_fingerprint
+    return json.loads(json.dumps(recipe))
+
+
+def data_files(data: TrainData, val_data: Optional[TrainData]) -> dict:
+    """The data files of a run (relative path -> [size, sha256]), for the run record."""
+    return json.loads(json.dumps({"data": data.files, "val_data": val_data.files if val_data is not None else {}}))
+
+
+def group_objective(loss_fn, unknown, pred, alpha, group: int) -> Dict[str, torch.Tensor]:
+    """The authors' loss on each BatchNorm group of ``group`` samples (their loss on one GPU's
+    batch), averaged over the groups; every term of ``state.LOSS_TERMS`` (0 where no group has it)."""
+    terms = {k: pred.new_zeros(()) for k in S.LOSS_TERMS}
+    starts = range(0, pred.shape[0], group)
+    for g0 in starts:
+        part = slice(g0, g0 + group)
+        for k, v in loss_fn(unknown[part], pred[part], alpha[part]).items():
+            terms[k] = terms[k] + v
+    return {k: v / len(starts) for k, v in terms.items()}
 
 
 def lr_factor(step: int, warmup: int) -> float:
@@ -129,22 +174,24 @@ class Trainer:
         self.config: IconMattingConfig = head.config
         self.empty_prompt, self.log, self.show_progress = empty_prompt, log, progress
         self.rank, self.world, _ = _dist()
+        if settings.batch_size % self.world:
+            raise ValueError(f"batch size {settings.batch_size} (global) does not split over {self.world} processes")
+        self.batch = settings.batch_size // self.world  # this process's samples per step
         self.run_dir = Path(settings.out)
         self.loss_fn = LOSSES[settings.loss]
-        self.sd_fingerprint = self._sd_fingerprint()
+        from ..context_file import sd_fingerprint
+
+        self.sd_fingerprint = sd_fingerprint(extractor)
+        self.recipe = run_recipe(settings, self.config, data, val_data, self.sd_fingerprint)
+        self.history: list = []
         self.best = (math.inf, -1)
         self.timing = {"data": 0.0, "sd": 0.0, "head": 0.0}
 
     # ------------------------------------------------------------------ pieces
-    def _sd_fingerprint(self) -> str:
-        from ..context_file import model_fingerprint
-
-        return model_fingerprint(nn.Module(), self.extractor)
-
     def metadata(self, step: int) -> dict:
         return {"step": step, "settings": {k: v for k, v in asdict(self.s).items() if k != "extra"}, **self.s.extra,
                 "data": self.data.summary(), "val_data": self.val_data.summary() if self.val_data else None,
-                "world_size": self.world, "sd_fingerprint": self.sd_fingerprint,
+                "world_size": self.world, "sd_fingerprint": self.sd_fingerprint, "history": self.history,
                 "best_val_sad": None if self.best[1] < 0 else {"sad": self.best[0], "step": self.best[1]}}
 
     def write_head(self, path, step: int):
@@ -197,6 +244,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> Path:
         s = self.s
+        files = data_files(self.data, self.val_data)
+        changes = S.check_start(self.run_dir, s.resume, self.recipe, files, s.resume_with_changes)
+        if self.world > 1:
+            dist.barrier()  # every process has checked the folder before rank 0 writes into it
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             S.remove_partial(self.run_dir)
@@ -211,6 +262,12 @@ class Trainer:
             S.set_rng_states(st["rng"])
             if self.rank == 0:
                 self.log(f"resuming from {resume_dir} at step {start}")
+        self.history = S.run_history(self.run_dir, resume_dir, start, self.recipe, changes, self.world)
+        if self.rank == 0:
+            S.write_record(self.run_dir, {"history": self.history, "files": files})
+            if changes:
+                self.log(f"continuing at step {start} with changed settings ({'; '.join(changes)}); recorded in "
+                         f"{self.run_dir / S.RUN_RECORD}")
         self.head.train()
         self.extractor.eval()
         model = HeadStep(self.head, s.bn_group)
@@ -219,23 +276,22 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         samples = TrainSamples(self.data, self.config.image_size, s.seed, s.trimap_radius)
         loader = torch.utils.data.DataLoader(
-            samples, batch_size=s.batch_size, sampler=StepSampler(start, s.steps, s.batch_size, self.rank, self.world),
+            samples, batch_size=self.batch, sampler=StepSampler(start, s.steps, self.batch, self.rank, self.world),
             num_workers=s.workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if s.workers else None)
         metrics = S.Metrics(self.run_dir, start) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and self.show_progress:
-            from ..batch import Progress
+            from ..job.outputs import Progress
 
             bar = Progress(s.steps - start, "train", "step")
         if self.val_data is not None and start == 0 and self.rank == 0:
             self._validated(0, metrics, {"step": 0})
-        scale = AUTHORS_BATCH / s.batch_size if s.loss == "recipe" else 1.0
         last_ckpt = S.checkpoint_dirs(self.run_dir)[-1] if S.checkpoint_dirs(self.run_dir) else None
         step, t_prev = start, time.perf_counter()
         t_data = time.perf_counter()
         try:
-            for batch in _batches(loader, s.batch_size):
+            for batch in _batches(loader, self.batch):
                 t0 = time.perf_counter()
                 self.timing["data"] += t0 - t_data
                 for group in opt.param_groups:
@@ -245,16 +301,16 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 t1 = time.perf_counter()
                 pred = model(*feats, batch["image"].to(self.device))
-                terms = self.loss_fn(batch["unknown"].to(self.device), pred, batch["alpha"].to(self.device))
+                terms = group_objective(self.loss_fn, batch["unknown"].to(self.device), pred,
+                                        batch["alpha"].to(self.device), s.bn_group)
                 loss = sum(terms.values())
-                logged = self._reduce(torch.stack([loss.detach() * scale] + [v.detach() * scale for v in terms.values()]))
-                logged = logged / self.world
+                logged = self._reduce(torch.stack([loss.detach()] + [v.detach() for v in terms.values()])) / self.world
                 if not math.isfinite(float(logged[0])) or float(logged[0]) > LOSS_LIMIT:
                     kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written yet"
                     raise TrainingStopped(f"loss {float(logged[0]):.4g} at step {step + 1} (NaN or above {LOSS_LIMIT:g}): "
                                           f"training stopped{kept}. Lower --lr or check that step's data")
                 opt.zero_grad(set_to_none=True)
-                (loss * scale).backward()
+                loss.backward()
                 opt.step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

@@ -1,0 +1,256 @@
+"""The training loop in this process, on a stand-in SD extractor (train_helpers.FakeExtractor) and a
+tiny head: checkpoints and resume, validation and the head kept, the noise of references, the
+objective's split over processes.
+
+Expected values come from outside the loop: literal step numbers of a run whose best validation is
+not its last, the authors' loss on each pair of samples (``losses``, checked against their code in
+tests/jobs/test_train.py), the noise streams inference uses.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iconmatting_core.checkpoint import training_metadata
+from iconmatting_core.features import REFERENCE_NOISE, TARGET_NOISE
+from iconmatting_core.training import losses as L
+from iconmatting_core.training import state as S
+from iconmatting_core.training.data import TrainSamples, load_train_data
+from iconmatting_core.training.trainer import HeadStep, Trainer, TrainSettings, group_objective, noise_seed
+from tiny_models import tiny_head
+from train_helpers import FakeExtractor, make_groups
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and do not fight other tests for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"train": load_train_data(make_groups(root / "train", 2, 3)), "val": load_train_data(make_groups(root / "val", 1, 2, seed=1))}
+
+
+def _trainer(run: Path, data, val=None, **settings) -> Trainer:
+    head = tiny_head()
+    s = TrainSettings(out=str(run), **{"warmup": 0, "lr": 1e-3, "batch_size": 2, "checkpoint_every": 1,
+                                       "checkpoints_total_limit": None, **settings})
+    lines = []
+    t = Trainer(s, data, FakeExtractor(head.config), head, torch.device("cpu"), val, log=lines.append, progress=False)
+    t.lines = lines
+    return t
+
+
+def _tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _fake_checkpoints(run: Path, steps, limit):
+    for step in steps:
+        S.save_checkpoint(run, step, {"step": step}, lambda p, step=step: p.write_text(f"head of step {step}"), limit)
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_resume_takes_the_newest(tmp_path):
+    _fake_checkpoints(tmp_path, [1, 2, 3, 4, 5], limit=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-0000004", "step-0000005"]
+    assert S.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoints" / "step-0000005"
+    assert (S.resolve_resume(tmp_path, "latest") / "head.safetensors").read_text() == "head of step 5"
+
+
+def test_checkpoint_order_is_by_step_number(tmp_path):
+    for step in (9, 10, 100):  # as text "step-9" > "step-10": the order is numeric
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"")
+    assert [p.name for p in S.checkpoint_dirs(tmp_path)] == ["step-9", "step-10", "step-100"]
+    assert S.resolve_resume(tmp_path, "latest").name == "step-100"
+
+
+def test_no_limit_keeps_every_checkpoint(tmp_path):
+    _fake_checkpoints(tmp_path, [1, 2, 3], limit=None)
+    assert len(S.checkpoint_dirs(tmp_path)) == 3
+
+
+def test_a_resumed_run_continues_from_its_newest_checkpoint(tmp_path, data):
+    run = tmp_path / "run"
+    _trainer(run, data["train"], steps=3, checkpoints_total_limit=2).run()
+    heads = {p.name: _tensors(p / "head.safetensors") for p in S.checkpoint_dirs(run)}
+    assert list(heads) == ["step-0000002", "step-0000003"]
+    assert not _same(heads["step-0000002"], heads["step-0000003"])  # checkpoints are told apart by their heads
+    resumed = _trainer(run, data["train"], steps=4, checkpoints_total_limit=2, resume="latest")
+    resumed.run()
+    assert resumed.lines[0] == f"resuming from {run / 'checkpoints' / 'step-0000003'} at step 3"
+    assert [r["step"] for r in _rows(run)] == ["1", "2", "3", "4"]
+    assert training_metadata(run / "head.safetensors")["step"] == 4
+
+
+# --------------------------------------------------------------------------- validation
+
+def _rows(run: Path):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _scripted(trainer: Trainer, sads):
+    """Validation SADs in call order (the selection logic is what is tested, not the SAD)."""
+    sads = iter(sads)
+    trainer.validate = lambda: next(sads)
+    return trainer
+
+
+def test_with_validation_the_run_head_is_the_best_not_the_last(tmp_path, data):
+    run = tmp_path / "run"
+    _scripted(_trainer(run, data["train"], data["val"], steps=3, val_every=1), [5.0, 2.0, 3.0, 4.0]).run()
+    final = _tensors(run / "head.safetensors")
+    assert _same(final, _tensors(run / "checkpoints" / "step-0000001" / "head.safetensors"))  # best: step 1
+    assert not _same(final, _tensors(run / "checkpoints" / "step-0000003" / "head.safetensors"))
+    meta = training_metadata(run / "head.safetensors")
+    assert meta["step"] == 1 and meta["best_val_sad"] == {"sad": 2.0, "step": 1}
+    assert _same(final, _tensors(run / "best.safetensors"))
+
+
+def test_the_last_step_is_validated_when_steps_are_no_multiple_of_val_every(tmp_path, data):
+    run = tmp_path / "run"
+    _scripted(_trainer(run, data["train"], data["val"], steps=5, val_every=2, checkpoint_every=5),
+              [9.0, 8.0, 7.0, 1.0]).run()
+    assert [r["step"] for r in _rows(run) if r["val_sad"]] == ["0", "2", "4", "5"]
+    assert training_metadata(run / "head.safetensors")["best_val_sad"] == {"sad": 1.0, "step": 5}
+
+
+def test_validation_leaves_the_head_as_it_was(tmp_path, data):
+    """Validation runs the head in inference mode: no BatchNorm statistic moves, and it stays in
+    training mode for the steps after."""
+    t = _trainer(tmp_path / "run", data["train"], data["val"])
+    before = {k: v.clone() for k, v in t.head.state_dict().items()}
+    sad = t.validate()
+    assert sad > 0 and t.head.training
+    assert all(torch.equal(v, t.head.state_dict()[k]) for k, v in before.items())
+    assert t.validate() == sad  # fixed noise, references and resizing
+
+
+def test_without_validation_the_run_head_is_the_last(tmp_path, data):
+    run = tmp_path / "run"
+    _trainer(run, data["train"], steps=3, checkpoint_every=2, warmup=4).run()
+    assert [p.name for p in S.checkpoint_dirs(run)] == ["step-0000002", "step-0000003"]  # the last step always
+    assert _same(_tensors(run / "head.safetensors"), _tensors(run / "checkpoints" / "step-0000003" / "head.safetensors"))
+    # the authors' warm-up: lr x ((1 - 1e-6) / 4 * step + 1e-6) for step 0, 1, 2 (before the step's update)
+    assert [float(r["lr"]) for r in _rows(run)] == pytest.approx([1e-9, 1e-3 * (0.25 + 0.75e-6), 1e-3 * (0.5 + 0.5e-6)],
+                                                                 rel=1e-9)
+
+
+# --------------------------------------------------------------------------- features
+
+def test_the_reference_gets_its_own_noise_as_at_inference(tmp_path, data):
+    """Inference draws a reference's noise from REFERENCE_NOISE and a target's from TARGET_NOISE
+    (pipeline.encode_reference / match); training must too, seeded by the sample's position."""
+    t = _trainer(tmp_path / "run", data["train"], seed=7)
+    batch = {k: torch.stack([TrainSamples(data["train"], 128, 7)[p][k] for p in (5, 6)]) for k in
+             ("image", "reference", "guidance", "position")}
+    t.features(batch)
+    seeds = [(7 << 40) + 5, (7 << 40) + 6]  # seed and position: fresh noise for every sample of the run
+    assert seeds == [noise_seed(7, 5), noise_seed(7, 6)]
+    assert t.extractor.calls == [(seeds[0], True, TARGET_NOISE), (seeds[0], False, REFERENCE_NOISE),
+                                 (seeds[1], True, TARGET_NOISE), (seeds[1], False, REFERENCE_NOISE)]
+    assert (TARGET_NOISE, REFERENCE_NOISE) == (0, 1)
+
+
+# --------------------------------------------------------------------------- objective
+
+def test_batchnorm_runs_per_pair_and_only_the_first_pair_updates_its_running_statistics(data):
+    """The authors' BatchNorm is per GPU (2 samples) and DDP keeps rank 0's running statistics: a
+    batch of 4 predicts what its two pairs predict apart, and leaves the statistics the first pair
+    alone leaves."""
+    t = _trainer(Path("unused"), data["train"])
+    batch = {k: torch.stack([TrainSamples(data["train"], 128, 42)[p][k] for p in range(4)]) for k in
+             ("image", "reference", "guidance", "position")}
+    feats = t.features(batch)
+
+    def part(i, j):
+        tokens, corr, ups0, ups1, attn = feats
+        return (tokens[i:j], corr[i:j], ups0[i:j], ups1[i:j], {r: a[i:j] for r, a in attn.items()}), batch["image"][i:j]
+
+    heads = [tiny_head().train() for _ in range(3)]
+    with torch.no_grad():
+        whole = HeadStep(heads[0], 2)(*feats, batch["image"])
+        first = HeadStep(heads[1], 2)(*part(0, 2)[0], part(0, 2)[1])
+        second = HeadStep(heads[2], 2)(*part(2, 4)[0], part(2, 4)[1])
+    torch.testing.assert_close(whole, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+    stats = [{k: v for k, v in h.state_dict().items() if "running" in k} for h in heads]
+    assert stats[0] and all(torch.equal(v, stats[1][k]) for k, v in stats[0].items())
+    assert not all(torch.equal(v, stats[2][k]) for k, v in stats[0].items())
+
+
+def _batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    alpha = (torch.rand(n, 1, 64, 64, generator=g) * 3 - 1).clamp(0, 1)  # soft, with exact 0s and 1s
+    alpha[1] = 0  # a constant alpha: LossFunction2's segmentation branch
+    unknown = ((alpha > 0) & (alpha < 1)).float()
+    pred = torch.rand(n, 1, 64, 64, generator=g).requires_grad_()
+    return unknown, pred, alpha
+
+
+def _grad(total, pred):
+    (g,) = torch.autograd.grad(total, pred)
+    return g
+
+
+def test_a_step_of_four_takes_batchnorm_statistics_of_the_first_pair(tmp_path, data):
+    """Trainer.run with a global batch of 4 on one process: the running statistics after the step
+    are those a fresh head gets from the step's first pair alone (the authors' rank-0 GPU)."""
+    t = _trainer(tmp_path / "run", data["train"], batch_size=4, steps=1, seed=3)
+    t.run()
+    samples = TrainSamples(data["train"], 128, 3)
+    pair = {k: torch.stack([samples[p][k] for p in (0, 1)]) for k in ("image", "reference", "guidance", "position")}
+    fresh = tiny_head().train()
+    with torch.no_grad():
+        HeadStep(fresh, 2)(*t.features(pair), pair["image"])
+    expected = {k: v for k, v in fresh.state_dict().items() if "running" in k}
+    assert expected and all(torch.equal(t.head.state_dict()[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("loss", ["recipe", "finetune"])
+def test_the_objective_is_the_authors_two_gpu_loss_however_the_batch_is_split(loss):
+    """The authors' 2 GPUs x 2: each GPU's loss on its pair, gradients averaged over the GPUs.
+    One process with 4 samples and two processes with 2 (DDP averages their gradients) must both
+    give exactly that."""
+    unknown, pred, alpha = _batch()
+    fn = L.LOSSES[loss]
+    authors = sum(sum(fn(unknown[p], pred[p], alpha[p]).values()) for p in (slice(0, 2), slice(2, 4))) / 2
+    one = sum(group_objective(fn, unknown, pred, alpha, 2).values())
+    two = [sum(group_objective(fn, unknown[p], pred[p], alpha[p], 2).values()) for p in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(one, authors, rtol=1e-6, atol=0)
+    torch.testing.assert_close((two[0] + two[1]) / 2, authors, rtol=1e-6, atol=0)
+    g_authors = _grad(authors, pred)
+    torch.testing.assert_close(_grad(one, pred), g_authors, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(_grad((two[0] + two[1]) / 2, pred), g_authors, rtol=1e-5, atol=1e-9)
+    if loss == "finetune":  # the batch as one: another objective (the pooled region scales), so this test can tell
+        whole = sum(fn(unknown, pred, alpha).values())
+        assert abs(float(whole.detach()) - float(authors.detach())) > 1e-3 * abs(float(authors.detach()))
+
+
+def test_the_objective_logs_every_term_also_for_a_constant_pair():
+    unknown, pred, alpha = _batch()
+    alpha[0] = 1  # both samples of the first pair constant: only the smooth-L1 term there
+    terms = group_objective(L.recipe_losses, unknown, pred, alpha, 2)
+    assert list(terms) == list(S.LOSS_TERMS)
+    pair = L.recipe_losses(unknown[2:], pred[2:], alpha[2:])
+    first = L.recipe_losses(unknown[:2], pred[:2], alpha[:2])
+    assert list(first) == ["known_l1_loss"]
+    torch.testing.assert_close(terms["unknown_l1_loss"], pair["unknown_l1_loss"] / 2)
+    torch.testing.assert_close(terms["known_l1_loss"], (first["known_l1_loss"] + pair["known_l1_loss"]) / 2)
