@@ -437,8 +437,9 @@ def test_generation_workflow_cuts_out_and_composites_every_generated_image(isola
 @pytest.mark.parametrize("config", ["one checkpoint", "two checkpoints"])
 def test_matting_never_disturbs_generation(isolation, config):
     """The generated batch is the same, bit for bit, with and without the matting branch in the prompt (with one
-    checkpoint also after a first prompt matted with that MODEL); the user's MODELs come out of the prompt without a
-    patch (IconMatting's patches are on its own clone)."""
+    checkpoint also after a first prompt matted with that MODEL); no patcher comes out of the prompt with a patch set on
+    it, neither the user's MODELs nor the clone IconMatting loads the features UNet under (its patches go with each of
+    its own UNet calls: nodes/native_features.py)."""
     run = isolation["generation_only"]
     assert run["execution"] and run["execution"]["success"], run["validation"] if not run["execution"] else run["execution"]["error"]
     assert isolation["generated_shape"] == [GEN_BATCH, GEN_SIZE, GEN_SIZE, 3]
@@ -448,9 +449,7 @@ def test_matting_never_disturbs_generation(isolation, config):
     clean = {"patches": [], "patches_replace": {}, "weight_patches": 0, "object_patches": 0}
     assert result["generation_model_state"] == clean
     assert result["features_model_state"] == clean
-    assert not result["clone_is_the_users_model"]
-    clone = result["clone_state"]  # where IconMatting's patches are
-    assert clone["patches"] == ["output_block_patch"] and set(clone["patches_replace"]) == {"attn1", "attn2"}
+    assert not result["clone_is_the_users_model"] and result["clone_state"] == clean
     # with one file in both Load Checkpoint nodes (as shipped), ComfyUI gives them one MODEL: one checkpoint for both
     assert result["shared_model_object"] is (config == "one checkpoint")
 
