@@ -88,6 +88,8 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
     view = comfy.graph_view()
     comfy.screenshot(screenshot)
     missing = sorted(v for n in workflow["nodes"] for v in n["widgets_values"] if v in LEFT_MISSING)
+    # 1.45.21 may mark the loader of a missing model as failed once its own model check ends (timing): those alone
+    loads_missing = {str(n["id"]) for n in workflow["nodes"] if any(v in LEFT_MISSING for v in n["widgets_values"])}
     if missing:
         # The SAM 3 weights are not here (nor downloadable in tests): the missing-models panel names
         # them, in their folder, with a Download button (the workflow declares the address).
@@ -102,7 +104,8 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
         assert VIEW_LEFT - 1 <= x0 and VIEW_TOP - 1 <= y0 and x1 <= view["width"] and y1 <= view["height"], \
             f"{name}: node {node_id} ({node['type']}) at {node['box']} is not in view (see {screenshot}); " \
             f"regenerate with tools/api_to_ui.py, or shorten long node titles"
-        assert not node["errors"], f"{name}: node {node_id} ({node['type']}) is marked as failed"
+        assert not node["errors"] or str(node_id) in loads_missing, \
+            f"{name}: node {node_id} ({node['type']}) is marked as failed"
     if missing:
         return  # SAM 3 cannot run here: tests/host/test_workflows.py runs the rest with a stand-in mask
 
