@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import types
 
 import torch
 
@@ -188,7 +189,11 @@ def run_with_matting(ctx, prompt, nodes, pack_dirs) -> dict:
 
 def control_move(module, pack_dirs) -> None:
     """A direct ``.to()`` of ``module`` made by code compiled as if it were a file of the pack (the watcher's control)."""
-    exec(compile("module.to('cpu')", os.path.join(pack_dirs[0], "_control.py"), "exec"), {"module": module})
+    def move(m):
+        m.to("cpu")
+
+    as_pack_file = move.__code__.replace(co_filename=os.path.join(pack_dirs[0], "_control.py"))
+    types.FunctionType(as_pack_file, {})(module)
 
 
 @torch.no_grad()
