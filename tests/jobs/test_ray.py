@@ -234,6 +234,8 @@ def test_a_clip_cut_off_by_a_kill_is_redone_and_the_finished_one_kept(pipe, tmp_
     assert main(args, pipe_factory=lambda: pipe) == 0
     err = capsys.readouterr().err
     assert "skipping 1 target(s)" in err and "1 matted, 0 failed" in err
+    (pid,) = re.findall(r"^c\d\.mp4: ok, \d frames \(Ray worker pid (\d+), actor \w+\)$", err, re.MULTILINE)
+    assert int(pid) != os.getpid()  # resumed on a worker
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     for i in range(2):
         for path in video_output_paths(out, clips / f"c{i}.mp4", ["alpha", "rgba"]).values():
