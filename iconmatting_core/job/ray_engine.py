@@ -334,20 +334,26 @@ def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Fail
     by_path = {str(t.path): t for t in todo}
     workers = _start_workers(ray, job, len(tasks))
     pending: Dict[object, tuple] = {}  # result ref -> (worker, the record of a clip's outputs)
-
-    def send(worker) -> None:
-        kind, item = tasks.popleft()
-        if kind == "clip":
-            made = record.describe(item)
-            ref = worker.matte_clip.remote(str(item.path), str(record.out_dir), list(job.video_outputs), item.name,
-                                           {RECORD_KEY: json.dumps(made)})
-        else:
-            made = None
-            ref = worker.matte_images.remote([str(t.path) for t in item])
-        pending[ref] = (worker, made)
-
     bar = Progress(len(todo), f"matte on Ray ({len(workers)} workers)", "target")
     matted, finished = 0, set()
+
+    def send(worker) -> None:
+        while tasks:
+            kind, item = tasks.popleft()
+            if kind == "images":
+                pending[worker.matte_images.remote([str(t.path) for t in item])] = (worker, None)
+                return
+            try:
+                made = record.describe(item)  # the clip's source, read here as the local engine does
+            except OSError as exc:  # gone or unreadable since it was listed: this clip fails, not the job
+                _finish({**_error_fields(exc), "target": str(item.path), "pid": os.getpid(), "actor_id": "(driver)"},
+                        item, None, job, record, failures, bar)
+                finished.add(str(item.path))
+                continue
+            pending[worker.matte_clip.remote(str(item.path), str(record.out_dir), list(job.video_outputs), item.name,
+                                             {RECORD_KEY: json.dumps(made)})] = (worker, made)
+            return
+
     stopped = None  # the error that ended the job early
     try:
         _await_ready(ray, workers)
@@ -370,8 +376,7 @@ def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Fail
         stopped = exc
     finally:
         bar.close()
-        for worker in workers:  # the job's actors end with it (a clip being written leaves only temporary files)
-            ray.kill(worker)
+        _stop(ray, workers, pending)
     if stopped is not None:
         for t in todo:
             if str(t.path) not in finished:
@@ -379,6 +384,18 @@ def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Fail
                 failures.add(t, error, type(stopped).__name__)
                 bar.log(f"{t.path.name}: FAILED: {error}")
     return matted
+
+
+def _stop(ray, workers: list, pending: dict) -> None:
+    """End the job's actors (a clip being written leaves only temporary files) and wait until their
+    calls have ended, so that no worker writes into ``--out`` once the driver lets go of its lock."""
+    for worker in workers:
+        ray.kill(worker)
+    for ref in pending:
+        try:
+            ray.get(ref, timeout=30)
+        except Exception:  # noqa: BLE001 - the actor's death is what we wait for
+            pass
 
 
 def _finish(row: dict, target: Target, made: Optional[dict], job: RayJob, record: JobRecord, failures: Failures,

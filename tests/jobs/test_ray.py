@@ -145,7 +145,8 @@ def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, 
 
 
 def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
-    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed."""
+    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed.
+    Also what such a start runs with ``include_dashboard=False`` (the README says which processes)."""
     import signal
     import subprocess
     import sys
@@ -158,16 +159,21 @@ def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
             "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)\n"
             "time.sleep(2)\n"
             "r = _start_reaper()\n"
-            "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
+            "print(' '.join(f'{p.pid}:' + ' '.join(p.cmdline()).replace(' ', '_')[:300]\n"
+            "               for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
             "time.sleep(300)\n")
     driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
-        pids = [int(p) for p in driver.stdout.readline().split()]
+        procs = dict(p.split(":", 1) for p in driver.stdout.readline().split())
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    assert len(pids) >= 3  # GCS, raylet, agents, workers
+    pids = [int(p) for p in procs]
+    started = {kind for kind in ("gcs_server", "raylet/raylet", "dashboard/dashboard.py", "ray::DashboardAgent",
+                                 "ray::RuntimeEnvAgent", "_private/log_monitor.py", "autoscaler/_private/monitor.py")
+               if any(kind in cmd for cmd in procs.values())}
+    assert len(started) == 7, procs  # the dashboard's head and agents too, not only the GCS, raylet and workers
     end = time.monotonic() + 30
     while time.monotonic() < end and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
         time.sleep(0.5)
