@@ -86,6 +86,16 @@ def pytest_terminal_summary(terminalreporter):
                                     f"{sum(b[2] for b in BOOTS):.0f} s")
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one thread for the test: tiny convolutions run fastest so, and do not fight other tests for the
+    cores (modules that want it: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny SD diffusers folder + head weights, written once per session."""

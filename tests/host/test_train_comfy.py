@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import test_comfy_pack as pack
+import pack_prompts as pack
 from comfy_harness import DEFAULT_HOST, comfy_job, host_job, link_file
 
 TRAINED = "my_trained_head.safetensors"

@@ -2,6 +2,7 @@
 right exit status (2: usage, model-file or context-file problem)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 
 from iconmatting_core.__main__ import main
 from sample_inputs import save_reference_and_targets
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -117,5 +120,5 @@ def test_a_bad_invocation_in_a_real_process(place, tiny_dir):
     """The same through `python -m iconmatting_core`: one line, no traceback, exit 2."""
     done = subprocess.run([sys.executable, "-m", "iconmatting_core", "matte", "--reference", str(place / "ref.png"),
                            "--mask", str(place / "mask.png"), "--targets", str(place / "targets"), "--out", str(place / "o"),
-                           "--chunk-size", "-3"], capture_output=True, text=True, timeout=120)
+                           "--chunk-size", "-3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

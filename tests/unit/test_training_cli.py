@@ -20,12 +20,7 @@ from tiny_models import save_tiny_head, tiny_config
 from train_helpers import FakeExtractor, make_groups, no_model_loads, use_fake_sd
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

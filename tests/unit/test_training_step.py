@@ -29,12 +29,7 @@ from tiny_models import tiny_head
 HERE = Path(__file__).resolve().parents[1] / "fixtures" / "train_step"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _objective(head, x, dtype):
