@@ -181,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs=2, default=[150, 1500], help="memory: a short and a long clip")
     parser.add_argument("--size", default="320x180", help="clips' size")
-    parser.add_argument("--clips", type=int, default=8, help="clip throughput: clips per run")
+    parser.add_argument("--clips", type=int, default=8, help="clip throughput: clips per run (0: not measured)")
     parser.add_argument("--clip-frames", type=int, default=24, help="clip throughput: frames per clip")
     parser.add_argument("--images", type=int, default=32, help="image throughput: images per run")
     parser.add_argument("--skip-video", action="store_true", help="no clips (memory, clips/s)")
@@ -198,6 +198,7 @@ def main() -> None:
         try:
             if not args.skip_video:
                 bench_video(work, timed, args.frames, width, height)
+            if not args.skip_video and args.clips:
                 print()
                 bench_clips(work, timed, args.clips, args.clip_frames, width, height)
             if not args.skip_images:
