@@ -3,7 +3,7 @@
     python benchmarks/benchmark_folder.py                        # 4 and 20 photos of 200x150, 2 repeats
     python benchmarks/benchmark_folder.py --breakdown            # and where the ComfyUI time goes, per node
 
-Boots the test ComfyUI (tests/comfy_harness.py, 0.28.2 unless --host) with tiny random-weight models (the tiny
+Boots the test ComfyUI (tests/support/comfy_harness.py, 0.28.2 unless --host) with tiny random-weight models (the tiny
 SD 2.x single file ComfyUI's own Load Checkpoint reads, and a tiny matting head) and, inside that one process,
 times alternately:
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--large", type=int, default=20, help="photos in the large folder")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--size", default="200x150", help="photo size WxH")
-    p.add_argument("--host", default="0.28.2", help="ComfyUI host of tests/comfy_harness.py")
+    p.add_argument("--host", default="0.28.2", help="ComfyUI host of tests/support/comfy_harness.py")
     p.add_argument("--breakdown", action="store_true", help="also time each node type of the ComfyUI prompts")
     args = p.parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]

@@ -47,10 +47,13 @@ def _user_errors():
 
 
 def main(argv: Optional[Sequence[str]] = None, pipe_factory=None) -> int:
+    """Run one command; ``pipe_factory`` (tests, benchmarks) builds the pipeline instead of the model files."""
+    from .job.cli_args import pipeline_factory
+
     try:
         args = build_parser().parse_args(argv)
-        args.pipe_factory = pipe_factory  # tests: a ready pipeline instead of model files
-        return args._run(args)
+        with pipeline_factory(pipe_factory):  # tests: a ready pipeline instead of model files
+            return args._run(args)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume (finished outputs are kept)", file=sys.stderr)
         return 130

@@ -38,6 +38,9 @@ COLUMN_GAP, ROW_GAP, MARGIN = 50, 20 + TITLE_HEIGHT + VUE_EXTRA_HEIGHT, 40
 # A widget showing a text value (a file name) needs room for its label and the whole value (Vue nodes
 # cut it with an ellipsis): px per character of label and value, and the padding around them.
 LABEL_CHAR_WIDTH, VALUE_CHAR_WIDTH, WIDGET_PADDING = 7, 8.5, 80
+# A multi-line text box (a prompt) wraps its text instead: a line of text per LINE_HEIGHT px, in the width
+# of the node less the box's margins.
+LINE_HEIGHT, TEXT_BOX_MARGIN = 18, 40
 # Default view: the graph fitted into a browser window on a 1920x1080 screen (a 1920x960 canvas),
 # clear of the frontend's side bar and top bars (tabs, workflow menu); never above 1, never below
 # READABLE_SCALE (the frontend 1.32 draws plain boxes below 8 px text: zoom 8/14 at 1 device px/px).
@@ -96,25 +99,32 @@ def default_value(info: dict, name: str):
 
 
 def node_specs(ctype: str, object_info: dict):
-    """(widget names, [(output name, output type)], number of input slots) of a node type; every
-    input that is not a widget is a slot the frontend draws, linked or not."""
+    """(widget names, [(output name, output type)], number of input slots, multi-line text widgets) of a
+    node type; every input that is not a widget is a slot the frontend draws, linked or not."""
     if ctype not in object_info:
         raise KeyError(f"ComfyUI has no node type {ctype!r} (is its node pack loaded?)")
     info = object_info[ctype]
     widgets = widget_names(info)
-    n_slots = sum(1 for section in ("required", "optional") for name in info["input"].get(section, {})
-                  if name not in widgets)
-    return widgets, list(zip(info["output_name"], info["output"])), n_slots
+    specs = {name: spec for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()}
+    n_slots = sum(1 for name in specs if name not in widgets)
+    multiline = {name for name, spec in specs.items()
+                 if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline")}
+    return widgets, list(zip(info["output_name"], info["output"])), n_slots, multiline
 
 
-def node_size(ctype, title, n_inputs, n_outputs, widgets):
+def node_size(ctype, title, n_inputs, n_outputs, widgets, multiline=()):
     """[w, h] of a node body: at least what the frontend computes, images get room, text widgets
-    (``widgets``: [(name, value)]) show their whole value."""
+    (``widgets``: [(name, value)]) show their whole value: on one line, or wrapped in a text box for the
+    widgets named in ``multiline``."""
     computed_h = max(n_inputs, n_outputs) * SLOT_HEIGHT + len(widgets) * WIDGET_HEIGHT + (14 if widgets else 6)
     w, h = IMAGE_NODE_SIZE.get(ctype, (MIN_WIDTH, computed_h))
     text_w = max((LABEL_CHAR_WIDTH * len(name) + VALUE_CHAR_WIDTH * len(value) + WIDGET_PADDING
-                  for name, value in widgets if isinstance(value, str) and name not in EXTRA_WIDGET_VALUES), default=0)
-    return [round(max(w, TITLE_CHAR_WIDTH * len(title) + 50, text_w)), max(h, computed_h)]
+                  for name, value in widgets if isinstance(value, str) and name not in EXTRA_WIDGET_VALUES
+                  and name not in multiline), default=0)
+    w = round(max(w, TITLE_CHAR_WIDTH * len(title) + 50, text_w))
+    lines = sum(math.ceil(VALUE_CHAR_WIDTH * len(value) / (w - TEXT_BOX_MARGIN)) for name, value in widgets
+                if name in multiline and isinstance(value, str) and value)
+    return [w, max(h, computed_h + max(0, lines - 1) * LINE_HEIGHT)]
 
 
 def layout(api, sizes):
@@ -147,11 +157,13 @@ def layout(api, sizes):
             srcs = sources_of[nid]
             rank[nid] = sum(rank.get(s, int(s)) for s in srcs) / len(srcs) if srcs else float(int(nid))
         y = MARGIN + TITLE_HEIGHT
-        for nid in sorted(ids, key=lambda n: (rank[n], int(n))):
+        # the API file may order a column itself (``row``, lowest first)
+        for nid in sorted(ids, key=lambda n: (api[n].get("_meta", {}).get("row", 0), rank[n], int(n))):
             srcs = sources_of[nid]
             placed = [positions[s][1] for s in srcs if s in positions]
             level_with_sources = sum(placed) / len(placed) if placed else y
-            positions[nid] = [x, round(max(y, level_with_sources))]
+            # ... and set a node's least height (``y``: a long pipeline would step down the screen)
+            positions[nid] = [x, round(max(y, api[nid].get("_meta", {}).get("y", level_with_sources)))]
             y = positions[nid][1] + sizes[nid][1] + ROW_GAP
         x += max((sizes[n][0] for n in ids), default=0) + COLUMN_GAP
     return positions
@@ -190,7 +202,7 @@ def convert(api: dict, object_info: dict) -> dict:
         inputs_of[nid] = ins
     titles = {nid: api[nid].get("_meta", {}).get("title", api[nid]["class_type"]) for nid in ids}
     sizes = {nid: node_size(api[nid]["class_type"], titles[nid], specs[nid][2], len(specs[nid][1]),
-                            [(w, api[nid]["inputs"].get(w)) for w in specs[nid][0]])
+                            [(w, api[nid]["inputs"].get(w)) for w in specs[nid][0]], specs[nid][3])
              for nid in ids}
     positions = layout(api, sizes)
     nodes = []

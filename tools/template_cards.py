@@ -4,7 +4,7 @@
                                             # ``tests/support/frontend_harness.py templates``)
 
 A card shows what its workflow produces: the reference with its mask, then the mattes and cut-outs
-(or composites, or video frames). The pictures are generated here, not photographed: a figure drawn
+(or composites, or video frames, or a generated batch cut out). The pictures are generated here, not photographed: a figure drawn
 over a background, whose exact alpha is known because the figure is drawn as that alpha. The
 cut-outs and composites are made from that exact alpha with the pack's own code
 (``iconmatting_core.postprocess.rgba_cutout``, the Composite node's ``composite``). So a card
@@ -209,11 +209,40 @@ def card_video(path: Path) -> None:
     card.save(path)
 
 
+def card_generate(path: Path) -> None:
+    card = Card()
+    shirts = [(40, 90, 200), (200, 60, 60), (240, 180, 40), (60, 160, 90)]
+    batch = [scene(150, 150, 31 + k, shirt, cx=0.42 + 0.05 * k, scale=0.6, arm=0.12 * (k % 3) - 0.05)
+             for k, shirt in enumerate(shirts)]
+    chip = [24, 14, 226, 46]
+    card.draw.rounded_rectangle(chip, radius=14, fill=(60, 64, 72), outline=INK, width=2)
+    card.draw.text(((chip[0] + chip[2]) / 2, (chip[1] + chip[3]) / 2), "prompt, batch of 4", fill=INK, font=card.font,
+                   anchor="mm")
+    for k, (image, _) in enumerate(batch):  # the generated batch, 2 x 2
+        card.paste(to_image(image), 24 + 106 * (k % 2), 58 + 106 * (k // 2), 96)
+    card.draw.text((125, 270), "generated", fill=INK, font=card.font, anchor="ma")
+    word = [250, 64, 346, 98]
+    card.draw.rounded_rectangle(word, radius=14, fill=(60, 64, 72), outline=ACCENT, width=2)
+    card.draw.text(((word[0] + word[2]) / 2, (word[1] + word[3]) / 2), '"person"', fill=INK, font=card.font, anchor="mm")
+    card.draw.text((298, 108), "SAM 3", fill=INK, font=card.font, anchor="ma")
+    card.arrow(246, 160, 340, 160)
+    image, alpha = batch[0]
+    card.paste(with_mask(image, alpha), 352, 80, 140, "image 1 + its mask")
+    card.arrow(SIZE // 2, 280, SIZE // 2, 306)
+    beach = background(150, 150, 5, top=(120, 190, 240), bottom=(240, 220, 160))
+    x = (SIZE - 4 * 110 - 3 * 12) // 2
+    for image, alpha in batch:
+        x += card.paste(cutout(image, alpha, beach), x, 318, 110) + 12
+    card.draw.text((SIZE // 2, 440), "every image cut out, on a new background", fill=INK, font=card.font, anchor="ma")
+    card.save(path)
+
+
 CARDS = {
     "Matte a folder of photos (IconMatting)": card_folder,
     "Matte a folder from a word (IconMatting, SAM 3)": lambda p: card_folder(p, word=True),
     "Cut out and composite (IconMatting)": card_composite,
     "Matte a video clip (IconMatting)": card_video,
+    "Generate a batch and cut it out (IconMatting, SAM 3)": card_generate,
 }
 
 

@@ -8,6 +8,6 @@
 * :mod:`.clips`: a clip's outputs (alpha video, RGBA video, PNG sequence), written as its frames are matted;
 * :mod:`.model_files`: finding and loading the model files, with one-line errors;
 * :mod:`.cli_args`: the options and set-up the subcommands share;
-* :mod:`.local`: the local engine; :mod:`.ray_engine` is the Ray one;
+* :mod:`.local`: the local engine; :mod:`.ray_engine` is the Ray one (images and clips on a pool of actors);
 * :mod:`.encode`, :mod:`.matte`, :mod:`.convert`: the subcommands (``add_parser``, ``run``).
 """

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..hub import SD_REPO_ID
 from . import model_files
@@ -109,12 +110,32 @@ def add_reference_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise added before feature extraction")
 
 
+_pipe_factory: Optional[Callable[[], object]] = None  # see pipeline_factory
+
+
+@contextlib.contextmanager
+def pipeline_factory(factory: Optional[Callable[[], object]]):
+    """Within the block, jobs build their pipeline with ``factory()`` instead of loading model
+    files (Ray workers included: the factory is sent to them). The seam for tests and benchmarks
+    (``__main__.main(argv, pipe_factory)``), kept out of the parsed options; None changes nothing."""
+    global _pipe_factory
+    saved, _pipe_factory = _pipe_factory, factory if factory is not None else _pipe_factory
+    try:
+        yield
+    finally:
+        _pipe_factory = saved
+
+
+def given_pipe_factory() -> Optional[Callable[[], object]]:
+    """The factory :func:`pipeline_factory` set, or None (load the model files)."""
+    return _pipe_factory
+
+
 def load_pipe(args):
     """(pipeline, weight files' names for context metadata); ModelFileError when the files are
-    missing or unusable. A test's ``args.pipe_factory`` replaces the files."""
-    factory = getattr(args, "pipe_factory", None)
-    if factory is not None:
-        return factory(), {}
+    missing or unusable. A factory set by :func:`pipeline_factory` replaces the files."""
+    if _pipe_factory is not None:
+        return _pipe_factory(), {}
     model_files.check_device(args.device)
     matting, sd = model_files.locate(args.matting_weights, args.sd, args.models_dir)
     pipe = model_files.load(matting, sd, device=args.device, dtype=args.dtype)

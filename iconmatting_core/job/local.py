@@ -34,7 +34,7 @@ def matte_images(pipe, context, images: Sequence[Target], record: JobRecord, res
                 reason = stop_reason(exc)
                 if reason is not None:
                     raise JobStopped(reason) from None
-                failures.add(target, error_text(exc))
+                failures.add(target, error_text(exc), type(exc).__name__)
                 bar.log(f"{target.path.name}: FAILED: {error_text(exc)}")
                 bar.update(1, f"{target.path.name}: FAILED")
     finally:
@@ -62,7 +62,7 @@ def matte_clips(pipe, context, videos: Sequence[Target], record: JobRecord, resi
             reason = stop_reason(exc)
             if reason is not None:
                 raise JobStopped(reason) from None
-            failures.add(target, error_text(exc))
+            failures.add(target, error_text(exc), type(exc).__name__)
             print(f"{target.path.name}: FAILED: {error_text(exc)}", file=sys.stderr)
         finally:
             if bar is not None:

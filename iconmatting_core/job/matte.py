@@ -12,8 +12,8 @@ job at a time per ``--out`` (a lock). A target that fails is reported, listed in
 ``failures.jsonl`` and skipped; an error every target would meet (disk full, out of GPU memory)
 stops the job with one line. Exit status: 0 all done, 1 some targets failed or the job stopped, 2
 a usage, model-file or context-file problem, outputs made differently or a busy ``--out`` (found
-before any target is matted). ``--engine ray`` mattes the images on a Ray cluster
-(``ray_engine``); clips always run on the local engine, in this process.
+before any target is matted). ``--engine ray`` mattes images and clips on a Ray cluster
+(``ray_engine``), each clip on one worker.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from typing import List
 
 from ..files import remove_partials
 from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, positive_float, positive_int, set_threads
-from .cli_args import local_cpus_problem
+from .cli_args import given_pipe_factory, local_cpus_problem
 from .clips import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
-from .local import matte_clips, run_local
+from .local import run_local
 from .outputs import Failures, JobStopped, check_writable
 from .record import JobRecord, OutputLock, context_reference, job_recipe, reference_recipe
-from .targets import TargetError, list_targets, split_targets
+from .targets import TargetError, list_targets
 
 
 class UsageError(ValueError):
@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
                         "alpha), png (<name>_frames/ RGBA PNG sequence); default alpha,rgba")
     m.add_argument("--chunk-size", type=positive_int, default=4, help="video frames (and Ray batches) matted together")
     m.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: matte the images on a Ray cluster (pip install 'ray[data]'); clips run locally")
+                   help="ray: matte the images and clips on a Ray cluster (pip install -r requirements-ray.txt)")
     m.add_argument("--address", help="Ray cluster address (e.g. auto, or ray://head:10001); default: a local Ray")
     m.add_argument("--workers", type=positive_int, help="Ray: model replicas (default: one per GPU, else 1)")
     m.add_argument("--cpus-per-worker", type=positive_float, default=1.0,
@@ -140,7 +140,7 @@ def _run(args, kinds, out_dir: Path, found) -> int:
     for note in found.notes():
         print(f"note: {note}", file=sys.stderr)
     targets = found.targets
-    threads = set_threads(args.threads)
+    set_threads(args.threads)
     reference = Reference(args)
     record = JobRecord(out_dir, reference.recipe)
     plan = record.plan(targets, kinds)
@@ -159,25 +159,21 @@ def _run(args, kinds, out_dir: Path, found) -> int:
         failures.finish()  # nothing else to do: the list holds only those (or is removed)
         return 1 if failures else 0
 
-    images, videos = split_targets(todo)
-    ray_images_only = args.engine == "ray" and not videos and args.context and getattr(args, "pipe_factory", None) is None
     # the Ray driver needs no model for a context file: the workers check it against theirs
-    pipe = None if ray_images_only else reference.load_pipe(args)
+    pipe = None if args.engine == "ray" else reference.load_pipe(args)
     context, resize_mode = reference.context, reference.resize_mode
 
-    matted = 0
     try:
         if args.engine == "ray":
-            from .ray_engine import RayJob, run_ray_job
+            from .ray_engine import PipelineSpec, RayJob, run_ray_job
 
-            if images:
-                job = RayJob.from_args(args, context, reference.header, resize_mode, kinds, getattr(args, "pipe_factory", None))
-                matted += run_ray_job(job, images, record, failures)
-            if videos:
-                print(f"note: {len(videos)} clip(s) are matted by the local engine on this machine ({threads} threads); "
-                      "the Ray engine takes images", file=sys.stderr)
-                matted += matte_clips(pipe, context, videos, record, resize_mode, not args.no_foreground, failures,
-                                      kinds, args.chunk_size)
+            factory = given_pipe_factory() or PipelineSpec(args.matting_weights, args.sd, args.models_dir, args.device,
+                                                           args.dtype).build
+            job = RayJob(pipe_factory=factory, context=context, context_header=reference.header, context_file=args.context,
+                         resize_mode=resize_mode, video_outputs=kinds, estimate_colors=not args.no_foreground,
+                         chunk_size=args.chunk_size, address=args.address, workers=args.workers,
+                         cpus_per_worker=args.cpus_per_worker)
+            matted = run_ray_job(job, todo, record, failures)
         else:
             matted = run_local(pipe, context, todo, record, resize_mode, not args.no_foreground, failures, kinds,
                                args.chunk_size)

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 from ..files import write_file
 from .clips import output_paths as video_output_paths
@@ -64,16 +64,14 @@ def _out_of_memory_types() -> tuple:
                   if isinstance(t, type)})
 
 
-def is_out_of_memory(error: Union[BaseException, str]) -> bool:
-    """Whether an error is torch running out of GPU memory: an exception by its type
-    (``torch.OutOfMemoryError``), except a CUDA error torch raises untyped (a RuntimeError saying
-    "CUDA error: out of memory", e.g. a library's own allocation), which only its words tell; an
-    error that came back as text (a Ray worker's ``Type: message``) by its words."""
-    if isinstance(error, BaseException):
-        if isinstance(error, _out_of_memory_types()):
-            return True
-        return isinstance(error, RuntimeError) and "CUDA error: out of memory" in str(error)
-    return error.startswith("OutOfMemoryError") or "CUDA out of memory" in error or "CUDA error: out of memory" in error
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error is torch running out of GPU memory: by its type (``torch.OutOfMemoryError``),
+    except a CUDA error torch raises untyped (a RuntimeError saying "CUDA error: out of memory",
+    e.g. a library's own allocation), which only its words tell. A Ray worker asks this of its own
+    exception and sends the answer as the row's type (``ray_engine``)."""
+    if isinstance(error, _out_of_memory_types()):
+        return True
+    return isinstance(error, RuntimeError) and "CUDA error: out of memory" in str(error)
 
 
 OUT_OF_MEMORY = ("out of GPU memory; close other GPU programs, or use --dtype fp16, a smaller --chunk-size, "
@@ -96,16 +94,23 @@ def check_writable(out_dir: Path, what: str = "--out") -> None:
 
 class Failures:
     """This run's failures: reported at the end and written to ``failures.jsonl`` in the output
-    folder (one JSON object per line: path, error). The file is rewritten by every run, so it
+    folder (one JSON object per line: path, error, and error_type: the exception's class name, or
+    ``JobStopped``, when the error came from one). The file is rewritten by every run, so it
     lists what is still failing; it is removed when nothing failed. When it cannot be written
     (a full disk), the list is printed instead."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / FAILURES_FILE
         self.items: List[Tuple[str, str]] = []
+        self.types: List[Optional[str]] = []  # each item's error type
 
-    def add(self, target, error: str) -> None:
+    def add(self, target, error: str, error_type: Optional[str] = None) -> None:
         self.items.append((str(getattr(target, "path", target)), error))
+        self.types.append(error_type)
+
+    def _lines(self) -> List[str]:
+        return [json.dumps({"path": p, "error": e, **({"error_type": t} if t else {})})
+                for (p, e), t in zip(self.items, self.types)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -114,15 +119,15 @@ class Failures:
         """Write (or remove) the manifest; False (after printing every failure) if it cannot be written."""
         try:
             if self.items:
-                write_file(self.path, "".join(json.dumps({"path": p, "error": e}) + "\n" for p, e in self.items).encode())
+                write_file(self.path, "".join(line + "\n" for line in self._lines()).encode())
             elif self.path.exists():
                 self.path.unlink()
             return True
         except OSError as exc:
             stream = stream or sys.stderr
             print(f"error: cannot write {self.path} ({exc.strerror or exc}); the failures were:", file=stream)
-            for p, e in self.items:
-                print(json.dumps({"path": p, "error": e}), file=stream)
+            for line in self._lines():
+                print(line, file=stream)
             return False
 
 

@@ -1,56 +1,83 @@
-"""``matte --engine ray``: the command line's image targets as a Ray Data pipeline, on one
-machine or a cluster.
+"""``matte --engine ray``: the command line's targets, images and clips, on a pool of Ray actors, on
+one machine or a cluster.
 
-Image targets become a dataset of paths; a light read stage turns each into a pixel row,
-``map_batches`` runs the rows through a pool of actors that each hold one model (one GPU per actor
-when the cluster has GPUs, ``--cpus-per-worker`` CPUs otherwise), and the driver writes the PNGs as
-results arrive, with their records, through the same call as the local engine
-(``record.JobRecord.write_images``); the driver holds the output folder's lock for the whole job.
-The reference context is put in the object store once and shared by every actor.
-Clips are not sent to Ray: the command line mattes them with the local engine, streamed, so memory
-stays flat in clip length (``job.matte``).
+Each actor (:class:`Worker`) holds one model and the reference context (put in the object store
+once, shared by every actor); one GPU per actor when the cluster has GPUs, ``--cpus-per-worker``
+CPUs (and torch threads) otherwise. The driver hands out the work as tasks: a batch of
+``--chunk-size`` images, or one whole clip, to whichever actor is free (clips first: they are the
+long tasks), two tasks queued per actor so none waits for the driver.
 
-Resuming and failures work as with the local engine: targets whose outputs were made the same way
-are left out of the dataset; a failing target comes back as an error row, is reported and listed in
-``failures.jsonl``, and never stops the others. A worker that cannot set up (model files missing,
-a context file that does not fit its model: ``context_file.check_fits``) stops the job with its own
-error (``WorkerSetupError``); a job that breaks mid-run lists every target it did not finish in
-``failures.jsonl``.
+**Setup is a handshake.** An actor's constructor never raises: it keeps what went wrong, and the
+driver awaits every actor's :meth:`Worker.ready` before sending any work. A worker that cannot set
+up (model files missing on its node, weights that do not match the context file:
+``context_file.check_fits``) stops the job with that error, typed (``WorkerSetupError``, exit 2),
+not read back out of a remote traceback.
 
-A local Ray started by the job runs without the dashboard and its agents (``ray.init`` with
-``include_dashboard=False``), logs only errors, and is shut down at the end.
+**Where the outputs are written.** Images: the worker returns the two uint8 arrays and the driver
+writes them with their records (``record.JobRecord.write_images``), as the local engine does; a
+matte is small next to matting it. Clips: the worker writes the clip's outputs itself, straight into
+``--out``, streamed frame chunk by frame chunk with the local engine's own code
+(``clips.matte_video``: temporary names, renamed when the clip is complete), so a worker's memory
+stays flat in clip length and no frame crosses the network; sending the frames back would move every
+RGBA frame of every clip through the object store to one driver that must also encode them all,
+and a catalogue of clips would scale no further than that one machine. A Ray cluster already needs
+the targets and the model files on a filesystem every node sees at the same path, so ``--out``
+lives there too. The record stays the driver's: it describes the clip (source hash and recipe)
+before sending it, the worker embeds that record in every output it writes, and the driver indexes
+the outputs (``JobRecord.complete``, the call every engine makes) only when the worker reports the
+clip complete, so a job killed mid-clip leaves no output a re-run would take for done. The driver
+holds the folder's lock for the whole job; the actors are the job's (killed when it ends, and by Ray
+when its driver dies), so no writer outlives the lock; a re-run removes the temporary files a
+killed worker left (``files.remove_partials``).
 
-Workers read the targets and the model files by path, so on a cluster those paths must be the same
-on every node (a shared filesystem); the outputs are written by the driver. A worker without
-``--sd`` finds or downloads SD 2.1 into its own node's Hugging Face cache.
+**Results are typed.** Every result row carries ``error_type`` (the exception's class name, or
+``JobStopped`` for an error every target would meet: a full disk, out of GPU memory, recognised on
+the worker by ``outputs.stop_reason``) beside the one-line ``error``; ``failures.jsonl`` lists both,
+as for the local engine. A failing target never stops the others; a job that breaks mid-run (an
+actor lost) lists every target it did not finish. Resuming works as with the local engine: targets
+whose outputs were made the same way are never sent.
+
+Ray Data is not used: a clip is one task for one worker, not rows of a dataset, and Ray Data's
+actor pool offers no call to await a worker's setup.
+
+A local Ray started by the job (no ``--address``) runs without the dashboard web server
+(``include_dashboard=False``), logs only errors, and is shut down at the end. That option drops
+only the web UI: Ray 2.60 still starts its dashboard head process (``dashboard.py``, with the
+modules the job and state APIs need), the per-node dashboard agent and runtime-env agent (started
+by the raylet whatever the options; no option leaves them out), the autoscaler monitor and the log
+monitor, beside the GCS server, the raylet and the workers. The reaper (:func:`_start_reaper`)
+removes whatever is left if the driver is killed. A worker without ``--sd``
+finds or downloads SD 2.1 into its own node's Hugging Face cache.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
-
-from ..image_io import read_image_uint8
+from ..image_io import read_image
 from ..video import to_uint8
-from .outputs import OUT_OF_MEMORY, Failures, JobStopped, Progress, error_text, is_out_of_memory, stop_reason
-from .record import JobRecord
-from .targets import Target
+from .clips import matte_video
+from .outputs import Failures, JobStopped, Progress, error_text, stop_reason, target_outputs
+from .record import RECORD_KEY, JobRecord
+from .targets import Target, split_targets
+
+STOPPED = "JobStopped"  # the error type of a row whose error every target would meet
 
 
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError as exc:
-        raise SystemExit("error: --engine ray needs Ray Data: pip install -r requirements-ray.txt (or 'ray[data]')") from exc
+        raise SystemExit("error: --engine ray needs Ray: pip install -r requirements-ray.txt") from exc
     return ray
 
 
@@ -75,127 +102,96 @@ class PipelineSpec:
             raise CheckpointError(f"on this Ray node: {exc}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayJob:
-    """Everything the workers and the driver need besides the targets."""
+    """Everything the workers and the driver need besides the targets (built by ``job.matte``
+    from its parsed options; every field named, none read from an argparse namespace)."""
 
-    pipe_factory: Callable
+    pipe_factory: Callable[[], object]  # builds a worker's pipeline (``PipelineSpec.build``, or a test's)
     context: object  # ReferenceContext
     context_header: Optional[dict]  # of a context file; each worker checks its model against it
+    context_file: Optional[str]  # named in the workers' errors
     resize_mode: str
     video_outputs: Sequence[str]
-    estimate_colors: bool = True
-    chunk_size: int = 4
-    address: Optional[str] = None
-    workers: Optional[int] = None
-    cpus_per_worker: float = 1.0
-    context_file: Optional[str] = None  # named in the workers' errors
-
-    @classmethod
-    def from_args(cls, args, context, context_header, resize_mode, video_outputs, pipe_factory=None) -> "RayJob":
-        if pipe_factory is None:
-            pipe_factory = PipelineSpec(args.matting_weights, args.sd, args.models_dir, args.device, args.dtype).build
-        return cls(pipe_factory, context, context_header, resize_mode, list(video_outputs), not args.no_foreground,
-                   args.chunk_size, args.address, args.workers, args.cpus_per_worker, args.context)
-
-
-class MatteWorker:
-    """A Ray Data actor: one model and the shared context; mattes batches of pixel rows
-    {"target", "index", "frame" [H, W, 3] uint8, "error"} -> {"target", "index", "error",
-    "alpha" [H, W] uint8, "rgba" [H, W, 4] uint8}. A row whose "error" is not empty failed (or
-    arrived failed from the read stage); the others are unaffected.
-    """
-
-    def __init__(self, pipe_factory, context_ref, context_header, resize_mode, estimate_colors, threads,
-                 context_file=None):
-        import ray
-        import torch
-
-        from ..context_file import check_fits
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.pipe = pipe_factory()
-        self.context = ray.get(context_ref[0])
-        if context_header is not None:
-            check_fits(context_file, context_header, self.context, self.pipe.fingerprint, self.pipe.config,
-                       "a Ray worker loaded")
-        self.resize_mode, self.estimate_colors = resize_mode, estimate_colors
-
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        frames, errors = list(batch["frame"]), list(batch["error"])
-        alphas = [np.zeros(f.shape[:2], np.uint8) for f in frames]
-        rgbas = [np.zeros((*f.shape[:2], 4), np.uint8) for f in frames]
-        for i, frame in enumerate(frames):
-            if errors[i]:
-                continue
-            try:  # one bad target must not lose the others
-                alpha = self.pipe.matte(self.context, frame, resize_mode=self.resize_mode)[0]
-                rgba = self.pipe.cutout(frame, alpha, estimate_colors=self.estimate_colors)
-                alphas[i], rgbas[i] = to_uint8(alpha), to_uint8(rgba)
-            except Exception as exc:
-                errors[i] = error_text(exc)
-        return {"target": batch["target"], "index": batch["index"], "error": np.array(errors, dtype=object),
-                "alpha": _stack(alphas), "rgba": _stack(rgbas)}
-
-
-def _stack(arrays: List[np.ndarray]) -> np.ndarray:
-    if len({a.shape for a in arrays}) == 1:
-        return np.stack(arrays)
-    out = np.empty(len(arrays), dtype=object)  # images of different sizes
-    out[:] = arrays
-    return out
-
-
-def _rows(target: str, start: int, frames: List[np.ndarray], error: str = ""):
-    n = len(frames)
-    return {"target": np.array([target] * n, dtype=object), "index": np.arange(start, start + n),
-            "frame": _stack(frames), "error": np.array([error] * n, dtype=object)}
-
-
-def read_targets(batch: Dict[str, np.ndarray]):
-    """Ray Data generator: rows {"target"} -> pixel rows (uint8, upright by EXIF orientation; the
-    pipeline scales it as ``read_image`` does); a target that cannot be read gives a row with its error."""
-    for target in batch["target"]:
-        try:
-            yield _rows(target, -1, [read_image_uint8(Path(target))])
-        except Exception as exc:
-            yield _rows(target, -1, [np.zeros((2, 2, 3), np.uint8)], error_text(exc))
-
-
-def _pool_args(ray, job: RayJob, items: int):
-    from ray.data import ActorPoolStrategy
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    workers = max(1, min(job.workers or (int(gpus) if gpus >= 1 else 1), items))
-    resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": job.cpus_per_worker}
-    threads = None if gpus >= 1 else max(1, int(job.cpus_per_worker))
-    return workers, dict(compute=ActorPoolStrategy(size=workers), batch_format="numpy", **resources), threads
+    estimate_colors: bool
+    chunk_size: int
+    address: Optional[str]
+    workers: Optional[int]
+    cpus_per_worker: float
 
 
 class WorkerSetupError(RuntimeError):
     """A Ray worker could not set up: its model files are missing or do not match the context file."""
 
 
-_SETUP_ERROR = re.compile(r"^(?:[\w.]+\.)?(ContextFileError|CheckpointError|FileNotFoundError): (.+)", re.MULTILINE | re.DOTALL)
+def _error_fields(exc: BaseException) -> dict:
+    reason = stop_reason(exc)
+    if reason is not None:
+        return {"error_type": STOPPED, "error": reason}
+    return {"error_type": type(exc).__name__, "error": error_text(exc)}
 
 
-def _setup_error(exc: BaseException) -> Optional[str]:
-    """The message of a worker's setup error inside a Ray error (an actor that died in its
-    constructor carries only its traceback's text), or None."""
-    from ..checkpoint import CheckpointError
-    from ..context_file import ContextFileError
+class Worker:
+    """A Ray actor: one model and the shared context. Its constructor never raises (see the
+    module docstring): :meth:`ready` says whether it is set up. Every result row is
+    ``{"target", "pid", "actor_id", "error_type", "error"}`` plus the result: ``"alpha"``/``"rgba"``
+    (uint8 arrays) for an image, ``"frames"`` for a clip; ``error_type`` is None when it worked."""
 
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ContextFileError, CheckpointError)):
-            return str(exc)
-        match = _SETUP_ERROR.search(str(exc))
-        if match and "creation task" in str(exc):  # ActorDiedError of a constructor
-            return match.group(2).strip()
-        exc = exc.__cause__ or exc.__context__
-    return None
+    def __init__(self, pipe_factory, context, context_header, context_file, resize_mode, estimate_colors,
+                 chunk_size, threads):
+        import ray
+
+        self.context, self.resize_mode, self.estimate_colors, self.chunk_size = context, resize_mode, estimate_colors, chunk_size
+        self.actor_id = ray.get_runtime_context().get_actor_id()
+        self.pipe, self.setup = None, None
+        try:
+            import torch
+
+            from ..context_file import check_fits
+
+            if threads:
+                torch.set_num_threads(threads)
+            self.pipe = pipe_factory()
+            if context_header is not None:
+                check_fits(context_file, context_header, context, self.pipe.fingerprint, self.pipe.config,
+                           "a Ray worker loaded")
+        except Exception as exc:  # noqa: BLE001 - handed to the driver by ready()
+            self.setup = {"error_type": type(exc).__name__, "error": " ".join(str(exc).split())}
+
+    def _row(self, target: str) -> dict:
+        return {"target": target, "pid": os.getpid(), "actor_id": self.actor_id, "error_type": None, "error": ""}
+
+    def ready(self) -> dict:
+        """The handshake: this worker's row, with its setup error (type and message) if it has one."""
+        row = self._row("")
+        if self.setup is not None:
+            row.update(self.setup)
+        return row
+
+    def matte_images(self, paths: Sequence[str]) -> List[dict]:
+        rows = []
+        for path in paths:
+            row = self._row(path)
+            try:  # one bad target must not lose the others
+                image = read_image(Path(path))
+                alpha = self.pipe.matte(self.context, image, resize_mode=self.resize_mode)[0]
+                rgba = self.pipe.cutout(image, alpha, estimate_colors=self.estimate_colors)
+                row.update(alpha=to_uint8(alpha), rgba=to_uint8(rgba))
+            except Exception as exc:  # noqa: BLE001 - the row says what
+                row.update(_error_fields(exc))
+            rows.append(row)
+        return rows
+
+    def matte_clip(self, path: str, out_dir: str, kinds: Sequence[str], name: str, tags: Dict[str, str]) -> dict:
+        """Matte one clip streamed, writing its outputs (carrying ``tags``, the driver's record) into
+        ``out_dir`` under temporary names, renamed when complete (``clips.matte_video``)."""
+        row = self._row(path)
+        try:
+            row["frames"] = matte_video(self.pipe, self.context, Path(path), Path(out_dir), kinds, self.resize_mode,
+                                        self.chunk_size, self.estimate_colors, name=name, tags=tags)
+        except Exception as exc:  # noqa: BLE001 - the row says what
+            row.update(_error_fields(exc))
+        return row
 
 
 def _summary(exc: BaseException) -> str:
@@ -205,9 +201,10 @@ def _summary(exc: BaseException) -> str:
 
 
 def run_ray_job(job: RayJob, todo: Sequence[Target], record: JobRecord, failures: Failures) -> int:
-    """Matte the image targets ``todo`` on Ray; writes outputs with their records (``record``),
-    records failures; returns targets matted. Raises WorkerSetupError when the workers cannot load their model
-    (files missing, weights not the context file's), JobStopped on an error every target would meet."""
+    """Matte the targets ``todo`` (images and clips) on Ray; outputs are written with their records
+    (``record``), failures recorded; returns targets matted. Raises WorkerSetupError when a worker
+    cannot set up (files missing, weights not the context file's), JobStopped on an error every
+    target would meet."""
     ray = _ray()
     started_here = not ray.is_initialized()
     reaper = None
@@ -219,14 +216,7 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], record: JobRecord, failures
         if job.address is None:
             reaper = _start_reaper()
     try:
-        from ray.data import DataContext
-
-        for name in ("ray", "ray.data"):  # Ray Data's INFO/WARNING notes are not the user's business
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.execution_options.preserve_order = True
+        logging.getLogger("ray").setLevel(logging.CRITICAL)  # Ray's INFO/WARNING notes are not the user's business
         with _without_native_log_lines():
             return _run(ray, job, list(todo), record, failures)
     finally:
@@ -308,60 +298,129 @@ def _start_reaper():
     return reaper
 
 
+def _start_workers(ray, job: RayJob, tasks: int) -> list:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    count = max(1, min(job.workers or (int(gpus) if gpus >= 1 else 1), tasks))
+    resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": job.cpus_per_worker}
+    threads = None if gpus >= 1 else max(1, int(job.cpus_per_worker))
+    actor = ray.remote(Worker).options(max_restarts=0, **resources)
+    context = ray.put(job.context)  # once in the object store; each actor receives the object
+    return [actor.remote(job.pipe_factory, context, job.context_header, job.context_file, job.resize_mode,
+                         job.estimate_colors, job.chunk_size, threads) for _ in range(count)]
+
+
+# a user's setup problem whose message says what to do (model files, a context file that does not fit them)
+_USER_SETUP_ERRORS = ("CheckpointError", "ContextFileError", "ModelFileError", "FileNotFoundError")
+
+
+def _await_ready(ray, workers: list) -> None:
+    """The setup handshake: every worker's ready(); the first setup error stops the job (typed).
+    A worker that died before its constructor could run (its arguments could not be unpickled
+    there, its node was lost) answers ready() with Ray's error: it could not start."""
+    try:
+        rows = ray.get([w.ready.remote() for w in workers])
+    except ray.exceptions.RayError as exc:
+        raise WorkerSetupError(f"a Ray worker could not start: {_summary(exc)}") from None
+    for row in rows:
+        if row["error_type"] is not None:
+            raise WorkerSetupError(row["error"] if row["error_type"] in _USER_SETUP_ERRORS else
+                                   f"a Ray worker could not set up: {row['error_type']}: {row['error']}")
+
+
 def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures) -> int:
-    from ray.data import TaskPoolStrategy
-
+    images, videos = split_targets(todo)
+    tasks = deque([("clip", t) for t in videos]  # the long tasks first
+                  + [("images", images[i:i + job.chunk_size]) for i in range(0, len(images), job.chunk_size)])
     by_path = {str(t.path): t for t in todo}
-    workers, pool, threads = _pool_args(ray, job, len(todo))
-    ds = ray.data.from_items([{"target": str(t.path)} for t in todo], override_num_blocks=min(len(todo), 200))
-    # light: takes no CPU from the model actors, and few tasks at once (each is a worker process)
-    ds = ds.map_batches(read_targets, batch_size=1, batch_format="numpy", num_cpus=0,
-                        compute=TaskPoolStrategy(size=min(len(todo), workers + 1)))
-    kwargs = dict(pipe_factory=job.pipe_factory, context_ref=[ray.put(job.context)],
-                  context_header=job.context_header, resize_mode=job.resize_mode,
-                  estimate_colors=job.estimate_colors, threads=threads, context_file=job.context_file)
-    ds = ds.map_batches(MatteWorker, fn_constructor_kwargs=kwargs, batch_size=job.chunk_size, **pool)
-
-    bar = Progress(len(todo), f"matte on Ray ({workers} workers)", "img")
+    workers = _start_workers(ray, job, len(tasks))
+    pending: Dict[object, tuple] = {}  # result ref -> (worker, the record of a clip's outputs)
+    bar = Progress(len(todo), f"matte on Ray ({len(workers)} workers)", "target")
     matted, finished = 0, set()
+
+    def send(worker) -> None:
+        while tasks:
+            kind, item = tasks.popleft()
+            if kind == "images":
+                pending[worker.matte_images.remote([str(t.path) for t in item])] = (worker, None)
+                return
+            try:
+                made = record.describe(item)  # the clip's source, read here as the local engine does
+            except OSError as exc:  # gone or unreadable since it was listed: this clip fails, not the job
+                _finish({**_error_fields(exc), "target": str(item.path), "pid": os.getpid(), "actor_id": "(driver)"},
+                        item, None, job, record, failures, bar)
+                finished.add(str(item.path))
+                continue
+            pending[worker.matte_clip.remote(str(item.path), str(record.out_dir), list(job.video_outputs), item.name,
+                                             {RECORD_KEY: json.dumps(made)})] = (worker, made)
+            return
+
     stopped = None  # the error that ended the job early
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for target, error, alpha, rgba in zip(batch["target"], batch["error"], batch["alpha"], batch["rgba"]):
-                t = by_path[str(target)]
-                if error and is_out_of_memory(error):
-                    raise JobStopped(OUT_OF_MEMORY)
-                if error:
-                    failures.add(t, error)
-                    bar.log(f"{t.path.name}: FAILED: {error}")
-                    finished.add(str(target))
-                else:
-                    try:
-                        record.write_images(t, alpha, rgba)
-                    except OSError as exc:
-                        reason = stop_reason(exc)
-                        if reason is not None:
-                            raise JobStopped(reason) from None
-                        failures.add(t, error_text(exc))
-                        bar.log(f"{t.path.name}: FAILED: {error_text(exc)}")
-                        finished.add(str(target))
-                        continue
-                    matted += 1
-                    finished.add(str(target))
-                bar.update(1, f"{t.path.name}: {'FAILED' if error else 'ok'}")
-    except JobStopped:
+        _await_ready(ray, workers)
+        for _ in range(2):  # two tasks queued per worker: the next starts as soon as one ends
+            for worker in workers:
+                if tasks:
+                    send(worker)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            worker, made = pending.pop(ref)
+            if tasks:
+                send(worker)
+            result = ray.get(ref)
+            for row in result if isinstance(result, list) else [result]:
+                matted += _finish(row, by_path[row["target"]], made, job, record, failures, bar)
+                finished.add(row["target"])
+    except (JobStopped, WorkerSetupError):
         raise
     except Exception as exc:
-        setup = _setup_error(exc)
-        if setup is not None:
-            raise WorkerSetupError(setup) from None
         stopped = exc
     finally:
         bar.close()
+        _stop(ray, workers, pending)
     if stopped is not None:
         for t in todo:
             if str(t.path) not in finished:
                 error = f"not finished: the Ray job stopped: {_summary(stopped)}"
-                failures.add(t, error)
+                failures.add(t, error, type(stopped).__name__)
                 bar.log(f"{t.path.name}: FAILED: {error}")
     return matted
+
+
+def _stop(ray, workers: list, pending: dict) -> None:
+    """End the job's actors (a clip being written leaves only temporary files) and wait until their
+    calls have ended, so that no worker writes into ``--out`` once the driver lets go of its lock."""
+    for worker in workers:
+        ray.kill(worker)
+    for ref in pending:
+        try:
+            ray.get(ref, timeout=30)
+        except Exception:  # noqa: BLE001 - the actor's death is what we wait for
+            pass
+
+
+def _finish(row: dict, target: Target, made: Optional[dict], job: RayJob, record: JobRecord, failures: Failures,
+            bar: Progress) -> int:
+    """Write or record one result row; returns 1 if the target was matted."""
+    if row["error_type"] == STOPPED:
+        raise JobStopped(row["error"])
+    where = f"(Ray worker pid {row['pid']}, actor {row['actor_id']})"
+    if row["error_type"] is None:
+        try:
+            if made is None:
+                record.write_images(target, row["alpha"], row["rgba"])
+            else:
+                record.complete(made, target_outputs(record.out_dir, target, job.video_outputs))
+        except OSError as exc:
+            reason = stop_reason(exc)
+            if reason is not None:
+                raise JobStopped(reason) from None
+            row = {**row, "error_type": type(exc).__name__, "error": error_text(exc)}
+    if row["error_type"] is not None:
+        failures.add(target, row["error"], row["error_type"])
+        bar.log(f"{target.path.name}: FAILED {where}: {row['error']}")
+        bar.update(1, f"{target.path.name}: FAILED")
+        return 0
+    if made is not None:  # a clip: which worker matted it, as for a failure
+        bar.log(f"{target.path.name}: ok, {row['frames']} frames {where}")
+    bar.update(1, f"{target.path.name}: ok")
+    return 1

@@ -5,9 +5,11 @@
 * Pinned frontends (1.32.9 on 0.3.75, 1.45.21 on 0.28.2): each ``workflows/*.json`` is dropped on the
   canvas as a file, as a user drags it in; it must load with no missing-node dialog, no console error
   and a readable default view; *Run* must execute it and the frontend must show every output image.
-  The word workflow needs SAM 3 (0.28.2): there its SAM 3 weights are left missing and the app must
-  offer their download; on 0.3.75 the only missing node is SAM 3. The template browser lists the
-  pack's workflows with their thumbnails.
+  The word and generation workflows need SAM 3 (0.28.2): there its SAM 3 weights are left missing and
+  the app must offer their download; on 0.3.75 the only missing node is SAM 3.
+* Every frontend: the template browser lists the pack's workflows with their thumbnails, each card with
+  its own one-sentence description (``web/template_descriptions.json``, written on the card by the pack's
+  ``web/template_descriptions.js``: the frontends give a custom node pack's template none).
 * Every frontend: each template opened from the template browser (the newest frontends fit the graph
   to the window) is drawn readable: litegraph's details on, every node's title drawn (read from a
   screenshot). The newest frontend also with its Vue nodes ("Nodes 2.0"): no node overlaps another
@@ -35,12 +37,17 @@ from api_to_ui import VIEW_LEFT, VIEW_TOP  # tools/, on the path after frontend_
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 NAMES = [p.name for p in WORKFLOW_FILES]
-WORD = "Matte a folder from a word (IconMatting, SAM 3).json"
+DESCRIPTIONS = json.loads((WORKFLOWS.parent / "web" / "template_descriptions.json").read_text())
 VIDEO_NODES = ("SaveWEBM", "SaveVideo")
 
 
 def _ids(workflow: dict):
     return [int(n["id"]) for n in workflow["nodes"]]
+
+
+def _needs_sam3(workflow: dict) -> bool:
+    """Core SAM 3 (``SAM3_Detect``) makes a mask in it: ComfyUI 0.28 and later (README)."""
+    return any(n["type"] == "SAM3_Detect" for n in workflow["nodes"])
 
 
 def test_there_are_workflows():
@@ -63,7 +70,7 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
     comfy, prepared, work = app
     workflow, problems = prepared[name]
     screenshot = work / f"{Path(name).stem}.png"
-    if name == WORD and not comfy.has_sam3:
+    if _needs_sam3(workflow) and not comfy.has_sam3:
         # ComfyUI before SAM 3 (0.3.75): the one node the app misses is SAM 3's (README: ComfyUI 0.28+)
         assert problems == [f"node {n['id']}: ComfyUI has no node type 'SAM3_Detect'"
                             for n in workflow["nodes"] if n["type"] == "SAM3_Detect"]
@@ -81,6 +88,8 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
     view = comfy.graph_view()
     comfy.screenshot(screenshot)
     missing = sorted(v for n in workflow["nodes"] for v in n["widgets_values"] if v in LEFT_MISSING)
+    # 1.45.21 may mark the loader of a missing model as failed once its own model check ends (timing): those alone
+    loads_missing = {str(n["id"]) for n in workflow["nodes"] if any(v in LEFT_MISSING for v in n["widgets_values"])}
     if missing:
         # The SAM 3 weights are not here (nor downloadable in tests): the missing-models panel names
         # them, in their folder, with a Download button (the workflow declares the address).
@@ -95,7 +104,8 @@ def test_dropped_workflow_loads_runs_and_shows_its_outputs(app, name):
         assert VIEW_LEFT - 1 <= x0 and VIEW_TOP - 1 <= y0 and x1 <= view["width"] and y1 <= view["height"], \
             f"{name}: node {node_id} ({node['type']}) at {node['box']} is not in view (see {screenshot}); " \
             f"regenerate with tools/api_to_ui.py, or shorten long node titles"
-        assert not node["errors"], f"{name}: node {node_id} ({node['type']}) is marked as failed"
+        assert not node["errors"] or str(node_id) in loads_missing, \
+            f"{name}: node {node_id} ({node['type']}) is marked as failed"
     if missing:
         return  # SAM 3 cannot run here: tests/host/test_workflows.py runs the rest with a stand-in mask
 
@@ -132,7 +142,7 @@ def test_template_opens_readable(app, name):
     blank box: read from a screenshot."""
     comfy, prepared, work = app
     workflow, _ = prepared[name]
-    if name == WORD and not comfy.has_sam3:
+    if _needs_sam3(workflow) and not comfy.has_sam3:
         # ComfyUI before SAM 3 (0.3.75): the template opens with SAM 3 as its one missing node
         comfy.open_template(PACK_NAME, Path(name).stem, _ids(workflow), timeout_ms=40000)
         text = " ".join(comfy.dialogs())
@@ -186,19 +196,30 @@ def test_vue_nodes_do_not_overlap_or_cut_text(newest_app, name):
 
 
 def test_template_browser_lists_the_workflows_with_thumbnails(app):
+    _check_template_cards(app)
+
+
+def test_template_browser_cards_in_the_newest_frontend(newest_app):
+    _check_template_cards(newest_app)
+
+
+def _check_template_cards(app):
     comfy, prepared, work = app
     names = [p.stem for p in WORKFLOW_FILES]
-    cards = comfy.template_cards(PACK_NAME, names)
+    cards = comfy.template_cards(PACK_NAME, names, expect_text=DESCRIPTIONS)
     comfy.screenshot(work / "templates.png")
     for name, card in cards.items():
-        # The frontend titles a custom node's template with its file name (1.32.9 also describes it
-        # with the file name's words); the thumbnail is workflows/<name>.jpg.
-        assert card["text"][0] == name, card
+        # The frontend titles a custom node's template with its file name (1.32.9 and 1.45.21 describe
+        # it with the file name again, 1.58.1 not at all); the pack's sentence is the line under the
+        # title; the thumbnail is workflows/<name>.jpg.
+        lines = card["text"]
+        assert name in lines and lines[lines.index(name) + 1:][:1] == [DESCRIPTIONS[name]], (name, lines)
+        assert DESCRIPTIONS[name] not in card["cut"], f"{name}: its description is cut short on the card"
         url = f"{comfy.server.url}/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name, safe='(),')}.jpg"
         assert (200, url) in comfy.responses and card["thumbnail"]["width"] > 0, \
             f"no thumbnail workflows/{name}.jpg (python tests/support/frontend_harness.py templates)"
     comfy.close_dialogs()
-    comfy.unexpected_errors()
+    assert comfy.unexpected_errors() == []
 
 
 def test_text_drawn_reads_a_blank_box_as_blank():

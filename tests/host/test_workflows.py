@@ -1,12 +1,17 @@
-"""The word and video templates (``workflows/``) inside a real ComfyUI, on every test host.
+"""The word, video and generation templates (``workflows/``) inside a real ComfyUI, on every test host.
 
 * Every shipped workflow is checked against the host's own ``/object_info`` (node types, input names,
-  link types, widget values): the word workflow needs core SAM 3 (``SAM3_Detect``, ComfyUI 0.28.2),
-  the others load on every host.
+  link types, widget values): the word and generation workflows need core SAM 3 (``SAM3_Detect``,
+  ComfyUI 0.28.2), the others load on every host.
 * The video workflow runs on a short generated clip (tiny random-weight models): it must write an
   alpha video and a composited video with every frame, in order, at the clip's frame rate.
 * The word workflow runs with a mask given in place of SAM 3 (no SAM 3 weights exist here): the
   IconMatting half as shipped, on photos of different sizes.
+* The generation workflow runs with a painted mask in place of SAM 3, small and short (64 px, 2 images, 2
+  steps): every generated image is cut out and composited; the generated batch is the same, bit for bit, with
+  and without the matting branch in the prompt, with one checkpoint for both (as shipped) and with a second,
+  different one for the generation; every model is loaded through ComfyUI's model management, none moved by
+  the pack itself (``comfy_scripts/generation_isolation.py``). All of it in the same ComfyUI as the rest.
 """
 import copy
 import json
@@ -22,11 +27,16 @@ from comfy_harness import assert_one_matte_per_target, comfy_job, host_job, link
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 OBJECT_INFO_SCRIPT = ROOT / "tests" / "support" / "comfy_scripts" / "object_info.py"
+ISOLATION_SCRIPT = ROOT / "tests" / "support" / "comfy_scripts" / "generation_isolation.py"
 TINY_SD2_PACK = ROOT / "tests" / "support" / "comfy_tiny_sd2"
 SD_FILE = "v2-1_768-ema-pruned.safetensors"
 HEAD_FILE = "icm.safetensors"
 WORD = "Matte a folder from a word (IconMatting, SAM 3)"
 VIDEO = "Matte a video clip (IconMatting)"
+GENERATE = "Generate a batch and cut it out (IconMatting, SAM 3)"
+#: a second tiny SD 2.x file with other weights, for the generation branch
+GENERATION_FILE = "tiny_generation.safetensors"
+GEN_SIZE, GEN_BATCH, GEN_STEPS = 64, 2, 2
 SAM3_FILE = "sam3.1_multiplex_fp16.safetensors"
 SAM3_URL = "https://huggingface.co/Comfy-Org/sam3.1/resolve/main/checkpoints/sam3.1_multiplex_fp16.safetensors"
 #: Files the README asks users to provide (input/ and the authors' weights), named by the workflows.
@@ -53,20 +63,75 @@ def with_tiny_head(prompt: dict) -> dict:
     return prompt
 
 
-def word_with_stand_in_mask(prompt: dict) -> dict:
-    """The word workflow with SAM 3's mask replaced by the reference photo's own (painted) mask."""
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(nid for nid, n in prompt.items() if n["class_type"] == class_type)
+
+
+def links_to(prompt: dict, nid: str) -> list:
+    """Ids of the nodes that take an output of node ``nid``."""
+    return [c for c, n in prompt.items() if any(isinstance(v, list) and v[0] == nid for v in n["inputs"].values())]
+
+
+def without_sam3(prompt: dict, mask) -> dict:
+    """``prompt`` with SAM 3's branch (its checkpoint, the word, the detector, the mask preview) removed and
+    Encode Reference's mask taken from ``mask`` (a link) instead."""
     prompt = copy.deepcopy(prompt)
-    sam = {nid for nid, n in prompt.items() if n["class_type"] in ("SAM3_Detect", "CLIPTextEncode")
-           or (n["class_type"] == "CheckpointLoaderSimple" and n["inputs"]["ckpt_name"] == SAM3_FILE)}
-    sam |= {nid for nid, n in prompt.items() if any(isinstance(v, list) and v[0] in sam for v in n["inputs"].values())
-            and n["class_type"] != "IconMattingEncodeReference"}
-    sam |= {nid for nid, n in prompt.items() if any(isinstance(v, list) and v[0] in sam for v in n["inputs"].values())
-            and n["class_type"] == "PreviewImage"}
-    encode = next(nid for nid, n in prompt.items() if n["class_type"] == "IconMattingEncodeReference")
-    prompt[encode]["inputs"]["mask"] = [prompt[encode]["inputs"]["image"][0], 1]  # Load Image's MASK output
+    loader = next(nid for nid, n in prompt.items()
+                  if n["class_type"] == "CheckpointLoaderSimple" and n["inputs"]["ckpt_name"] == SAM3_FILE)
+    detector = node_of(prompt, "SAM3_Detect")
+    sam = {loader, detector, *links_to(prompt, loader)}
+    for preview in [c for c in links_to(prompt, detector) if prompt[c]["class_type"] == "MaskToImage"]:
+        sam |= {preview, *links_to(prompt, preview)}
+    prompt[node_of(prompt, "IconMattingEncodeReference")]["inputs"]["mask"] = mask
     for nid in sam:
         del prompt[nid]
     return prompt
+
+
+def word_with_stand_in_mask(prompt: dict) -> dict:
+    """The word workflow with SAM 3's mask replaced by the reference photo's own (painted) mask."""
+    encode = prompt[node_of(prompt, "IconMattingEncodeReference")]
+    return without_sam3(prompt, [encode["inputs"]["image"][0], 1])  # Load Image's MASK output
+
+
+def generation_for_tests(prompt: dict, features_file: str) -> dict:
+    """The generation workflow, small and short (:data:`GEN_SIZE`, :data:`GEN_BATCH`, :data:`GEN_STEPS`), with a
+    painted rectangle (the middle half of the reference) in place of SAM 3's mask; its generation Load Checkpoint
+    (the one whose MODEL goes to the KSampler) loads :data:`GENERATION_FILE`, IconMatting's ``features_file``."""
+    prompt = with_tiny_head(prompt)
+    latent = prompt[node_of(prompt, "EmptyLatentImage")]["inputs"]
+    latent.update(width=GEN_SIZE, height=GEN_SIZE, batch_size=GEN_BATCH)
+    sampler = prompt[node_of(prompt, "KSampler")]["inputs"]
+    sampler["steps"] = GEN_STEPS
+    prompt[sampler["model"][0]]["inputs"]["ckpt_name"] = GENERATION_FILE
+    prompt[prompt[node_of(prompt, "IconMattingLoad")]["inputs"]["model"][0]]["inputs"]["ckpt_name"] = features_file
+    prompt = without_sam3(prompt, ["42", 0])
+    prompt["40"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": GEN_SIZE, "height": GEN_SIZE}}
+    prompt["41"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": GEN_SIZE // 2, "height": GEN_SIZE // 2}}
+    prompt["42"] = {"class_type": "MaskComposite", "inputs": {"destination": ["40", 0], "source": ["41", 0],
+                                                              "x": GEN_SIZE // 4, "y": GEN_SIZE // 4, "operation": "add"}}
+    return prompt
+
+
+def generation_only(prompt: dict) -> dict:
+    """The generation branch of ``prompt`` alone: the Save Image of the decoded batch and what feeds it."""
+    save = next(nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"
+                and prompt[n["inputs"]["images"][0]]["class_type"] == "VAEDecode")
+    keep, todo = set(), [save]
+    while todo:
+        nid = todo.pop()
+        if nid not in keep:
+            keep.add(nid)
+            todo += [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list)]
+    return {nid: copy.deepcopy(n) for nid, n in prompt.items() if nid in keep}
+
+
+def generation_nodes(prompt: dict) -> dict:
+    """The node ids comfy_scripts/generation_isolation.py reads outputs of."""
+    decode = node_of(prompt, "VAEDecode")
+    load = node_of(prompt, "IconMattingLoad")
+    return {"decode": decode, "load": load, "generation_loader": prompt[node_of(prompt, "KSampler")]["inputs"]["model"][0],
+            "features_loader": prompt[load]["inputs"]["model"][0]}
 
 
 # --- the graph against a host's /object_info ----------------------------------------------------
@@ -189,6 +254,7 @@ def write_photos(input_dir: Path) -> None:
     (input_dir / "iconmatting_targets").mkdir(exist_ok=True)
     for i, (w, h) in enumerate(TARGET_SIZES, 1):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_targets" / f"photo_{i}.png")
+    Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(input_dir / "iconmatting_background.png")
 
 
 def read_video(path: Path):
@@ -205,27 +271,41 @@ def read_video(path: Path):
 @host_job
 def host_run(comfy_host, tmp_path_factory, tiny_comfy_checkpoint):
     from tiny_models import save_tiny_head, tiny_config
+    from tiny_sd2_checkpoint import save_tiny_comfy_sd2_checkpoint
 
     base = tmp_path_factory.mktemp(f"workflows-{comfy_host}")
     models, work = base / "models", base / "work"
     link_file(models / "checkpoints" / SD_FILE, tiny_comfy_checkpoint)
     save_tiny_head(models / "iconmatting" / HEAD_FILE, tiny_config(unet_feature_channels=(128, 128)))
+    save_tiny_comfy_sd2_checkpoint(models / "checkpoints" / GENERATION_FILE, seed=1)
     frames = write_clip(work / "input")
     write_photos(work / "input")
     prompts = [with_tiny_head(api(VIDEO)), with_tiny_head(word_with_stand_in_mask(api(WORD)))]
+    # SD 2.1 for the features and another checkpoint for the generation; then, as shipped, one checkpoint for both
+    # (the two Load Checkpoint nodes name one file): first with another seed, then with the same seed again on the
+    # MODEL that first matting used. All generate with GENERATION_FILE: one batch to compare with.
+    one, two = generation_for_tests(api(GENERATE), GENERATION_FILE), generation_for_tests(api(GENERATE), SD_FILE)
+    first = copy.deepcopy(one)
+    first[node_of(first, "KSampler")]["inputs"]["seed"] += 1
+    isolation = {"nodes": generation_nodes(one), "pack_dirs": [str(ROOT / "nodes"), str(ROOT / "iconmatting_core")],
+                 "generation_only": generation_only(one),
+                 "with_matting": [{"name": "two checkpoints", "prompt": two, "fresh": True, "compare": True},
+                                  {"name": "one checkpoint, first", "prompt": first, "fresh": True, "compare": False},
+                                  {"name": "one checkpoint", "prompt": one, "fresh": False, "compare": True}]}
     result = yield comfy_job(ROOT, prompts, models_dir=models, work_dir=work, pack_name="comfyui-iconmatting", timeout=900,
                              extra_packs=[TINY_SD2_PACK], comfy_args=["--fp32-text-enc"], host=comfy_host,
-                             scripts=[{"path": str(OBJECT_INFO_SCRIPT), "args": {}}])
-    script = result["scripts"][0]
-    assert not script.get("error"), script
-    return result, work, frames, script["result"]["object_info"], str(comfy_host)
+                             scripts=[{"path": str(OBJECT_INFO_SCRIPT), "args": {}},
+                                      {"path": str(ISOLATION_SCRIPT), "args": isolation}])
+    for script in result["scripts"]:
+        assert not script.get("error"), script
+    return result, work, frames, result["scripts"][0]["result"]["object_info"], str(comfy_host)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")))
 def test_workflow_graph_matches_the_hosts_object_info(host_run, name):
     _, _, _, object_info, version = host_run
     problems = graph_problems(api(name), object_info, {m["name"] for m in declared_models(ui(name))})
-    if name == WORD and "SAM3_Detect" not in object_info:
+    if name in (WORD, GENERATE) and "SAM3_Detect" not in object_info:
         # ComfyUI before SAM 3 (0.3.75): the only thing missing is SAM 3 itself (README: needs 0.28+)
         assert problems == [f"node {nid}: the host has no node type SAM3_Detect"
                             for nid, n in api(name).items() if n["class_type"] == "SAM3_Detect"], problems
@@ -307,3 +387,82 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow(host_run, name):
                 assert [str(link[1]), link[2], str(link[3])] == [value[0], value[1], nid]
             else:
                 assert values[key] == value, (nid, key)
+
+
+# --- the generation template ---------------------------------------------------------------------
+def test_generation_workflow_mattes_every_generated_image():
+    """As shipped: the batch (more than one image) goes to Match Targets whole; the reference is one image of
+    that same batch, its mask from SAM 3 and the word; a Load Checkpoint for the generation and one (SD 2.1,
+    with its download) for IconMatting; the cut-outs are composited on a background and saved."""
+    prompt = api(GENERATE)
+    decode = node_of(prompt, "VAEDecode")
+    latent = prompt[prompt[node_of(prompt, "KSampler")]["inputs"]["latent_image"][0]]
+    assert latent["class_type"] == "EmptyLatentImage" and latent["inputs"]["batch_size"] > 1
+    assert prompt[node_of(prompt, "IconMattingMatchTargets")]["inputs"]["images"] == [decode, 0]
+    encode = prompt[node_of(prompt, "IconMattingEncodeReference")]["inputs"]
+    reference = prompt[encode["image"][0]]
+    assert reference["class_type"] == "ImageFromBatch" and reference["inputs"]["image"] == [decode, 0]
+    assert prompt[encode["mask"][0]]["class_type"] == "SAM3_Detect"
+    assert prompt[prompt[encode["mask"][0]]["inputs"]["image"][0]] is reference
+    nodes = generation_nodes(prompt)
+    assert nodes["generation_loader"] != nodes["features_loader"]
+    assert prompt[nodes["features_loader"]]["inputs"]["ckpt_name"] == SD_FILE
+    composite = prompt[node_of(prompt, "IconMattingComposite")]["inputs"]
+    assert prompt[composite["rgba"][0]]["class_type"] == "IconMattingDecodeAlpha"
+    assert prompt[composite["background"][0]]["class_type"] == "LoadImage"
+    assert {prompt[n["inputs"]["images"][0]]["class_type"] for n in prompt.values() if n["class_type"] == "SaveImage"} \
+        == {"VAEDecode", "IconMattingDecodeAlpha", "IconMattingComposite"}
+
+
+@pytest.fixture(scope="module")
+def isolation(host_run):
+    result, _, _, _, _ = host_run
+    return result["scripts"][1]["result"]
+
+
+def test_generation_workflow_cuts_out_and_composites_every_generated_image(isolation):
+    run = isolation["runs"]["one checkpoint, first"]["entry"]
+    assert run["validation"]["ok"], run["validation"]
+    assert run["execution"]["success"], run["execution"]["error"]
+    saved = {}
+    for f in run["new_files"]:
+        name = Path(f["path"]).name
+        saved.setdefault(name.split("_")[0], []).append((f.get("image_size"), f.get("image_mode")))
+    size = [GEN_SIZE, GEN_SIZE]
+    assert saved.get("generated") == [(size, "RGB")] * GEN_BATCH, saved
+    assert saved.get("cutout") == [(size, "RGBA")] * GEN_BATCH, saved
+    assert saved.get("composite") == [(size, "RGB")] * GEN_BATCH, saved
+
+
+@pytest.mark.parametrize("config", ["one checkpoint", "two checkpoints"])
+def test_matting_never_disturbs_generation(isolation, config):
+    """The generated batch is the same, bit for bit, with and without the matting branch in the prompt (with one
+    checkpoint also after a first prompt matted with that MODEL); no patcher comes out of the prompt with a patch set on
+    it, neither the user's MODELs nor the clone IconMatting loads the features UNet under (its patches go with each of
+    its own UNet calls: nodes/native_features.py)."""
+    run = isolation["generation_only"]
+    assert run["execution"] and run["execution"]["success"], run["validation"] if not run["execution"] else run["execution"]["error"]
+    assert isolation["generated_shape"] == [GEN_BATCH, GEN_SIZE, GEN_SIZE, 3]
+    result = isolation["runs"][config]
+    assert result["entry"]["execution"]["success"], result["entry"]["execution"]["error"]
+    assert result["bit_identical"], result["max_abs_diff"]
+    clean = {"patches": [], "patches_replace": {}, "weight_patches": 0, "object_patches": 0}
+    assert result["generation_model_state"] == clean
+    assert result["features_model_state"] == clean
+    assert not result["clone_is_the_users_model"] and result["clone_state"] == clean
+    # with one file in both Load Checkpoint nodes (as shipped), ComfyUI gives them one MODEL: one checkpoint for both
+    assert result["shared_model_object"] is (config == "one checkpoint")
+
+
+@pytest.mark.parametrize("config", ["one checkpoint, first", "two checkpoints"])
+def test_every_model_is_loaded_through_comfyuis_model_management(isolation, config):
+    """Each model (the generation's UNet and VAE, SD 2.1's UNet and VAE, the matting head) is loaded by
+    ``load_models_gpu``; the pack loads SD 2.1's UNet as its clone and never the generation's model, and moves no
+    host model itself (its control: such a move is seen)."""
+    result = isolation["runs"][config]
+    assert result["loaded_through_model_management"] == {
+        "generation UNet": True, "generation VAE": True, "features UNet": True, "features VAE": True, "matting head": True}
+    assert result["pack_loads"] > 0 and result["pack_loads_features_unet_as"] == ["IconMatting's clone"]
+    assert result["pack_loads_generation_unet"] is False
+    assert result["direct_moves_of_host_models"] == []
+    assert result["control_move_seen"] is True

@@ -67,6 +67,7 @@ def test_one_failing_image_is_reported_and_skipped(tmp_path, tiny_dir, capsys):
     assert _pair(tmp_path / "out", "t2")[0].exists()
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [f["path"] for f in failures] == [str(targets / "broken.png")] and "cannot identify image" in failures[0]["error"]
+    assert failures[0]["error_type"] == "ImageReadError"  # as the Ray engine's rows (tests/jobs/test_ray.py)
 
 
 def test_missing_model_files_say_what_to_download(tmp_path, capsys, monkeypatch):

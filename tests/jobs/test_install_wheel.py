@@ -72,7 +72,7 @@ def test_the_wheel_holds_the_library_and_declares_the_command_and_extras(install
     assert "iconmatting_core/sd_configs/unet_config.json" in names  # package data
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "iconmatting_core").rglob("*.py")}
     assert sources - set(names) == set()  # every module, subpackages (job/, eval/, training/) included
-    # no test helpers: tests/support/tiny_models.py, ldm_keys.py, tiny_sd2_checkpoint.py (once iconmatting_core/testing.py)
+    # no test helpers: tests/support/tiny_models.py, ldm_keys.py, tiny_sd2_checkpoint.py (the package's testing.py of old)
     assert not [n for n in names if re.search(r"(^|/)(testing|tiny_\w+|ldm_keys)\.py$", n)], names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

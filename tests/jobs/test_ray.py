@@ -1,6 +1,9 @@
-"""`matte --engine ray` end to end on a real local Ray (2 CPUs): actors build the tiny pipeline
-from its files, failures are recorded, re-runs resume."""
+"""`matte --engine ray` end to end on a real local Ray (2 CPUs, one session for the module): actors
+build the tiny pipeline from its files, clips are matted by the workers, failures are recorded with
+their error type, re-runs resume, a worker's setup error comes back through its ready() handshake."""
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -46,10 +49,13 @@ def test_ray_engine_images_and_video_with_failures_and_resume(pipe, tiny_dir, tm
     assert main([*args, *ref]) == 1
     err = capsys.readouterr().err
     assert "broken.png: FAILED" in err and "4 matted, 1 failed" in err
-    assert "note: 1 clip(s) are matted by the local engine on this machine" in err
+    assert "matted by the local engine" not in err
+    (clip_pid,) = re.findall(r"^clip\.mp4: ok, 5 frames \(Ray worker pid (\d+), actor \w+\)$", err, re.MULTILINE)
+    assert int(clip_pid) != os.getpid()  # a worker matted the clip, not the driver
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["path"] for f in failures] == [str(tmp_path / "images" / "broken.png")]
     assert "cannot identify image" in failures[0]["error"]
+    assert failures[0]["error_type"] == "ImageReadError"  # the row's type, not only its text
 
     # the same mattes as the local engine (up to float rounding across thread counts)
     local = tmp_path / "local"
@@ -138,20 +144,9 @@ def test_a_job_that_breaks_mid_run_lists_the_unfinished_targets(pipe, tmp_path, 
     assert all("the Ray job stopped: RayActorError" in f["error"] for f in failures)
 
 
-def test_read_stage_applies_exif_orientation(tmp_path):
-    from iconmatting_core.job.ray_engine import read_targets
-
-    wide = np.zeros((20, 30, 3), np.uint8)
-    wide[0, 0] = 255
-    exif = Image.Exif()
-    exif[0x0112] = 6  # shown turned 90 degrees clockwise
-    Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif)
-    (row,) = read_targets({"target": np.array([str(tmp_path / "rotated.png")], dtype=object)})
-    assert row["error"][0] == "" and np.array_equal(row["frame"][0], np.rot90(wide, -1))
-
-
 def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
-    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed."""
+    """A local Ray started by the job (through its reaper) leaves nothing behind when the driver is SIGKILLed.
+    Also what such a start runs with ``include_dashboard=False`` (the README says which processes)."""
     import signal
     import subprocess
     import sys
@@ -164,18 +159,122 @@ def test_no_ray_process_outlives_a_sigkilled_driver(tmp_path):
             "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)\n"
             "time.sleep(2)\n"
             "r = _start_reaper()\n"
-            "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
+            "print(' '.join(f'{p.pid}:' + ' '.join(p.cmdline()).replace(' ', '_')[:300]\n"
+            "               for p in psutil.Process().children(recursive=True) if p.pid != r.pid), flush=True)\n"
             "time.sleep(300)\n")
     driver = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
-        pids = [int(p) for p in driver.stdout.readline().split()]
+        procs = dict(p.split(":", 1) for p in driver.stdout.readline().split())
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    assert len(pids) >= 3  # GCS, raylet, agents, workers
+    pids = [int(p) for p in procs]
+    started = {kind for kind in ("gcs_server", "raylet/raylet", "dashboard/dashboard.py", "ray::DashboardAgent",
+                                 "ray::RuntimeEnvAgent", "_private/log_monitor.py", "autoscaler/_private/monitor.py")
+               if any(kind in cmd for cmd in procs.values())}
+    assert len(started) == 7, procs  # the dashboard's head and agents too, not only the GCS, raylet and workers
     end = time.monotonic() + 30
     while time.monotonic() < end and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
         time.sleep(0.5)
     left = [psutil.Process(p).name() for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not left
+
+
+def _clip_inputs(tmp_path, n=2):
+    save_reference_and_targets(tmp_path, 0)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(n):
+        write_clip(clips / f"c{i}.mp4", frames=4 + i)
+    return ["--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png")], clips
+
+
+def test_clips_are_matted_by_the_workers_with_their_records_and_typed_failures(pipe, tmp_path, capsys):
+    from iconmatting_core.job.record import RECORD_FILE, read_embedded
+
+    ref, clips = _clip_inputs(tmp_path)
+    (clips / "bad.mp4").write_bytes(b"not a video at all")
+    out = tmp_path / "out"
+    assert main(["matte", *ref, "--targets", str(clips), "--out", str(out), "--engine", "ray", "--workers", "2",
+                 "--chunk-size", "2", "--video-out", "alpha,png"], pipe_factory=lambda: pipe) == 1
+    err = capsys.readouterr().err
+    assert "2 matted, 1 failed" in err
+    done = dict(re.findall(r"^(c\d)\.mp4: ok, \d frames \(Ray worker pid (\d+), actor \w+\)$", err, re.MULTILINE))
+    assert sorted(done) == ["c0", "c1"] and str(os.getpid()) not in done.values()
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["path"] == str(clips / "bad.mp4") and failure["error"].startswith(failure["error_type"] + ": ")
+    assert failure["error_type"] not in ("", None, "JobStopped")
+    # every output carries the driver's record of its clip, and the job record indexes it
+    lines = [json.loads(line) for line in (out / RECORD_FILE).read_text().splitlines()]
+    for i, frames in ((0, 4), (1, 5)):
+        sha = __import__("hashlib").sha256((clips / f"c{i}.mp4").read_bytes()).hexdigest()
+        outputs = video_output_paths(out, clips / f"c{i}.mp4", ["alpha", "png"])
+        assert len(list(outputs["png"].glob("*.png"))) == frames
+        for path in outputs.values():
+            assert read_embedded(path)["source"]["sha256"] == sha
+        (line,) = [x for x in lines if f"c{i}_alpha.mp4" in x["files"]]
+        assert line["source"]["sha256"] == sha and set(line["files"]) == {f"c{i}_alpha.mp4", f"c{i}_frames"}
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+
+
+def test_a_clip_cut_off_by_a_kill_is_redone_and_the_finished_one_kept(pipe, tmp_path, monkeypatch, capsys):
+    from iconmatting_core.job.record import JobRecord
+
+    ref, clips = _clip_inputs(tmp_path)
+    out = tmp_path / "out"
+    args = ["matte", *ref, "--targets", str(clips), "--out", str(out), "--engine", "ray", "--workers", "1"]
+    real_complete = JobRecord.complete
+
+    def complete_then_interrupt(self, record, paths):  # Ctrl-C once the first clip is recorded (the second is queued)
+        real_complete(self, record, paths)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(JobRecord, "complete", complete_then_interrupt)
+    assert main(args, pipe_factory=lambda: pipe) == 130
+    monkeypatch.setattr(JobRecord, "complete", real_complete)
+    kept = [p for p in out.iterdir() if p.name.endswith((".mp4", ".webm"))]
+    assert len(kept) == 2  # the first clip's two outputs; nothing of the second under a final name
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    capsys.readouterr()
+    assert main(args, pipe_factory=lambda: pipe) == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 target(s)" in err and "1 matted, 0 failed" in err
+    (pid,) = re.findall(r"^c\d\.mp4: ok, \d frames \(Ray worker pid (\d+), actor \w+\)$", err, re.MULTILINE)
+    assert int(pid) != os.getpid()  # resumed on a worker
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    for i in range(2):
+        for path in video_output_paths(out, clips / f"c{i}.mp4", ["alpha", "rgba"]).values():
+            assert path.exists()
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+
+
+def test_a_worker_setup_error_comes_back_from_ready_typed(pipe, tmp_path, capsys):
+    from iconmatting_core.job.model_files import ModelFileError
+    from iconmatting_core.job.ray_engine import Worker
+
+    def no_weights():
+        raise ModelFileError("no IconMatting weights in /models/iconmatting;\n  put head.safetensors there")
+
+    actor = ray.remote(Worker).options(num_cpus=0).remote(no_weights, None, None, None, "pad", True, 4, 1)
+    row = ray.get(actor.ready.remote())
+    ray.kill(actor)
+    assert row["error_type"] == "ModelFileError"
+    assert row["error"] == "no IconMatting weights in /models/iconmatting; put head.safetensors there"
+
+    def driver_only():
+        """The pipeline in the driver (which encodes the reference); none in a Ray actor, whose model
+        files are missing (the message has a line break, as a remote traceback's text would)."""
+        if ray.get_runtime_context().get_actor_id() is not None:
+            raise ModelFileError("no IconMatting weights on this node;\n put head.safetensors there")
+        return pipe
+
+    save_reference_and_targets(tmp_path, 1)
+    out = tmp_path / "out"
+    code = main(["matte", "--reference", str(tmp_path / "ref.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--targets", str(tmp_path / "targets"), "--out", str(out), "--engine", "ray", "--workers", "1"],
+                pipe_factory=driver_only)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines()[-1] == "error: no IconMatting weights on this node; put head.safetensors there"
+    assert not list(out.glob("*.png")) and not (out / "failures.jsonl").exists()

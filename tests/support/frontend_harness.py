@@ -539,20 +539,32 @@ class ComfyApp:
         return self.page.evaluate("""id => app.graph.getNodeById(id).imgs.map(i =>
             ({src: i.src, width: i.naturalWidth, height: i.naturalHeight}))""", node_id)
 
-    def template_cards(self, module: str, names: List[str], timeout_ms: int = 20000) -> Dict[str, dict]:
+    def template_cards(self, module: str, names: List[str], timeout_ms: int = 20000,
+                       expect_text: Optional[Dict[str, str]] = None) -> Dict[str, dict]:
         """Open the template browser on ``module``'s category; per template: the card's text lines
-        (title, description) and its thumbnail's size (0 when none loaded)."""
+        (title, description), those of them cut short, and its thumbnail's size (0 when none loaded). ``expect_text``: per template,
+        a line the card should show once the page has drawn it: waited for (up to ``timeout_ms``), not
+        required."""
         self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         self.page.locator('[role=dialog]').get_by_text(module, exact=True).first.click(timeout=timeout_ms)
         cards = {}
         for name in names:
             card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
             card.wait_for(timeout=timeout_ms)
+            if name in (expect_text or {}):
+                try:
+                    card.get_by_text(expect_text[name], exact=True).first.wait_for(timeout=timeout_ms)
+                except Exception:  # the caller's assertion says what the card shows instead
+                    pass
             img = card.locator("img").first
             img.wait_for(timeout=timeout_ms)
             self.page.wait_for_function("img => img.complete", arg=img.element_handle(), timeout=timeout_ms)
             cards[name] = {
                 "text": [line for line in card.inner_text().splitlines() if line.strip()],
+                # texts cut short by their box (an ellipsis: line-clamped, or wider than the box)
+                "cut": card.evaluate("""c => [...c.querySelectorAll('*')].filter(e => e.children.length === 0
+                    && e.innerText?.trim() && (e.scrollHeight > e.clientHeight + 1 || e.scrollWidth > e.clientWidth + 1))
+                    .map(e => e.innerText.trim())"""),
                 "thumbnail": img.evaluate("i => ({width: i.naturalWidth, height: i.naturalHeight})"),
             }
         return cards

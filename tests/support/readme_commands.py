@@ -92,8 +92,8 @@ SCRIPTS_NOT_RUN = {
     "benchmarks/benchmark_gpu.py": "needs a CUDA GPU; its CPU smoke mode is run by tests/jobs/test_benchmark_gpu.py",
     "benchmarks/benchmark_train.py": "trains the full-size head on full-size SD 2.1; its smoke mode "
                                      "(--device cpu --image-size 128 --tiny) is run by tests/jobs/test_train.py",
-    "benchmarks/benchmark_scale.py": "mattes 150- and 1,500-frame clips and 32 images on the local engine and "
-                                     "Ray with 1 and 2 workers (minutes); tests/jobs/test_ray.py runs that machinery",
+    "benchmarks/benchmark_scale.py": "mattes 150- and 1,500-frame clips, 8 clips and 32 images on Ray with 1 and 2 "
+                                     "workers (minutes); tests/jobs/test_ray.py runs that machinery",
     "benchmarks/benchmark_folder.py": "boots ComfyUI and runs the folder template and `matte` over folders of 4 and 20 "
                                       "photos, three times each (about 10 minutes here)",
     "benchmarks/benchmark_cutout.py": "restores a 768-px alpha to a 4000x3000 photo with the previous and the "

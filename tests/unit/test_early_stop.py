@@ -1,7 +1,7 @@
 """The UNet pass and its early stop (``features.FeatureExtractor``) on the diffusers path, fast: where a pass
 stops is read off the UNet's layout before any pass, so every pass, the first included and whatever ran
 before it, stops at the same place, with the features and maps of a pass that runs the whole UNet; and no
-wrapper another extension puts around the UNet can swallow the stop. (The native path: tests/test_comfy_pack.py.)"""
+wrapper another extension puts around the UNet can swallow the stop. (The native path: tests/host/test_comfy_pack.py.)"""
 from contextlib import contextmanager
 
 import pytest

@@ -135,3 +135,14 @@ def test_wrong_weights_message_names_both_weight_files(good, pipe):
     with pytest.raises(ContextFileError) as err:
         load_context(good[0], expected_fingerprint=other.fingerprint)
     assert "matting_weights icm.safetensors, sd v2-1_768-ema-pruned.safetensors" in str(err.value)
+
+
+def test_resize_mode_on_the_command_line_wins_over_the_context_files(good):
+    """The file stores "pad": --resize-mode stretch mattes stretched; without the option, the file's "pad"."""
+    import argparse
+
+    from iconmatting_core.job.matte import Reference
+
+    args = argparse.Namespace(context=str(good[0]), trust_unverified_context=False, no_foreground=False, dtype="auto")
+    assert Reference(argparse.Namespace(**vars(args), resize_mode="stretch")).resize_mode == "stretch"
+    assert Reference(argparse.Namespace(**vars(args), resize_mode=None)).resize_mode == "pad"

@@ -168,7 +168,7 @@ def test_stop_reasons_and_error_text():
     assert outputs.stop_reason(ValueError("bad image")) is None
     assert outputs.stop_reason(ValueError("CUDA out of memory")) is None  # by type (torch's: tests/unit/test_record.py)
     assert outputs.stop_reason(outputs.JobStopped("why")) == "why"
-    assert outputs.is_out_of_memory("OutOfMemoryError: x") and not outputs.is_out_of_memory("ValueError: memory")
+    assert not outputs.is_out_of_memory(ValueError("CUDA error: out of memory"))  # a RuntimeError's words only
     assert outputs.error_text(ValueError("a\n  b")) == "ValueError: a b"
 
 
@@ -272,7 +272,7 @@ def test_progress_with_a_controlled_clock(monkeypatch):
 def test_more_output_details(tmp_path):
     from iconmatting_core.job.targets import Target
 
-    assert outputs.is_out_of_memory("RuntimeError: CUDA error: out of memory")
+    assert outputs.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert outputs.stop_reason(RuntimeError("CUDA error: out of memory")) == (
         "out of GPU memory; close other GPU programs, or use --dtype fp16, a smaller --chunk-size, or --device cpu, "
         "and re-run the same command to resume")
@@ -281,10 +281,12 @@ def test_more_output_details(tmp_path):
         pass
 
     assert outputs.stop_reason(OutOfMemoryError("allocating 2 GiB")) is None
-    assert outputs.is_out_of_memory("OutOfMemoryError: allocating 2 GiB")  # a Ray row's text
     f = outputs.Failures(tmp_path)
-    f.add(Target(Path("/d/x.png"), "x"), "E: x")
-    assert f.items == [("/d/x.png", "E: x")]
+    f.add(Target(Path("/d/x.png"), "x"), "E: x", "E")
+    f.add(Path("/d/y.png"), "a pipe; not read")  # a listing problem: no exception, no type
+    assert f.items == [("/d/x.png", "E: x"), ("/d/y.png", "a pipe; not read")]
+    assert f.finish() and (tmp_path / "failures.jsonl").read_text().splitlines() == [
+        '{"path": "/d/x.png", "error": "E: x", "error_type": "E"}', '{"path": "/d/y.png", "error": "a pipe; not read"}']
     files.write_file(tmp_path / "a" / "b" / "c.png", b"1")  # parents made
     assert (tmp_path / "a" / "b" / "c.png").read_bytes() == b"1"
     outputs.check_writable(tmp_path / "a")  # an existing folder is fine, and left as it was
@@ -322,3 +324,15 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
     bar.close()
     text = stream.getvalue()
     assert "\r" in text and "3/3" in text and "c.png" in text and "a line\n" in text
+
+
+def test_an_image_is_read_upright_by_its_exif_orientation(tmp_path):
+    """What a Ray worker reads, as the local engine does (``image_io.read_image``)."""
+    from iconmatting_core.image_io import read_image
+
+    wide = np.zeros((20, 30, 3), np.uint8)
+    wide[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(wide).save(tmp_path / "rotated.png", exif=exif)
+    assert np.array_equal(read_image(tmp_path / "rotated.png"), np.rot90(wide, -1).astype(np.float32) / 255)

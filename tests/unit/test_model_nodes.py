@@ -171,3 +171,10 @@ def test_the_heads_auto_precision_on_the_cpu_is_fp32(pack):
 
     host = importlib.import_module(pack.model_nodes.__package__ + ".host_model")
     assert host.head_dtype("auto", torch.device("cpu")) == torch.float32  # ComfyUI's own answer for the CPU
+
+
+def test_a_model_with_an_empty_patch_table_gets_no_warning(pack):
+    """ComfyUI's clones carry ``patches = {}``: no patch, no warning."""
+    warn = pack.model_nodes.patches_warning
+    assert warn(types.SimpleNamespace(patches={})) is None and warn(types.SimpleNamespace()) is None
+    assert warn(types.SimpleNamespace(patches={"a": 1})).startswith("The MODEL carries 1 weight patches")

@@ -394,3 +394,20 @@ def test_converted_file_is_a_normal_file_for_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE(dst.stat().st_mode) == mode
+
+
+def test_latents_are_a_posterior_sample_not_its_mean(pipe, monkeypatch):
+    """As the authors encode (a sample of the VAE posterior, times the scaling factor, then noised to the
+    timestep): with a posterior of mean 0 and std 1 the latent before the diffusion noise is the posterior
+    noise itself, drawn first from the generator seeded 2 * seed + stream, the diffusion noise after it."""
+    from iconmatting_core.features import TARGET_NOISE
+
+    ex = pipe.model.extractor
+    size, e = ex.config.image_size, ex.config.ensemble_size
+    shape = (1, 4, size // 8, size // 8)
+    monkeypatch.setattr(ex, "posterior", lambda images: (torch.zeros(shape), torch.ones(shape)))
+    got = ex.noisy_latents(torch.zeros(1, 3, size, size), seed=5, stream=TARGET_NOISE)
+    gen = torch.Generator().manual_seed(2 * 5 + TARGET_NOISE)
+    post, diffusion = torch.randn((e, *shape[1:]), generator=gen), torch.randn((e, *shape[1:]), generator=gen)
+    expected = ex.signal_scale * post * ex.latent_scaling_factor + ex.noise_scale * diffusion
+    assert torch.allclose(got, expected, atol=1e-6)

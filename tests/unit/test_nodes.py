@@ -237,7 +237,7 @@ def test_folder_is_read_again_when_a_file_changes_even_at_the_same_size(pack, in
 
 # --- Encode Reference, Save Context, Load Context -------------------------------------------------------
 def test_fixed_choices_are_combos_the_host_checks_itself(pack):
-    """A combo typed by its options (as hosts check them: tests/test_comfy_pack.py sends wrong values), with no
+    """A combo typed by its options (as hosts check them: tests/host/test_comfy_pack.py sends wrong values), with no
     validate_inputs of the node naming them (the host would report its message under every input it names)."""
     encode = pack.context_nodes.IconMattingEncodeReference
     match = pack.target_nodes.IconMattingMatchTargets

@@ -199,7 +199,7 @@ def test_matte_chunk_by_chunk_equals_match_then_decode(pipe):
 
 
 def test_loading_resolves_auto_precision_and_every_overflow_error_recommends_it(tiny_dir):
-    """load_model and load_pipeline default to "auto" (the rule: tests/test_precision.py), fp32 on the CPU; every
+    """load_model and load_pipeline default to "auto" (the rule: tests/unit/test_precision.py), fp32 on the CPU; every
     overflow error recommends the two precisions "auto" picks."""
     import inspect
 

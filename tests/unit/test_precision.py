@@ -1,6 +1,6 @@
 """The one precision rule (``iconmatting_core.precision``) on every kind of device, the device queries stubbed:
 "auto" is bf16 where the device computes it natively (torch's answer, or the host's hint), fp32 elsewhere, never
-fp16 unasked; an explicit choice is kept. The node's use of it (ComfyUI's hint): tests/test_model_nodes.py."""
+fp16 unasked; an explicit choice is kept. The node's use of it (ComfyUI's hint): tests/unit/test_model_nodes.py."""
 import pytest
 import torch
 

@@ -38,3 +38,26 @@ def test_core_never_imports_comfyui():
     for path in (ROOT / "iconmatting_core").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(comfy|folder_paths|nodes)\b", text, re.M), path
+
+
+REPO_PATH = re.compile(r"(?<![\w./-])((?:tests|benchmarks|tools|iconmatting_core|nodes|web|workflows)/"
+                       r"[\w./-]*\w\.(?:py|md|json|js))(?![\w/])")
+
+
+def _tracked_text_files():
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
+    return [ROOT / n for n in names if n.endswith((".py", ".md", ".toml", ".js")) and (ROOT / n).is_file()]
+
+
+def test_every_file_path_the_repository_names_exists():
+    """A path to one of our files written in a document, docstring or comment (``tests/host/test_comfy_pack.py``)
+    points at a file that exists: moved files leave no stale directions behind."""
+    missing = []
+    for path in _tracked_text_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for named in REPO_PATH.findall(line):
+                if named.upper() != named and "NAME" not in named and not (ROOT / named).exists():
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: {named}")
+    assert not missing, "\n".join(missing)

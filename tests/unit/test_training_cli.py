@@ -54,6 +54,8 @@ def _trained(env, monkeypatch, capsys, out, *more):
 # --------------------------------------------------------------------------- options
 
 @pytest.mark.parametrize("option, fragment", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--val-every", "0"], "--val-every must be >= 1, got 0"),
     (["--lr", "nan"], "--lr must be a number above 0, got nan"),
     (["--lr", "inf"], "--lr must be a number above 0, got inf"),
     (["--lr", "-0.0004"], "--lr must be a number above 0, got -0.0004"),
@@ -273,3 +275,9 @@ def test_a_head_used_with_other_sd_weights_is_warned(env, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: Pipe())
     model_files.load(head, env["sd"])
     assert capsys.readouterr().err == f"warning: {line}\n"
+
+
+def test_seed_0_is_accepted(env, monkeypatch, capsys):
+    """--seed takes 0 .. MAX_SEED inclusive (the refusals of -1 and past the top are above)."""
+    out = _trained(env, monkeypatch, capsys, env["tmp"] / "run", "--seed", "0")
+    assert training_metadata(out / "head.safetensors")["settings"]["seed"] == 0

@@ -197,3 +197,41 @@ def test_data_digest_follows_the_groups_of_the_evaluation_layout(tmp_path):
     after = load_train_data(tmp_path / "icm")
     assert before.files == after.files and len(before.groups) == 1 and len(after.groups) == 2
     assert before.digest() != after.digest()
+
+
+def test_trimap_levels_follow_the_authors_thresholds():
+    """< 85 background, >= 170 foreground, between them unknown (the authors' ToTensor)."""
+    from iconmatting_core.training.data import trimap_unknown
+
+    levels = np.array([[0, 84, 85, 128, 169, 170, 255]], np.uint8)
+    assert trimap_unknown(levels)[0].tolist() == [[0, 0, 1, 1, 1, 0, 0]]
+
+
+def test_in_a_group_of_two_either_image_may_be_the_reference(tmp_path):
+    """Only groups of more than two leave the target out; in a group of two the reference is either image."""
+    data = load_train_data(make_groups(tmp_path / "d", 1, 2))
+    samples = TrainSamples(data, 64, 42)
+    refs = {samples.reference_index(0, np.random.default_rng(k)) for k in range(40)}
+    assert refs == {0, 1}
+    data3 = load_train_data(make_groups(tmp_path / "d3", 1, 3))
+    refs3 = {TrainSamples(data3, 64, 42).reference_index(0, np.random.default_rng(k)) for k in range(40)}
+    assert refs3 == {1, 2}
+
+
+def test_a_cut_out_gives_its_alpha_channel_and_an_opaque_rgba_its_grey(tmp_path):
+    """RGBA white with alpha 128: a cut-out, alpha 128/255. RGBA grey 51 all opaque: a mask saved as RGBA, 51/255."""
+    cut = np.dstack([np.full((4, 4, 3), 255, np.uint8), np.full((4, 4), 128, np.uint8)])
+    Image.fromarray(cut, "RGBA").save(tmp_path / "cut.png")
+    opaque = np.dstack([np.full((4, 4, 3), 51, np.uint8), np.full((4, 4), 255, np.uint8)])
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    assert np.asarray(_read(tmp_path / "cut.png", "F")) == pytest.approx(np.full((4, 4), 128 / 255))
+    assert np.asarray(_read(tmp_path / "opaque.png", "F")) == pytest.approx(np.full((4, 4), 51 / 255))
+
+
+def test_the_files_of_a_skipped_image_are_not_the_runs_data(tmp_path):
+    """An image whose alpha cannot be read is skipped; neither of its files is listed as used."""
+    data = make_groups(tmp_path / "d", 1, 3)
+    (data / "g0" / "alphas" / "1.png").write_bytes(b"not a png")
+    td = load_train_data(data, log=lambda line: None)
+    assert [i.name for i in td.items] == ["0", "2"]
+    assert sorted(td.files) == ["g0/alphas/0.png", "g0/alphas/2.png", "g0/images/0.png", "g0/images/2.png"]

@@ -20,7 +20,7 @@ from iconmatting_core.features import REFERENCE_NOISE, TARGET_NOISE
 from iconmatting_core.training import losses as L
 from iconmatting_core.training import state as S
 from iconmatting_core.training.data import TrainSamples, load_train_data
-from iconmatting_core.training.trainer import HeadStep, Trainer, TrainSettings, group_objective, noise_seed
+from iconmatting_core.training.trainer import HeadStep, Trainer, TrainingStopped, TrainSettings, group_objective, noise_seed
 from tiny_models import tiny_head
 from train_helpers import FakeExtractor, make_groups
 
@@ -79,6 +79,38 @@ def test_checkpoint_order_is_by_step_number(tmp_path):
 def test_no_limit_keeps_every_checkpoint(tmp_path):
     _fake_checkpoints(tmp_path, [1, 2, 3], limit=None)
     assert len(S.checkpoint_dirs(tmp_path)) == 3
+
+
+def test_resume_takes_a_checkpoint_folder_or_its_state_file(tmp_path):
+    """--resume RUN/checkpoints/step-0000003 or .../step-0000003/state.pt: that folder; a folder without state.pt: refused."""
+    _fake_checkpoints(tmp_path, [3], None)
+    folder = tmp_path / "checkpoints" / "step-0000003"
+    assert S.resolve_resume(tmp_path, str(folder)) == folder
+    assert S.resolve_resume(tmp_path, str(folder / "state.pt")) == folder
+    with pytest.raises(S.ResumeError, match="not a checkpoint folder"):
+        S.resolve_resume(tmp_path, str(tmp_path / "checkpoints"))
+
+
+def _history_of(run: Path, entries):
+    S.write_record(run, {"history": entries, "files": {}})
+    return run / "checkpoints" / "step-0000004"
+
+
+def test_resuming_at_a_step_where_the_recipe_changed_keeps_that_change(tmp_path):
+    """History: recipe A from step 0, B from step 4 (a resume with changes). Resumed again from step 4
+    with B: both entries stay (B is what the checkpoint was trained with from step 4)."""
+    a, b = {"lr": 1}, {"lr": 2}
+    history = [{"step": 0, "recipe": a, "processes": 1}, {"step": 4, "recipe": b, "processes": 1, "changed": ["--lr 1 -> 2"]}]
+    resume_dir = _history_of(tmp_path, history)
+    assert S.run_history(tmp_path, resume_dir, 4, b, [], 1) == history
+
+
+def test_a_change_at_a_step_replaces_the_entry_of_that_step(tmp_path):
+    """Same history, resumed from step 4 with recipe C: the entry of step 4 becomes C, never two entries of one step."""
+    a, b, c = {"lr": 1}, {"lr": 2}, {"lr": 3}
+    resume_dir = _history_of(tmp_path, [{"step": 0, "recipe": a, "processes": 1}, {"step": 4, "recipe": b, "processes": 1}])
+    assert S.run_history(tmp_path, resume_dir, 4, c, ["--lr 2 -> 3"], 1) == [
+        {"step": 0, "recipe": a, "processes": 1}, {"step": 4, "recipe": c, "processes": 1, "changed": ["--lr 2 -> 3"]}]
 
 
 def test_a_resumed_run_continues_from_its_newest_checkpoint(tmp_path, data):
@@ -248,3 +280,50 @@ def test_the_objective_logs_every_term_also_for_a_constant_pair():
     assert list(first) == ["known_l1_loss"]
     torch.testing.assert_close(terms["unknown_l1_loss"], pair["unknown_l1_loss"] / 2)
     torch.testing.assert_close(terms["known_l1_loss"], (first["known_l1_loss"] + pair["known_l1_loss"]) / 2)
+
+
+# --------------------------------------------------------------------------- validation values, resume of the best, a NaN
+
+def test_validation_is_the_mean_sad_per_image_with_inferences_noise_seed(tmp_path, data, monkeypatch):
+    """A head that predicts 0 everywhere: each image's SAD is its alpha's sum / 1000, and the validation SAD
+    their mean over the validation images; every SD pass uses inference's seed 0."""
+    from iconmatting_core.training import trainer as T
+
+    class Zero:
+        def __init__(self, head, group):
+            pass
+
+        def __call__(self, tokens, corr, ups0, ups1, attention, images):
+            return torch.zeros(images.shape[0], 1, *images.shape[-2:])
+
+    t = _trainer(tmp_path / "run", data["train"], data["val"], seed=7)
+    monkeypatch.setattr(T, "HeadStep", Zero)
+    samples = TrainSamples(data["val"], t.config.image_size, 7, fixed=True)
+    sads = [float(samples[p]["alpha"].sum()) / 1000 for p in range(len(samples))]
+    assert len(sads) == 2 and sads[0] != sads[1]
+    assert t.validate() == pytest.approx(sum(sads) / 2, rel=1e-6)
+    assert {seed for seed, _, _ in t.extractor.calls} == {0}
+
+
+def test_a_resumed_run_keeps_the_best_head_of_before_the_resume(tmp_path, data):
+    """Validation 5, 2, 3 at steps 0-2; resumed, step 3 scores 4: the best is still step 1's head."""
+    run = tmp_path / "run"
+    _scripted(_trainer(run, data["train"], data["val"], steps=2, val_every=1), [5.0, 2.0, 3.0]).run()
+    _scripted(_trainer(run, data["train"], data["val"], steps=3, val_every=1, resume="latest"), [4.0]).run()
+    assert training_metadata(run / "head.safetensors")["best_val_sad"] == {"sad": 2.0, "step": 1}
+    assert _same(_tensors(run / "head.safetensors"), _tensors(run / "checkpoints" / "step-0000001" / "head.safetensors"))
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path, data):
+    t = _trainer(tmp_path / "run", data["train"], steps=3)
+    t.loss_fn = lambda unknown, pred, alpha: {"unknown_l1_loss": pred.sum() * float("nan")}
+    with pytest.raises(TrainingStopped, match=r"loss nan at step 1 \(NaN or above 10000\): training stopped; no checkpoint"):
+        t.run()
+
+
+def test_when_no_step_beats_the_initial_head_the_run_head_is_step_0s(tmp_path, data):
+    """Validation 1, 2, 3 at steps 0-2: the best is the head before any step, and its metadata says step 0."""
+    run = tmp_path / "run"
+    _scripted(_trainer(run, data["train"], data["val"], steps=2, val_every=1), [1.0, 2.0, 3.0]).run()
+    meta = training_metadata(run / "head.safetensors")
+    assert meta["step"] == 0 and meta["best_val_sad"] == {"sad": 1.0, "step": 0}
