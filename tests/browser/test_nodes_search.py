@@ -39,7 +39,6 @@ SEARCH_BOXES = {
 }
 
 
-@pytest.fixture(scope="module")
 def _search_box(browser, server, box):
     """search(words) -> display names the node search box lists for them."""
     field, item = SEARCH_BOXES[box]
