@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 from ..config import IconMattingConfig
 from ..context import region_tokens
 from ..features import REFERENCE_NOISE, TARGET_NOISE
+from ..files import write_file
 from ..matching import inter_image_similarity, intra_image_propagation
 from ..preprocess import Placement
 from . import state as S
@@ -341,9 +341,7 @@ class Trainer:
         if self.rank == 0:
             best = self.run_dir / "best.safetensors"
             if self.val_data is not None and best.is_file():
-                tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                shutil.copyfile(best, tmp)
-                os.replace(tmp, final)
+                write_file(final, best.read_bytes())
             else:
                 self.write_head(final, step)
         return final
