@@ -10,8 +10,8 @@ Run folder::
     RUN/metrics.csv                      # one row per step (validation SAD on validation steps)
     RUN/checkpoints/step-0000500/        # state.pt (head, optimizer, step, RNG states) + head.safetensors
 
-A checkpoint folder is written as ``step-N.tmp-<pid>`` and renamed when complete, so a folder
-named ``step-N`` is always whole; leftovers of a killed run (``*.tmp-*``) are removed on start.
+A checkpoint folder is written under its temporary name (``files.partial_path``) and renamed when
+complete, so a folder named ``step-N`` is always whole; leftovers of a killed run are removed on start.
 
 A run is known by what made it, never by its folder's name (:func:`check_start`): a folder that
 holds a run is never trained into afresh (only ``--resume``), and a run is resumed only with its
@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CONFIG_METADATA_KEY, EMPTY_PROMPT_KEY, TRAINING_METADATA_KEY
-from ..files import write_file, write_safetensors
+from ..files import move_into_place, partial_path, remove_partials, remove_path, write_file, write_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 RUN_RECORD = "run.json"
@@ -208,9 +207,7 @@ def checkpoint_dirs(run: Path) -> List[Path]:
 def remove_partial(run: Path) -> None:
     root = Path(run) / "checkpoints"
     if root.is_dir():
-        for d in root.iterdir():
-            if ".tmp-" in d.name:
-                shutil.rmtree(d, ignore_errors=True)
+        remove_partials(root)
 
 
 def save_checkpoint(run: Path, step: int, state: dict, head_writer, limit: Optional[int]) -> Path:
@@ -218,14 +215,12 @@ def save_checkpoint(run: Path, step: int, state: dict, head_writer, limit: Optio
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f"step-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_path(final)
+    remove_path(tmp)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
     head_writer(tmp / "head.safetensors")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    move_into_place(tmp, final)
     if limit:
         for old in checkpoint_dirs(run)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)

@@ -67,6 +67,22 @@ def test_pruning_keeps_the_newest_checkpoints_and_resume_takes_the_newest(tmp_pa
     assert (S.resolve_resume(tmp_path, "latest") / "head.safetensors").read_text() == "head of step 5"
 
 
+def test_a_checkpoint_cut_off_by_a_kill_is_removed_on_start_and_the_whole_ones_kept(tmp_path):
+    _fake_checkpoints(tmp_path, [1], limit=None)
+
+    def killed(path):
+        raise KeyboardInterrupt  # the head never written: the folder stays under its temporary name
+
+    with pytest.raises(KeyboardInterrupt):
+        S.save_checkpoint(tmp_path, 2, {"step": 2}, killed, None)
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 2  # step-0000001 and the cut-off one
+    assert [p.name for p in S.checkpoint_dirs(tmp_path)] == ["step-0000001"]  # never taken for a checkpoint
+    S.remove_partial(tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
+    _fake_checkpoints(tmp_path, [1], limit=None)  # a step written again replaces its folder whole
+    assert (tmp_path / "checkpoints" / "step-0000001" / "head.safetensors").read_text() == "head of step 1"
+
+
 def test_checkpoint_order_is_by_step_number(tmp_path):
     for step in (9, 10, 100):  # as text "step-9" > "step-10": the order is numeric
         folder = tmp_path / "checkpoints" / f"step-{step}"
