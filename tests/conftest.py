@@ -1,9 +1,11 @@
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -22,7 +24,9 @@ for _path in (ROOT, SUPPORT):
 
 from comfy_harness import HOSTS  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# At most two threads, shared out among the processes of a split run (pytest-xdist sets the count), so that two
+# processes on two cores do not each start two.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 #: CI=true: a test that cannot run (a missing package, tool, fixture or network) fails instead of skipping.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -55,6 +59,82 @@ def pytest_make_collect_report(collector):
     under CI=true it is a collection error."""
     outcome = yield
     _fail_skip_in_ci(outcome.get_result())
+
+
+# --- the run split over processes (pytest-xdist, ``-n 2 --dist loadscope`` in pyproject.toml) -------------------
+#: Which folder's work units start first: the few long ones (a ComfyUI boot per host, a server per frontend, the
+#: subprocess jobs) before the many short unit modules, which then fill the gaps; units keep their order within.
+FOLDER_ORDER = ("tests/host/", "tests/browser/", "tests/jobs/", "tests/unit/")
+_HOST_ID = re.compile(r"\bcomfy(\d+(?:\.\d+)+)\b(?!-frontend)")
+_APP_ID = re.compile(r"\bcomfy\d+(?:\.\d+)+-frontend(?:pinned|\d+(?:\.\d+)*)")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work one process runs whole, from a test's id (all the controller of a split run sees): a
+    host test's ComfyUI version (``[comfy0.3.75]``: one boot per host runs every host job), a browser test's
+    frontend configuration (``comfy0.28.2-frontendpinned``: one server each), else the test's module (its module
+    fixtures set up once). :func:`pytest_collection_modifyitems` checks it against what the tests share."""
+    module, _, rest = nodeid.partition("::")
+    params = rest[rest.find("["):] if "[" in rest else ""
+    app, host = _APP_ID.search(params), _HOST_ID.search(params)
+    if module.startswith("tests/browser/") and app:
+        return app.group(0)
+    if module.startswith("tests/host/") and host:
+        return f"comfy{host.group(1)}"
+    return module
+
+
+def shared_setup(item) -> Optional[str]:
+    """What a test shares with others in a session fixture that one process must set up once, from its fixtures:
+    ``comfy<version>`` (the host jobs' boot, ``comfy_jobs``), the frontend configuration (``app``,
+    ``newest_app``), or None."""
+    from frontend_harness import config_id
+
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "comfy_jobs" in item.fixturenames:
+        versions = [str(getattr(v, "version", v)) for v in params.values() if str(getattr(v, "version", v)) in HOSTS]
+        return f"comfy{versions[0]}" if versions else "comfy"
+    for fixture in ("app", "newest_app"):
+        if fixture in item.fixturenames and params.get(fixture) is not None:
+            return config_id(params[fixture])
+    return None
+
+
+def _folder_rank(item) -> int:
+    return next((i for i, folder in enumerate(FOLDER_ORDER) if item.nodeid.startswith(folder)), len(FOLDER_ORDER))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """In a process of a split run: every test that shares a session fixture must fall in that fixture's work
+    unit (:func:`work_unit`, else the fixture is set up in each process: a usage error naming the test), and once
+    every hook has ordered the tests, the folders go in :data:`FOLDER_ORDER` (the order units are handed out)."""
+    result = yield
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for item in items:
+            shared = shared_setup(item)
+            if shared is not None and work_unit(item.nodeid) != shared:
+                raise pytest.UsageError(f"{item.nodeid} shares {shared!r} but its id puts it in work unit "
+                                        f"{work_unit(item.nodeid)!r}: name the host or frontend in its id "
+                                        "(tests/conftest.py work_unit)")
+        items.sort(key=_folder_rank)  # stable: pytest's order within a folder is kept
+    return result
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with this suite's work units (:func:`work_unit`) as the scopes, handed out in
+    collection order."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedSetupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return SharedSetupScheduling(config, log)
 
 
 @pytest.fixture(scope="session", params=HOSTS, ids=[f"comfy{v}" for v in HOSTS])

@@ -508,7 +508,7 @@ class ComfyApp:
                         errors: !!n.has_errors}]))};
         }""")
 
-    def run(self, timeout_ms: int = 30000) -> str:
+    def run(self, timeout_ms: int = 60000) -> str:
         """Press Run; return the prompt id ComfyUI answered with."""
         button = self.page.get_by_test_id("queue-button")  # frontend 1.45: "Run" also names its mode menu
         if not button.count():

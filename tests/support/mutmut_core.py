@@ -70,7 +70,7 @@ def run_stages(name, path, code, stages, timeout):
             os.dup2(devnull, 2)
             try:
                 sys.meta_path.insert(0, MutantSource(name, path, code))
-                exit_code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *stage]))
+                exit_code = int(pytest.main(["-x", "-q", "-n", "0", "-p", "no:cacheprovider", *stage]))
             except BaseException:
                 exit_code = 3
             os._exit(exit_code)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mutmut import ALL, Context, list_mutations, mutate
 
-PYTEST = f"{sys.executable} -m pytest -q -x -p no:cacheprovider"
+PYTEST = f"{sys.executable} -m pytest -q -x -n 0 -p no:cacheprovider"
 TESTS = {
     "iconmatting_core/postprocess.py": "tests/unit/test_nodes_postprocess.py",
     "nodes/common.py": "tests/unit/test_nodes_common.py tests/unit/test_model_nodes.py tests/unit/test_context_nodes.py "
@@ -109,7 +109,7 @@ def already_done():
 def run_tests(name):
     """Exit code of the tests of module ``name`` (as the driver runs them), and the last line they printed."""
     if FORK:
-        return fork_pytest(f"-q -x -p no:cacheprovider {TESTS[name]}", TIMEOUT), ""
+        return fork_pytest(f"-q -x -n 0 -p no:cacheprovider {TESTS[name]}", TIMEOUT), ""
     proc = subprocess.run(f"{PYTEST} {TESTS[name]}", shell=True, capture_output=True, text=True, timeout=TIMEOUT)
     return proc.returncode, (proc.stdout.strip().splitlines() or [""])[-1]
 
