@@ -156,8 +156,24 @@ def comfy_jobs(request):
     return HostJobs(request)
 
 
+def pytest_sessionfinish(session):
+    """A process of a split run hands its ComfyUI boots to the controller (:func:`pytest_testnodedown`)."""
+    from comfy_harness import BOOTS
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["comfy_boots"] = [list(b) for b in BOOTS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from comfy_harness import BOOTS
+
+    BOOTS.extend(tuple(b) for b in getattr(node, "workeroutput", {}).get("comfy_boots", []))
+
+
 def pytest_terminal_summary(terminalreporter):
-    """How many ComfyUI processes this run started (one per host for all host jobs, see comfy_harness)."""
+    """How many ComfyUI processes this run started (one per host for all host jobs, see comfy_harness), in all its
+    processes."""
     from comfy_harness import BOOTS
 
     if BOOTS:
