@@ -1,11 +1,9 @@
 import importlib
 import importlib.util
 import os
-import re
 import sys
 import types
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -23,6 +21,7 @@ for _path in (ROOT, SUPPORT):
         sys.path.insert(0, str(_path))
 
 from comfy_harness import HOSTS  # noqa: E402
+from work_units import FOLDER_ORDER, shared_setup, work_unit  # noqa: E402
 
 # At most two threads, shared out among the processes of a split run (pytest-xdist sets the count), so that two
 # processes on two cores do not each start two.
@@ -62,44 +61,6 @@ def pytest_make_collect_report(collector):
 
 
 # --- the run split over processes (pytest-xdist, ``-n 2 --dist loadscope`` in pyproject.toml) -------------------
-#: Which folder's work units start first: the few long ones (a ComfyUI boot per host, a server per frontend, the
-#: subprocess jobs) before the many short unit modules, which then fill the gaps; units keep their order within.
-FOLDER_ORDER = ("tests/host/", "tests/browser/", "tests/jobs/", "tests/unit/")
-_HOST_ID = re.compile(r"\bcomfy(\d+(?:\.\d+)+)\b(?!-frontend)")
-_APP_ID = re.compile(r"\bcomfy\d+(?:\.\d+)+-frontend(?:pinned|\d+(?:\.\d+)*)")
-
-
-def work_unit(nodeid: str) -> str:
-    """The unit of work one process runs whole, from a test's id (all the controller of a split run sees): a
-    host test's ComfyUI version (``[comfy0.3.75]``: one boot per host runs every host job), a browser test's
-    frontend configuration (``comfy0.28.2-frontendpinned``: one server each), else the test's module (its module
-    fixtures set up once). :func:`pytest_collection_modifyitems` checks it against what the tests share."""
-    module, _, rest = nodeid.partition("::")
-    params = rest[rest.find("["):] if "[" in rest else ""
-    app, host = _APP_ID.search(params), _HOST_ID.search(params)
-    if module.startswith("tests/browser/") and app:
-        return app.group(0)
-    if module.startswith("tests/host/") and host:
-        return f"comfy{host.group(1)}"
-    return module
-
-
-def shared_setup(item) -> Optional[str]:
-    """What a test shares with others in a session fixture that one process must set up once, from its fixtures:
-    ``comfy<version>`` (the host jobs' boot, ``comfy_jobs``), the frontend configuration (``app``,
-    ``newest_app``), or None."""
-    from frontend_harness import config_id
-
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if "comfy_jobs" in item.fixturenames:
-        versions = [str(getattr(v, "version", v)) for v in params.values() if str(getattr(v, "version", v)) in HOSTS]
-        return f"comfy{versions[0]}" if versions else "comfy"
-    for fixture in ("app", "newest_app"):
-        if fixture in item.fixturenames and params.get(fixture) is not None:
-            return config_id(params[fixture])
-    return None
-
-
 def _folder_rank(item) -> int:
     return next((i for i, folder in enumerate(FOLDER_ORDER) if item.nodeid.startswith(folder)), len(FOLDER_ORDER))
 
@@ -116,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
             if shared is not None and work_unit(item.nodeid) != shared:
                 raise pytest.UsageError(f"{item.nodeid} shares {shared!r} but its id puts it in work unit "
                                         f"{work_unit(item.nodeid)!r}: name the host or frontend in its id "
-                                        "(tests/conftest.py work_unit)")
+                                        "(tests/support/work_units.py)")
         items.sort(key=_folder_rank)  # stable: pytest's order within a folder is kept
     return result
 

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from conftest import shared_setup, work_unit
+from work_units import shared_setup, work_unit
 
 
 @pytest.mark.parametrize("nodeid, unit", [
