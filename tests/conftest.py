@@ -21,7 +21,7 @@ for _path in (ROOT, SUPPORT):
         sys.path.insert(0, str(_path))
 
 from comfy_harness import HOSTS  # noqa: E402
-from work_units import FOLDER_ORDER, shared_setup, work_unit  # noqa: E402
+from work_units import folder_rank, shared_setup, work_unit  # noqa: E402
 
 # At most two threads, shared out among the processes of a split run (pytest-xdist sets the count), so that two
 # processes on two cores do not each start two.
@@ -61,15 +61,11 @@ def pytest_make_collect_report(collector):
 
 
 # --- the run split over processes (pytest-xdist, ``-n 2 --dist loadscope`` in pyproject.toml) -------------------
-def _folder_rank(item) -> int:
-    return next((i for i, folder in enumerate(FOLDER_ORDER) if item.nodeid.startswith(folder)), len(FOLDER_ORDER))
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """In a process of a split run: every test that shares a session fixture must fall in that fixture's work
     unit (:func:`work_unit`, else the fixture is set up in each process: a usage error naming the test), and once
-    every hook has ordered the tests, the folders go in :data:`FOLDER_ORDER` (the order units are handed out)."""
+    every hook has ordered the tests, the folders go in ``work_units.FOLDER_ORDER`` (the order units are handed out)."""
     result = yield
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for item in items:
@@ -78,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
                 raise pytest.UsageError(f"{item.nodeid} shares {shared!r} but its id puts it in work unit "
                                         f"{work_unit(item.nodeid)!r}: name the host or frontend in its id "
                                         "(tests/support/work_units.py)")
-        items.sort(key=_folder_rank)  # stable: pytest's order within a folder is kept
+        items.sort(key=folder_rank)  # stable: pytest's order within a folder is kept
     return result
 
 

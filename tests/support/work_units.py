@@ -35,9 +35,14 @@ def shared_setup(item) -> Optional[str]:
 
     params = getattr(getattr(item, "callspec", None), "params", {})
     if "comfy_jobs" in item.fixturenames:
-        versions = [str(getattr(v, "version", v)) for v in params.values() if str(getattr(v, "version", v)) in HOSTS]
+        versions = [v for v in (str(getattr(p, "version", p)) for p in params.values()) if v in HOSTS]
         return f"comfy{versions[0]}" if versions else "comfy"
     for fixture in ("app", "newest_app"):
         if fixture in item.fixturenames and params.get(fixture) is not None:
             return config_id(params[fixture])
     return None
+
+
+def folder_rank(item) -> int:
+    """Where a test's folder comes in :data:`FOLDER_ORDER` (a folder not listed: last)."""
+    return next((i for i, folder in enumerate(FOLDER_ORDER) if item.nodeid.startswith(folder)), len(FOLDER_ORDER))
