@@ -54,12 +54,28 @@ def main(argv: Optional[Sequence[str]] = None, pipe_factory=None) -> int:
         args = build_parser().parse_args(argv)
         with pipeline_factory(pipe_factory):  # tests: a ready pipeline instead of model files
             return args._run(args)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume (finished outputs are kept)", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 - sorted below; anything else goes on as it came
+        if interrupted_by_user(exc):
+            print("interrupted; re-run the same command to resume (finished outputs are kept)", file=sys.stderr)
+            return 130
+        if isinstance(exc, _user_errors()):
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        raise
+
+
+def interrupted_by_user(exc: Optional[BaseException]) -> bool:
+    """Whether ``exc`` is a Ctrl-C, or an error raised while one unwound the stack: a KeyboardInterrupt
+    lands between any two bytecodes, also inside a library's bookkeeping (torch's function-mode stack,
+    seen under torchrun), whose cleanup then fails with an error of its own. The user pressed Ctrl-C
+    either way, so the answer is the same one line."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":
