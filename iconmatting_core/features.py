@@ -161,6 +161,15 @@ def noise_schedule(config: IconMattingConfig) -> Tuple[float, float]:
     return float(alpha_bar.sqrt()), float((1.0 - alpha_bar).sqrt())
 
 
+def posterior_of_moments(moments: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An SD VAE encoder's moments [B, 8, h, w] -> its diagonal Gaussian posterior (mean, std), each
+    [B, 4, h, w] float32: the first four channels the mean, the last four the log-variance, clamped to
+    [-30, 20] before std = exp(logvar / 2) (as SD's ``DiagonalGaussianDistribution``)."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return mean.float(), std.float()
+
+
 class ChannelsLastConvolutions(TorchFunctionMode):
     """While active (the extractor's own VAE encode), every 2-d convolution takes its input in ``channels_last``
     layout, whatever layout the module before it gave; the weights are left as they are (the caller's or the

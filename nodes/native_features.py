@@ -52,7 +52,7 @@ from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransforme
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..iconmatting_core.config import IconMattingConfig
-from ..iconmatting_core.features import KEPT_UP_BLOCKS, FeatureExtractor, SelfAttentionLayer
+from ..iconmatting_core.features import KEPT_UP_BLOCKS, FeatureExtractor, SelfAttentionLayer, posterior_of_moments
 
 log = logging.getLogger("IconMatting")
 
@@ -312,9 +312,7 @@ class ComfyFeatureExtractor(FeatureExtractor):
         moments = run_vae_encoder(fsm.encoder, images.to(vae.device, vae.vae_dtype), self.vae_attention)
         if getattr(fsm, "quant_conv", None) is not None:
             moments = fsm.quant_conv(moments)
-        mean, logvar = torch.chunk(moments, 2, dim=1)
-        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-        return mean.float(), std.float()
+        return posterior_of_moments(moments)
 
     def call_unet(self, latents, cond, with_attention):
         self.load_all(self.pass_bytes(latents.shape[0], with_attention))
