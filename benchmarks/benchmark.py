@@ -33,7 +33,7 @@ from iconmatting_core.precision import resolve_dtype  # noqa: E402
 from iconmatting_core.sd_loading import SDComponents  # noqa: E402
 
 from comfy_bench_script import PeakMemory  # noqa: E402  (benchmarks/: one memory meter for every benchmark)
-from machine_rate import TargetStages, gemm_rate, stage_table  # noqa: E402
+from machine_rate import GemmRates, TargetStages, stage_table  # noqa: E402
 
 
 def _sync(device):
@@ -97,6 +97,7 @@ def main(argv=None):
     mask = torch.zeros(s, s)
     mask[s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
 
+    rates = GemmRates(device, {dtype})
     floor = floor_time(pipe, args.repeats)
     pipe.encode_reference(ref, mask)  # warm-up
     _sync(device)
@@ -126,8 +127,9 @@ def main(argv=None):
     stages = TargetStages(pipe, context, torch.rand(s, s, 3, generator=gen))
     for _ in range(args.repeats):
         stages.time_once()
-    gemm = gemm_rate(device, dtype)
-    print(f"per target, stage by stage (best of {args.repeats}); GEMM: {dtype} matmul, best of 5")
+    rates.measure_end()
+    gemm = rates[dtype]
+    print(f"per target, stage by stage (best of {args.repeats}); GEMM: {rates.describe(dtype)}")
     print(stage_table({"diffusers": stages.summary(gemm, best_per_target)}, {"diffusers": gemm}))
 
 

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                   f"{r['extra_peak_bytes'] / 2**30:>13.2f} {diff:>19}")
     for dtype, run in out["runs"].items():
         print(f"{dtype}: a target's stages (best of {args.repeats}, the paths interleaved) against the device's "
-              f"{dtype} matmul rate")
+              f"{dtype} matmul rate ({run['gemm']['diffusers']})")
         print(stage_table({name: run[name]["stages"] for name in ("native", "diffusers")}, run["gemm_flops"]))
     for half in ("fp16", "bf16"):
         for name, diff in out.get(half + "_vs_fp32_alpha_max_diff", {}).items():

@@ -99,7 +99,7 @@ def main(argv=None):
     n, d = run["native"], run["diffusers"]
     print(f"native / diffusers per target: {n['per_target'] / d['per_target']:.2f}; extra peak memory: "
           f"{n['extra_peak_bytes'] / max(1, d['extra_peak_bytes']):.2f}; alpha max |native - diffusers|: {run['alpha_max_diff']:.2e}")
-    print(f"per target, stage by stage (best of {args.repeats}, the paths interleaved); GEMM: matmul, best of 5")
+    print(f"per target, stage by stage (best of {args.repeats}, the paths interleaved); GEMM: {run['gemm']['diffusers']}")
     print(stage_table({name: run[name]["stages"] for name in ("native", "diffusers")}, run["gemm_flops"]))
     print(json.dumps(out))
     return 0

@@ -228,8 +228,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
     run = {"native_unet_dtype": str(ext_n.dtype), "native_vae_dtype": str(cvae.vae_dtype), "diffusers_dtype": str(dtype)}
     if measure != "memory":  # the yardstick of each path's stages: the matmul rate in the dtype it computes in
         gemm_size = 512 if a.get("model_size", "full") == "tiny" else None
-        rates = {d: machine_rate.gemm_rate(device, d, size=gemm_size) for d in {ext_n.dtype, dtype}}
-        run["gemm_flops"] = {"native": rates[ext_n.dtype], "diffusers": rates[dtype]}
+        rates = machine_rate.GemmRates(device, {ext_n.dtype, dtype}, size=gemm_size)
 
     def floor_native():
         ext_n.load_all(ext_n.pass_bytes(ens, False))
@@ -281,6 +280,10 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
             per_target = (time.perf_counter() - t) / n
             run[name]["per_target"] = min(run[name].get("per_target", per_target), per_target)
             alphas[(name, dtype_name)] = [t_.float().cpu() for t_ in result]
+        if measure != "memory":
+            rates.measure_end()
+            run["gemm_flops"] = {"native": rates[ext_n.dtype], "diffusers": rates[dtype]}
+            run["gemm"] = {"native": rates.describe(ext_n.dtype), "diffusers": rates.describe(dtype)}
         for name in paths:
             if measure != "memory":
                 run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]

@@ -54,6 +54,29 @@ def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, repeats:
     return 2 * n**3 / best
 
 
+class GemmRates:
+    """The device's matmul rate per dtype, measured at the start of a run and again at its end (:func:`gemm_rate`
+    each time); the yardstick is the higher of the two. The rate of a shared or throttling machine drifts over a
+    long run (on this project's 2-core machine 153 to 180 GFLOP/s in fp32 between runs 20 minutes apart), and one
+    measurement taken in a slow minute makes every stage look closer to the machine than it is; the higher one
+    gives the fractions as lower bounds, and both are printed so the drift is seen."""
+
+    def __init__(self, device: torch.device, dtypes, size: Optional[int] = None):
+        self.device, self.size = device, size
+        self.start = {d: gemm_rate(device, d, size=size) for d in dtypes}
+        self.end: Dict[torch.dtype, float] = {}
+
+    def measure_end(self) -> None:
+        self.end = {d: gemm_rate(self.device, d, size=self.size) for d in self.start}
+
+    def __getitem__(self, dtype: torch.dtype) -> float:
+        return max(self.start[dtype], self.end.get(dtype, 0.0))
+
+    def describe(self, dtype: torch.dtype) -> str:
+        end = f"{self.end[dtype] / 1e9:.1f}" if dtype in self.end else "not measured"
+        return f"{dtype} matmul best of 5, at the start {self.start[dtype] / 1e9:.1f} and at the end {end} GFLOP/s: the higher"
+
+
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """Scaled-dot-product attention [..., Tq, D] x [..., Tk, D]: scores and the weighted sum, 2 FLOPs per
     multiply-add each (FlopCounterMode has formulas for the GPU kernels, not for the CPU one)."""

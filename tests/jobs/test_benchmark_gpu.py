@@ -4,6 +4,7 @@ full-size at 768 px in fp16 and fp32, here at 128 px on the CPU, in bf16: CPUs w
 convolutions ~100x slower than fp32; without bf16 arithmetic, bf16 ones too, hence the tiny models)."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def test_gpu_benchmark_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
             assert isinstance(r["extra_peak_bytes"], int) and r["extra_peak_bytes"] >= 0
             # every stage a target pays for, counted and timed, against the device's own matmul rate
             assert run["gemm_flops"][path] > 0
+            # measured at the start and at the end of the run, the higher one the yardstick (both printed)
+            start, end = (float(v) for v in re.findall(r"at the start ([\d.]+) and at the end ([\d.]+)", run["gemm"][path])[0])
+            assert math.isclose(run["gemm_flops"][path] / 1e9, max(start, end), rel_tol=1e-3)
             stages = r["stages"]
             assert list(stages) == ["vae", "unet", "matching", "head", "stages", "matte"]
             for row in stages.values():

@@ -30,3 +30,20 @@ def test_stage_table_prints_fractions_of_the_gemm_rate():
     summary = {"unet": {"gflop": 100.0, "s": 2.0, "gflops": 50.0, "of_gemm": 0.5}}
     text = stage_table({"diffusers": summary}, {"diffusers": 100e9})
     assert "   50%" in text and " 100.0 " in text and "of GEMM" in text
+
+
+def test_the_gemm_yardstick_is_the_higher_of_the_start_and_the_end(monkeypatch):
+    import machine_rate
+
+    measured = iter([100e9, 150e9])  # a slow minute at the start, then the machine at its rate
+    monkeypatch.setattr(machine_rate, "gemm_rate", lambda device, dtype, size=None: next(measured))
+    rates = machine_rate.GemmRates(torch.device("cpu"), {torch.float32})
+    assert rates[torch.float32] == 100e9  # before the end is measured: the start
+    rates.measure_end()
+    assert rates[torch.float32] == 150e9
+    assert rates.describe(torch.float32) == (
+        "torch.float32 matmul best of 5, at the start 100.0 and at the end 150.0 GFLOP/s: the higher")
+    measured = iter([150e9, 100e9])  # and the other way round
+    rates = machine_rate.GemmRates(torch.device("cpu"), {torch.float32})
+    rates.measure_end()
+    assert rates[torch.float32] == 150e9
