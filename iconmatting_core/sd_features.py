@@ -7,7 +7,10 @@ wrappers and forward hooks do nothing while another extractor (or the caller) ru
 ``requires_grad`` and train/eval flags. This adapter supplies only what is diffusers' own: the
 UNet's layout (:func:`unet_layout`), the call of the UNet, and hooks that hand the recorded
 self-attention layers and the outputs of up blocks 0 and 1 to the extractor, which runs and stops
-the pass (:meth:`~.features.FeatureExtractor.unet_up_features`).
+the pass (:meth:`~.features.FeatureExtractor.unet_up_features`). The VAE encode runs the VAE's own
+modules on the adapter's call path (:func:`vae_moments`: diffusers' residual-block forward spends
+time on a division by 1.0 and fresh tensors), the same moments to the bit; nothing of the VAE is
+rebound or hooked.
 """
 from __future__ import annotations
 
@@ -120,10 +123,13 @@ class _UpBlockHook(_ExtractorHook):
 
 
 def _plain_resnet(block: nn.Module) -> bool:
-    """Whether a diffusers ``ResnetBlock2D`` is the kind SD's VAE encoder has (no time embedding, no
-    resampling, SiLU, output scale 1, eval mode), which :func:`_resnet` computes on its own call path."""
+    """Whether a diffusers ``ResnetBlock2D`` is the kind SD's VAE encoder has (group norms, no time embedding,
+    no resampling, SiLU, output scale 1, eval mode), which :func:`_resnet` computes on its own call path (its
+    in-place SiLU needs the norms' fresh outputs: an identity norm would hand it the block's input)."""
     return (
-        getattr(block, "time_emb_proj", "?") is None
+        isinstance(getattr(block, "norm1", None), nn.GroupNorm)
+        and isinstance(getattr(block, "norm2", None), nn.GroupNorm)
+        and getattr(block, "time_emb_proj", "?") is None
         and getattr(block, "upsample", "?") is None
         and getattr(block, "downsample", "?") is None
         and getattr(block, "output_scale_factor", None) == 1.0
@@ -148,10 +154,12 @@ def _resnet(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _own_encoder_path(vae: nn.Module) -> bool:
     """Whether :func:`vae_moments` may run this diffusers ``AutoencoderKL``'s encoder on the pack's call
     path: SD's layout, and nothing set that its ``encode`` would honour (tiling, slicing, an accelerate
-    offload hook)."""
+    offload hook, gradient checkpointing while gradients are on)."""
     encoder = getattr(vae, "encoder", None)
     return (
         encoder is not None
+        and not (torch.is_grad_enabled() and getattr(encoder, "gradient_checkpointing", False))
+        and isinstance(getattr(encoder, "conv_norm_out", None), nn.GroupNorm)
         and not getattr(vae, "use_tiling", False)
         and not getattr(vae, "use_slicing", False)
         and not hasattr(vae, "_hf_hook")
@@ -219,7 +227,8 @@ class SDFeatureExtractor(FeatureExtractor):
     hooks to up blocks 0 and 1, and freezes both modules (``requires_grad`` off, eval mode); close
     unwraps exactly its own processors and removes its hooks, and the last extractor over a UNet
     to close restores the flags the caller had set. The VAE is used
-    as given (``load_model`` drops the decoder of the VAE it loads itself). The wrappers and hooks
+    as given, its encoder's modules called by :func:`vae_moments` (``load_model`` drops the decoder of
+    the VAE it loads itself). The wrappers and hooks
     act only while this extractor runs, so several extractors may share one UNet.
     """
 

@@ -89,3 +89,25 @@ def test_the_posterior_is_mean_and_exp_half_clamped_logvar():
     expected = torch.tensor([1.0, 2.718281828459045, 3.059023205018258e-07, 22026.465794806718])
     assert torch.allclose(std.flatten(), expected, rtol=1e-6)
     assert std.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_an_identity_norm_keeps_the_block_on_its_own_forward_and_the_input_intact(images):
+    vae = randomise(AutoencoderKL.from_config(tiny_vae_config()), seed=6).eval()
+    block = vae.encoder.down_blocks[1].resnets[0]
+    block.norm1 = torch.nn.Identity()  # an in-place SiLU after it would overwrite the block's input
+    expected = vae.encode(images).latent_dist.parameters
+    assert torch.equal(vae_moments(vae, images), expected)
+
+
+def test_gradient_checkpointing_with_gradients_on_goes_through_encode(images):
+    vae = randomise(AutoencoderKL.from_config(tiny_vae_config()), seed=7).eval()
+    vae.enable_gradient_checkpointing()
+    calls = []
+    real = vae.encode
+    vae.encode = lambda x: calls.append(1) or real(x)
+    with torch.no_grad():
+        vae_moments(vae, images)
+    assert calls == []  # no gradients: nothing to checkpoint, the own path
+    vae_moments(vae, images)
+    assert calls == [1]
