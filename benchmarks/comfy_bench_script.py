@@ -284,6 +284,7 @@ def _run_dtype(dtype_name, unet, vae, sd, inputs, a, device, alphas):
             rates.measure_end()
             run["gemm_flops"] = {"native": rates[ext_n.dtype], "diffusers": rates[dtype]}
             run["gemm"] = {"native": rates.describe(ext_n.dtype), "diffusers": rates.describe(dtype)}
+            run["gemm_measured"] = {"native": rates.measured(ext_n.dtype), "diffusers": rates.measured(dtype)}
         for name in paths:
             if measure != "memory":
                 run[name]["targets_per_s"] = 1.0 / run[name]["per_target"]

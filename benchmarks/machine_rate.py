@@ -72,6 +72,10 @@ class GemmRates:
     def __getitem__(self, dtype: torch.dtype) -> float:
         return max(self.start[dtype], self.end.get(dtype, 0.0))
 
+    def measured(self, dtype: torch.dtype) -> list:
+        """[at the start, at the end (None before it is measured)] in FLOP/s."""
+        return [self.start[dtype], self.end.get(dtype)]
+
     def describe(self, dtype: torch.dtype) -> str:
         end = f"{self.end[dtype] / 1e9:.1f}" if dtype in self.end else "not measured"
         return f"{dtype} matmul best of 5, at the start {self.start[dtype] / 1e9:.1f} and at the end {end} GFLOP/s: the higher"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,13 @@ AUTHORS_GPUS = 2
 AUTHORS_BATCH = AUTHORS_GPU_BATCH * AUTHORS_GPUS  # the global batch of their configs (2 GPUs x 2)
 LOSS_LIMIT = 1e4
 WARMUP_START = 1e-6
+
+
+def leave_ctrl_c_to_the_trainer(_worker_id: int) -> None:
+    """A data-loading worker ignores Ctrl-C. A terminal signals the whole process group: a worker that died of it
+    while handing a batch's shared memory over printed multiprocessing's traceback after the trainer's one line
+    (seen in CI); the trainer stops on it and shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TrainingStopped(RuntimeError):
@@ -278,7 +286,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             samples, batch_size=self.batch, sampler=StepSampler(start, s.steps, self.batch, self.rank, self.world),
             num_workers=s.workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if s.workers else None)
+            prefetch_factor=4 if s.workers else None, worker_init_fn=leave_ctrl_c_to_the_trainer if s.workers else None)
         metrics = S.Metrics(self.run_dir, start) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and self.show_progress:

@@ -77,3 +77,16 @@ def test_any_other_error_is_not_passed_off_as_an_interrupt(monkeypatch):
 
 def test_a_status_the_command_returns_is_the_exit_status(monkeypatch):
     assert _main_running(monkeypatch, lambda args: 1) == 1
+
+
+def test_the_trainers_data_workers_leave_ctrl_c_to_it():
+    import signal
+
+    from iconmatting_core.training.trainer import leave_ctrl_c_to_the_trainer
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        leave_ctrl_c_to_the_trainer(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
