@@ -164,7 +164,7 @@ def _own_encoder_path(vae: nn.Module) -> bool:
         and not getattr(vae, "use_slicing", False)
         and not hasattr(vae, "_hf_hook")
         and not hasattr(encoder, "_hf_hook")
-        and all(hasattr(encoder, name) for name in ("conv_in", "down_blocks", "mid_block", "conv_norm_out", "conv_out"))
+        and all(hasattr(encoder, name) for name in ("conv_in", "down_blocks", "mid_block", "conv_act", "conv_out"))
         and all(hasattr(b, "resnets") for b in encoder.down_blocks)
         and hasattr(encoder.mid_block, "attentions")
     )

@@ -286,7 +286,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             samples, batch_size=self.batch, sampler=StepSampler(start, s.steps, self.batch, self.rank, self.world),
             num_workers=s.workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if s.workers else None, worker_init_fn=leave_ctrl_c_to_the_trainer if s.workers else None)
+            prefetch_factor=4 if s.workers else None, worker_init_fn=leave_ctrl_c_to_the_trainer)
         metrics = S.Metrics(self.run_dir, start) if self.rank == 0 else None
         bar = None
         if self.rank == 0 and self.show_progress:
