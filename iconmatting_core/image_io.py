@@ -3,8 +3,8 @@
 Every reader turns the image upright by its EXIF orientation (as ComfyUI's loaders do) and raises
 :class:`ImageReadError` (a ValueError naming the file) when the file cannot be decoded.
 
-A GIF or WebP may hold an animation: :func:`is_animation` tells, cheaply, whether it holds more than
-one frame (``job.targets`` then makes it a clip), and :func:`iter_animation` reads its frames.
+A GIF, WebP or PNG (APNG) may hold an animation: :func:`is_animation` tells, cheaply, whether it holds more
+than one frame (``job.targets`` then makes it a clip), and :func:`iter_animation` reads its frames.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Iterator, Tuple
 import numpy as np
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-ANIMATED_EXTENSIONS = {".gif", ".webp"}  # image files that may hold an animation
+ANIMATED_EXTENSIONS = {".gif", ".webp", ".png"}  # image files that may hold an animation
 
 
 class ImageReadError(ValueError):
@@ -37,7 +37,7 @@ def open_image(path: Path):
 
 
 def is_animation(path: Path) -> bool:
-    """Whether a GIF/WebP file holds more than one frame (told by its first bytes, not its name);
+    """Whether a GIF/WebP/PNG file holds more than one frame (told by its first bytes, not its name);
     False for any other file and for one that cannot be read (its reader then says why). Reads block
     headers, never pixels, and stops at the second frame: Pillow's WebP reader reads the whole file
     when it opens it, and its GIF reader steps through a still GIF several times slower
@@ -47,6 +47,9 @@ def is_animation(path: Path) -> bool:
             head = f.read(12)
             if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
                 return _webp_frames(f, at_most=2) > 1
+            if head[:8] == PNG_SIGNATURE:
+                f.seek(8)
+                return _apng_frames(f) > 1
             if head[:6] in (b"GIF87a", b"GIF89a"):
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # only the pages looked at are read
                     return _gif_frames(data, at_most=2) > 1
@@ -68,6 +71,24 @@ def _webp_frames(f, at_most: int) -> int:
         frames += header[:4] == b"ANMF"
         f.seek(size + size % 2, 1)
     return frames
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _apng_frames(f) -> int:
+    """The frame count an animated PNG states, read past its 8-byte signature: chunks are a big-endian 32-bit
+    data length, a 4-byte type, the data and a 4-byte CRC; an animation's ``acTL`` chunk (its data starts
+    with the frame count) comes before the first ``IDAT``. 1 for a PNG without one (a still image)."""
+    while True:
+        header = f.read(8)
+        if len(header) < 8 or header[4:] in (b"IDAT", b"IEND"):
+            return 1
+        size = struct.unpack(">I", header[:4])[0]
+        if header[4:] == b"acTL":
+            data = f.read(4)
+            return struct.unpack(">I", data)[0] if len(data) == 4 else 1
+        f.seek(size + 4, 1)
 
 
 def _colour_table(packed: int) -> int:
@@ -96,12 +117,17 @@ def _gif_frames(data, at_most: int) -> int:
 
 def iter_animation(path: Path) -> Iterator[Tuple[np.ndarray, int]]:
     """(RGB frame [H, W, 3] uint8, upright, as the animation shows it; its stated duration in ms, 0
-    when none) of each frame of a GIF/WebP, in order, one frame in memory at a time."""
+    when none) of each frame of a GIF/WebP/APNG, in order, one frame in memory at a time."""
     from PIL import Image, ImageOps, ImageSequence
 
     try:
         with Image.open(path) as im:
-            for frame in ImageSequence.Iterator(im):
+            # an APNG's default image (no fcTL chunk before its IDAT) is what viewers without animation show, not a
+            # frame of the animation; Pillow gives it as frame 0
+            hidden = 1 if im.info.get("default_image") else 0
+            for index, frame in enumerate(ImageSequence.Iterator(im)):
+                if index < hidden:
+                    continue
                 frame.load()
                 duration = int(frame.info.get("duration") or 0)
                 yield np.array(ImageOps.exif_transpose(frame.convert("RGB"))), duration

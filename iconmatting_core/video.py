@@ -10,7 +10,7 @@ clip is stored landscape with a 90 degree display matrix; mirrors too) is decode
 :func:`probe` gives its size as shown (:func:`orientation`). Images are turned upright by their
 EXIF orientation the same way (``image_io``), so outputs never need a rotation of their own.
 
-An animated GIF or WebP that ``job.targets`` counts as a clip (more than one frame) is decoded by
+An animated GIF, WebP or PNG (APNG) that ``job.targets`` counts as a clip (more than one frame) is decoded by
 Pillow (FFmpeg reads no animated WebP), each frame at the time its stated durations add up to.
 
 A clip that ends before its container says it should (a file cut short) is an error naming both
@@ -116,7 +116,7 @@ def _shown_ms(duration: int) -> int:
 
 
 def _animation_frames(path: Path) -> Iterator[Tuple[np.ndarray, Fraction]]:
-    """(RGB frame, time in seconds) of an animated GIF/WebP: each frame starts when the ones before
+    """(RGB frame, time in seconds) of an animated GIF/WebP/APNG: each frame starts when the ones before
     it have been shown for their durations."""
     ms = 0
     for frame, duration in iter_animation(path):
@@ -127,7 +127,7 @@ def _animation_frames(path: Path) -> Iterator[Tuple[np.ndarray, Fraction]]:
 def probe(path: Path) -> VideoInfo:
     """Frame rate, frame count (0 if unknown), size as shown, stated duration and time base of the
     first video stream. ValueError when there is none, when the container states no frame rate, or
-    when it turns the frames by other than a quarter turn. An animated GIF/WebP is read through once
+    when it turns the frames by other than a quarter turn. An animated GIF/WebP/APNG is read through once
     (its frame count and durations, in ms; the rate is the average, frames / total duration)."""
     if _is_animation(path):
         count, ms, (height, width) = 0, 0, (0, 0)

@@ -78,6 +78,14 @@ class FolderImages:
     other_types: List[Tuple[str, int]] = field(default_factory=list)  # (extension, files) left out
     problems: List[str] = field(default_factory=list)  # folder link loops, unreadable folders
     unsearched: int = 0  # subfolders not searched (recursive off)
+    clips: List[str] = field(default_factory=list)  # videos and animated images left out, by their path under the folder
+
+
+def _clips_left_out(clips: List[str]) -> str:
+    """The clips a folder holds (by their path under it; the first five), and where they are matted."""
+    names = "; ".join(clips[:5]) + (f"; and {len(clips) - 5} more" if len(clips) > 5 else "")
+    return (f"{len(clips)} clip(s) (videos and animated GIF/WebP/PNG files, whose frames are not one photo): {names}. "
+            "Matte them with Load Video (the video workflow) or the command line.")
 
 
 def folder_images(folder, recursive: bool = True) -> FolderImages:
@@ -90,17 +98,14 @@ def folder_images(folder, recursive: bool = True) -> FolderImages:
             raise _no_images(folder, base, recursive) from None
         raise ValueError(f"Image folder '{folder}': {exc}") from None
     images, videos = split_targets(found.targets)
+    clips = [video.path.relative_to(base).as_posix() for video in videos]
+    if not images and clips and (recursive or not _holds_an_image(base, True)):  # photos below: turn recursive on
+        raise FileNotFoundError(f"Image folder '{folder}' holds no photos, only {_clips_left_out(clips)}")
     if not images:
         raise _no_images(folder, base, recursive)
-    other = sorted(found.skipped_types.items())
-    for video in videos:
-        other.append((video.path.suffix.lower(), 1))
-    merged = {}
-    for ext, n in other:
-        merged[ext] = merged.get(ext, 0) + n
     unsearched = 0 if recursive else sum(1 for p in base.iterdir() if p.is_dir())
     problems = [p.replace(str(base) + os.sep, "") for p in found.problems]  # the server's paths stay unsaid
-    return FolderImages(base, images, sorted(merged.items()), problems, unsearched)
+    return FolderImages(base, images, sorted(found.skipped_types.items()), problems, unsearched, clips=clips)
 
 
 def _reason(exc: Exception, path: Path) -> str:
@@ -133,12 +138,14 @@ def folder_note(folder, found: FolderImages, loaded: int, unreadable: List[str])
     if found.other_types:
         kinds = ", ".join(f"{ext or '(none)'} x{n}" for ext, n in found.other_types)
         parts.append(f"Left out {sum(n for _, n in found.other_types)} file(s) that are not images: {kinds}.")
+    if found.clips:
+        parts.append(f"Left out {_clips_left_out(found.clips)}")
     parts += [f"Skipped {problem}." for problem in found.problems]
     if found.unsearched:
         parts.append(f"{found.unsearched} subfolder(s) not searched (recursive is off).")
     if loaded >= COMMAND_LINE_FROM:
         parts.append(command_line_hint(found.base, loaded))
-    return " ".join(parts), bool(unreadable or found.problems or loaded >= COMMAND_LINE_FROM)
+    return " ".join(parts), bool(unreadable or found.clips or found.problems or loaded >= COMMAND_LINE_FROM)
 
 
 class IconMattingLoadImageFolder(io.ComfyNode):

@@ -142,12 +142,24 @@ def load_pipe(args):
     return pipe, {"matting_weights": Path(matting).name, "sd": model_files.sd_label(sd)}
 
 
-def encode_reference(pipe, args, resize_mode: str):
-    """The context of --reference/--mask; ValueError (ImageReadError) for bad files."""
-    from ..image_io import read_image, read_mask
+def check_reference_files(args) -> None:
+    """Before any model loads: ValueError when --reference/--mask cannot make a reference (a mask count that does
+    not fit; an animation, whose first frame is not what a user marked on), read from the files' headers."""
+    from ..image_io import is_animation
 
     if len(args.mask) not in (1, len(args.reference)):
         raise ValueError(f"got {len(args.reference)} reference images but {len(args.mask)} masks; give one mask per image")
+    for path in [*args.reference, *args.mask]:
+        if is_animation(Path(path)):
+            raise ValueError(f"{path} is an animation (more than one frame); give one still image: save the frame you "
+                             "marked as a PNG")
+
+
+def encode_reference(pipe, args, resize_mode: str):
+    """The context of --reference/--mask (checked by :func:`check_reference_files` first); ValueError
+    (ImageReadError) for bad files."""
+    from ..image_io import read_image, read_mask
+
     images = [read_image(Path(p)) for p in args.reference]
     masks = [read_mask(Path(p)) for p in args.mask]
     return pipe.encode_reference(images, masks, pooling=args.pooling, resize_mode=resize_mode, seed=args.seed)

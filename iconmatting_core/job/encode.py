@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, set_threads
+from .cli_args import add_model_args, add_reference_args, check_reference_files, encode_reference, load_pipe, set_threads
 from .outputs import OutputError, check_writable
 from .record import reference_recipe
 
@@ -33,6 +33,11 @@ def run(args) -> int:
     out = Path(args.out)
     check_out_file(out)
     set_threads(args.threads)
+    try:
+        check_reference_files(args)
+    except ValueError as exc:
+        print(f"error: reference: {exc}", file=sys.stderr)
+        return 2
     pipe, files = load_pipe(args)
     resize_mode = args.resize_mode or "pad"
     try:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import List
 
 from ..files import remove_partials
-from .cli_args import add_model_args, add_reference_args, encode_reference, load_pipe, positive_float, positive_int, set_threads
+from .cli_args import add_model_args, add_reference_args, check_reference_files, encode_reference, load_pipe, positive_float
+from .cli_args import positive_int, set_threads
 from .cli_args import given_pipe_factory, local_cpus_problem
 from .clips import DEFAULT_VIDEO_OUTPUTS, VIDEO_OUTPUTS
 from .local import run_local
@@ -100,6 +101,10 @@ class Reference:
             self.recipe = job_recipe(context_reference(self.context, self.header), self.header["fingerprint"],
                                      self.resize_mode, args.dtype, self.context.config.image_size, foreground)
             return
+        try:
+            check_reference_files(args)
+        except ValueError as exc:
+            raise UsageError(f"reference: {exc}") from None
         self.pipe, _ = load_pipe(args)
         self.resize_mode = args.resize_mode or "pad"
         try:

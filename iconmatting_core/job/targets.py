@@ -4,8 +4,8 @@
 matches any depth), image/video files and manifest files (``.txt``/``.lst``/``.list``, UTF-8 with or
 without a byte-order mark, any line endings; one path per line, relative to the manifest's folder).
 
-A target is a clip or an image, decided here once (:func:`is_clip`): a video file, or a GIF/WebP
-holding more than one frame (by its content, not its name; a one-frame GIF/WebP is an image).
+A target is a clip or an image, decided here once (:func:`is_clip`): a video file, or a GIF/WebP/PNG
+holding more than one frame (by its content, not its name; a one-frame GIF/WebP or a plain PNG is an image).
 
 Only regular files are read: a named pipe would block the job forever, a device would never end.
 Folder links are followed, but never into a folder that holds the link (the target folder itself or
@@ -58,7 +58,7 @@ def _regular(path: Path) -> bool:
 
 
 def is_clip(path: Path) -> bool:
-    """Whether a target is a clip (else an image): a video file, or a GIF/WebP that holds more than
+    """Whether a target is a clip (else an image): a video file, or a GIF/WebP/PNG that holds more than
     one frame (read from the file's headers; only a regular file is opened)."""
     suffix = Path(path).suffix.lower()
     if suffix in ANIMATED_EXTENSIONS:
@@ -233,7 +233,7 @@ def _same_stems(folder: Path, cache: Dict[Path, Dict[str, List[str]]]) -> Dict[s
 
 def _name(path: Path, root: Optional[Path], cache: Dict[Path, Dict[str, List[str]]], kind) -> str:
     """The output name; ``kind(path)`` is whether a file is a clip (siblings with the same stem are
-    looked at only then, so a folder's GIFs/WebPs are not all opened for it)."""
+    looked at only then, so a folder's GIFs/WebPs/PNGs are not all opened for it)."""
     stem = path.stem
     siblings = _same_stems(path.parent, cache)[stem.casefold()]
     if len(siblings) > 1 and sum(kind(path.parent / n) == kind(path) for n in siblings) > 1:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from iconmatting_core.__main__ import main
@@ -87,6 +88,32 @@ def test_bad_reference_mask_is_a_clear_error(tmp_path, tiny_dir, capsys):
     Image.fromarray(np.zeros((96, 120), np.uint8)).save(tmp_path / "mask.png")
     assert main(_args(tmp_path, tiny_dir, targets)) == 2
     assert "reference mask 0 is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["reference", "mask"])
+def test_an_animated_reference_or_mask_is_refused_not_read_as_its_first_frame(tmp_path, tiny_dir, capsys, which):
+    targets = _write_inputs(tmp_path)
+    path = tmp_path / ("ref.png" if which == "reference" else "mask.png")
+    with Image.open(path) as im:
+        first = im.convert("RGB") if which == "reference" else im.copy()
+    first.save(path, save_all=True, append_images=[first.rotate(180)], duration=100)  # an APNG of two frames
+    said = (f"error: reference: {path} is an animation (more than one frame); give one still image: save the frame you "
+            "marked as a PNG\n")
+    no_models = tmp_path / "no_models"  # said before any model loads: these do not exist
+    assert main(_args(tmp_path, no_models, targets)) == 2
+    assert capsys.readouterr().err == said
+    assert main(["encode", *_args(tmp_path, no_models, targets)[1:5], "--out", str(tmp_path / "ctx.safetensors"),
+                 "--matting-weights", str(no_models / "head.safetensors"), "--sd", str(no_models / "sd")]) == 2
+    assert capsys.readouterr().err == said
+
+
+def test_masks_that_do_not_fit_the_references_are_refused_before_any_model_loads(tmp_path, capsys):
+    targets = _write_inputs(tmp_path)
+    ref, mask = str(tmp_path / "ref.png"), str(tmp_path / "mask.png")
+    args = _args(tmp_path, tmp_path / "no_models", targets)
+    args[1:5] = ["--reference", ref, ref, "--mask", mask, mask, mask]
+    assert main(args) == 2
+    assert capsys.readouterr().err == ("error: reference: got 2 reference images but 3 masks; give one mask per image\n")
 
 
 def test_no_targets(tmp_path, tiny_dir, capsys):

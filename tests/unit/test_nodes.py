@@ -143,12 +143,47 @@ def test_folder_loader_names_what_it_left_out_and_refuses_a_folder_with_images_o
     node = pack.target_nodes.IconMattingLoadImageFolder
     out = node.execute("photos")
     assert out.result[1] == ["deeper/a"]
-    assert out.ui["text"] == ["Found 1 image(s) in 'photos' (1 in subfolders); loaded 1. Left out 3 file(s) that are not "
-                              "images: .mp4 x1, .txt x2."]
+    assert out.ui["text"] == ["Found 1 image(s) in 'photos' (1 in subfolders); loaded 1. Left out 2 file(s) that are not "
+                              "images: .txt x2. Left out 1 clip(s) (videos and animated GIF/WebP/PNG files, whose frames are "
+                              "not one photo): clip.mp4. Matte them with Load Video (the video workflow) or the command line."]
+    assert out.ui["iconmatting_warning"] == [True]  # a clip left out is a toast, not only a line on the node
     with pytest.raises(FileNotFoundError) as info:
         node.execute("photos", False)
     assert str(info.value) == ("Image folder 'photos' holds no images at its top level, only in subfolders. Turn "
                                "recursive on to load them.")
+
+
+def _animation(path, greys):
+    frames = [Image.fromarray(np.full((4, 6, 3), g, np.uint8)) for g in greys]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def test_animated_files_are_clips_the_folder_loader_names_not_their_first_frames(pack, input_dir):
+    """An animated PNG (APNG), GIF and WebP among photos: left out by name as clips (a warning), never loaded as
+    their first frame; a one-frame GIF is a photo; a folder of clips alone says where clips are matted."""
+    folder = input_dir / "mixed"
+    folder.mkdir()
+    save_png(folder / "photo.png", pixels(15, 4, 6))
+    _animation(folder / "anim.png", [10, 200])
+    _animation(folder / "anim.gif", [10, 200, 90])
+    _animation(folder / "anim.webp", [10, 200])
+    _animation(folder / "still.gif", [70])
+    out = pack.target_nodes.IconMattingLoadImageFolder.execute("mixed")
+    images, names = out.result
+    assert names == ["photo", "still"] and [tuple(i.shape) for i in images] == [(1, 4, 6, 3), (1, 4, 6, 3)]
+    assert out.ui == {"text": ["Found 2 image(s) in 'mixed'; loaded 2. Left out 3 clip(s) (videos and animated "
+                               "GIF/WebP/PNG files, whose frames are not one photo): anim.gif; anim.png; anim.webp. Matte "
+                               "them with Load Video (the video workflow) or the command line."],
+                      "iconmatting_warning": [True]}
+    clips = input_dir / "clips"
+    clips.mkdir()
+    for i in range(7):
+        _animation(clips / f"c{i}.png", [10, 200])
+    with pytest.raises(FileNotFoundError) as info:
+        pack.target_nodes.IconMattingLoadImageFolder.execute("clips")
+    assert str(info.value) == ("Image folder 'clips' holds no photos, only 7 clip(s) (videos and animated GIF/WebP/PNG "
+                               "files, whose frames are not one photo): c0.png; c1.png; c2.png; c3.png; c4.png; and 2 more. "
+                               "Matte them with Load Video (the video workflow) or the command line.")
 
 
 def test_a_folder_past_the_limit_says_the_command_line_is_the_tool_with_the_command(pack, input_dir, monkeypatch):

@@ -1,12 +1,13 @@
 """Targets a user has that used to be read wrongly: pipes, sockets and devices in a target folder,
 links to a folder above, broken links, folders that cannot be listed, manifests saved with a
-byte-order mark or CRLF line endings, animated GIFs/WebPs, and thread counts beyond the machine.
+byte-order mark or CRLF line endings, animated GIFs/WebPs/PNGs, and thread counts beyond the machine.
 Expected lists, names and messages are written out here."""
 import errno
 import json
 import os
 import socket
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,10 @@ def _png(path, value=0):
 
 
 def _animation(path, frames, durations=100):
-    """An animated (or, with one frame, still) GIF/WebP of flat frames of the given grey values."""
+    """An animated (or, with one frame, still) GIF/WebP/PNG of flat frames of the given grey values."""
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(np.full((16, 24, 3), v, np.uint8)) for v in frames]
-    fmt = {".gif": "GIF", ".webp": "WEBP"}[path.suffix]
+    fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}[path.suffix]
     if len(images) > 1:
         images[0].save(path, fmt, save_all=True, append_images=images[1:], duration=durations, loop=0, lossless=True)
     else:
@@ -238,6 +239,37 @@ def test_gif_and_webp_are_clips_when_animated_and_images_when_still(tmp_path):
     assert [t.name for t in images] == ["cut_short", "noise_still", "one_frame_animation", "still", "still2"]
     with Image.open(x / "one_frame_animation.webp") as im:  # Pillow reads it: one frame of an animation
         assert (im.n_frames, np.asarray(im.convert("L")).max()) == (1, 0)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: big-endian 32-bit data length, type, data, CRC-32 of type and data."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _with_chunk_before_idat(png: bytes, chunk: bytes) -> bytes:
+    """``png`` with ``chunk`` inserted right after its IHDR chunk (8-byte signature, IHDR of 13 data bytes: 25 bytes)."""
+    return png[:33] + chunk + png[33:]
+
+
+def test_an_animated_png_is_a_clip_and_a_still_one_an_image(tmp_path):
+    """APNG (an acTL chunk before the first IDAT states the frame count): 2+ frames a clip, also past an odd-sized
+    text chunk before it; a plain PNG, and one whose acTL states 1 frame, are images."""
+    x = tmp_path / "x"
+    _animation(x / "anim.png", [0, 100, 200])
+    still = _png(x / "still.png", 50)
+    text = _png_chunk(b"tEXt", b"Comment\0abc")  # 11 data bytes: an odd size, then its 4-byte CRC
+    (x / "after_text.png").write_bytes(_with_chunk_before_idat((x / "anim.png").read_bytes(), text))
+    one = _png_chunk(b"acTL", (1).to_bytes(4, "big") + (0).to_bytes(4, "big"))
+    (x / "one_frame.png").write_bytes(_with_chunk_before_idat(still.read_bytes(), one))
+    (x / "cut_short.png").write_bytes((x / "anim.png").read_bytes()[:30])  # inside IHDR: its reader says so
+    images, videos = split_targets(list_targets([str(x)]).targets)
+    assert [t.name for t in videos] == ["after_text", "anim"]
+    assert [t.name for t in images] == ["cut_short", "one_frame", "still"]
+    frames = {}
+    for name in ("anim", "after_text", "one_frame", "still"):  # Pillow reads them alike: its frame 0 may be a default
+        with Image.open(x / f"{name}.png") as im:          # image outside the animation (no fcTL before IDAT)
+            frames[name] = im.n_frames - bool(im.info.get("default_image"))
+    assert frames == {"anim": 3, "after_text": 3, "one_frame": 1, "still": 1}
 
 
 def test_same_stem_siblings_are_told_apart_by_their_kind_from_content(tmp_path):

@@ -148,27 +148,45 @@ def test_a_phone_portrait_clip_is_matted_upright(tmp_path, pipe):
     assert [(fw, fh, rotation) for fw, fh, _, rotation in _decoded_times(paths["alpha"])] == [(w, h, 0)] * 3
 
 
-def test_animated_webp_and_gif_are_clips_with_their_frame_times(tmp_path, pipe, capsys):
+def test_animated_webp_gif_and_png_are_clips_with_their_frame_times(tmp_path, pipe, capsys):
     targets = tmp_path / "targets"
     targets.mkdir()
     greys = [30, 140, 230]
     images = [Image.fromarray(np.full((32, 48, 3), g, np.uint8)) for g in greys]
-    for name, fmt in (("anim.webp", "WEBP"), ("anim2.gif", "GIF")):
+    for name, fmt in (("anim.webp", "WEBP"), ("anim2.gif", "GIF"), ("anim3.png", "PNG")):
         images[0].save(targets / name, fmt, save_all=True, append_images=images[1:], duration=[100, 200, 300], loop=0,
                        lossless=True)
     images[0].save(targets / "still.webp", "WEBP", lossless=True)  # one frame: an image
     out = tmp_path / "out"
     assert main(["matte", *_reference(tmp_path), "--targets", str(targets), "--out", str(out), "--video-out", "alpha,png",
                  "--no-foreground"], pipe_factory=lambda: pipe) == 0
-    assert "3 matted, 0 failed" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["anim2_alpha.mp4", "anim2_frames", "anim_alpha.mp4", "anim_frames",
-                                                     "iconmatting-job.jsonl", "still_alpha.png", "still_rgba.png"]
-    for stem in ("anim", "anim2"):
+    assert "4 matted, 0 failed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["anim2_alpha.mp4", "anim2_frames", "anim3_alpha.mp4", "anim3_frames",
+                                                     "anim_alpha.mp4", "anim_frames", "iconmatting-job.jsonl",
+                                                     "still_alpha.png", "still_rgba.png"]
+    for stem in ("anim", "anim2", "anim3"):
         paths = output_paths(out, targets / f"{stem}.x", ["alpha", "png"])
         frames = _pngs(paths["png"])
         assert [int(np.median(f[..., :3])) for f in frames] == greys  # every frame, in order, none dropped
         times = [(fw, fh, round(t, 3)) for fw, fh, t, _ in _decoded_times(paths["alpha"])]
         assert times == [(48, 32, 0.0), (48, 32, 0.1), (48, 32, 0.3)]  # each frame starts when the ones before have been shown
+
+
+def test_an_animated_png_is_its_animation_frames_without_its_default_image(tmp_path):
+    """APNG: a default image (white, shown by viewers without animation; no fcTL before its IDAT) and three
+    animation frames stating 100, 200 and 300 ms: three frames at 0, 0.1 and 0.3 s; and one whose first image is
+    its first frame (Pillow's default)."""
+    greys = [30, 140, 230]
+    frames = [Image.fromarray(np.full((8, 12, 3), g, np.uint8)) for g in greys]
+    white = Image.fromarray(np.full((8, 12, 3), 255, np.uint8))
+    white.save(tmp_path / "hidden.png", save_all=True, append_images=frames, default_image=True, duration=[100, 200, 300])
+    frames[0].save(tmp_path / "plain.png", save_all=True, append_images=frames[1:], duration=[100, 200, 300])
+    for name in ("hidden.png", "plain.png"):
+        info = video.probe(tmp_path / name)
+        assert (info.frames, info.width, info.height, info.fps) == (3, 12, 8, Fraction(3 * 1000, 600)), name
+        chunks = list(video.iter_timed_chunks(tmp_path / name, 2))
+        assert [int(f[0, 0, 0]) for chunk, _ in chunks for f in chunk] == greys, name
+        assert [t for _, times in chunks for t in times] == [0, Fraction(1, 10), Fraction(3, 10)], name
 
 
 def test_animation_frames_of_no_stated_duration_are_shown_for_100_ms(tmp_path):
