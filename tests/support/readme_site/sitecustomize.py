@@ -1,5 +1,5 @@
 """Start-up hook of the README-command tests' subprocesses (tests/jobs/test_readme_commands.py puts this
-folder first on their PYTHONPATH; nothing else does).
+folder first on their PYTHONPATH) and of tests/jobs/test_ray.py's local Ray (hidden packages only).
 
 The README's commands run on tiny random-weight models. A model is its weights *and* its architecture,
 and where a command has no file to read the architecture from -- the authors' ``icm.ckpt`` holds no
