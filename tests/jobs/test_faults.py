@@ -19,6 +19,7 @@ from PIL import Image
 from iconmatting_core import files
 from iconmatting_core.__main__ import main
 from iconmatting_core.job import outputs
+from documented_env import documented_env
 from sample_inputs import save_reference_and_targets
 
 
@@ -216,7 +217,7 @@ def test_sigkill_then_resume_redoes_nothing(tmp_path, tiny_dir):
            "--matting-weights", str(tiny_dir / "head.safetensors"), "--sd", str(tiny_dir / "sd"), "--device", "cpu",
            "--threads", "1"]
     root = Path(__file__).resolve().parents[2]
-    job = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = subprocess.Popen(cmd, cwd=root, env=documented_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert _wait_for(lambda: len(list(out.glob("*_rgba.png"))) >= 2, 240), job.stderr.read1().decode()
     finally:
@@ -226,7 +227,7 @@ def test_sigkill_then_resume_redoes_nothing(tmp_path, tiny_dir):
     for p in out.glob("*.png"):  # every file with a final name is whole
         with Image.open(p) as im:
             im.load()
-    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=root, env=documented_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"skipping {len(done)} target(s)" in again.stderr and f"done: {10 - len(done)} matted, 0 failed" in again.stderr
     assert _files(out) == ["iconmatting-job.jsonl"] + [f"t{i:02d}_{k}.png" for i in range(10) for k in ("alpha", "rgba")]

@@ -4,7 +4,6 @@ their error type, re-runs resume, a worker's setup error comes back through its 
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,26 +12,19 @@ from PIL import Image
 from iconmatting_core.__main__ import main
 from iconmatting_core.job.clips import output_paths as video_output_paths
 from iconmatting_core.video import read_rgba_frames
+from documented_env import HIDDEN, documented_env
 from sample_inputs import FPS, save_reference_and_targets, write_clip
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray cluster: ~20-90 s per test
 
 
-#: The packages the test venv has beyond the documented command-line environment (requirements-cli.txt,
-#: requirements-ray.txt): hidden from the Ray processes as from the README's commands (tests/support/readme_site).
-HIDDEN = "transformers,scipy"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray for the module. Its processes (the workers that build the pipeline in their actors) start in
-    the documented environment: diffusers imports transformers and scipy wherever they are installed, ~2.7 s of
-    CPU per actor here that a user's worker does not pay (and would hide an import our code needs from them)."""
-    site = Path(__file__).resolve().parents[1] / "support" / "readme_site"
+    the documented command-line environment (tests/support/documented_env.py), as a user's workers do."""
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "ICONMATTING_HIDDEN_PACKAGES")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), saved["PYTHONPATH"]]))
-    os.environ["ICONMATTING_HIDDEN_PACKAGES"] = HIDDEN
+    os.environ.update({k: documented_env()[k] for k in saved})
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its processes take this environment
     finally:
@@ -52,7 +44,7 @@ def test_the_workers_run_without_the_hidden_packages():
 
         from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401  what a worker builds the pipeline of
 
-        return sorted(name for name in HIDDEN.split(",") if sys.modules.get(name) is not None)
+        return sorted(name for name in HIDDEN if sys.modules.get(name) is not None)
 
     assert ray.get(imported.remote()) == []
 

@@ -67,10 +67,10 @@ import pytest
 from PIL import Image
 
 import readme_commands as R
+from documented_env import HIDDEN, SITE
 from warm_python import WarmProcess
 
 ROOT = R.ROOT
-SITE = ROOT / "tests" / "support" / "readme_site"
 PLANS = R.plans()
 RUNNABLE = [p for p in PLANS if (p.runs and not p.same_as) or p.error]
 PYTHON_BLOCKS = [p for p in PLANS if p.python]
@@ -79,9 +79,6 @@ HF_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 INTERRUPTED = "interrupted; re-run the same command to resume"
 TORCHRUN_CTRL_C = "torch.distributed.elastic.multiprocessing.api.SignalException"
 
-#: Installed here for the tests but not part of the README's command-line environment; hidden from the
-#: commands (tests/support/readme_site), which then import as a user's do (diffusers imports both when present).
-HIDDEN = ("transformers", "scipy")
 #: The documented command-line environment: requirements-cli.txt, requirements-ray.txt, the [video] extra, torch.
 DOCUMENTED_ENV = ["requirements-cli.txt", "requirements-ray.txt", "av", "torch"]
 

@@ -24,6 +24,7 @@ from iconmatting_core.__main__ import main
 from iconmatting_core.training import losses as L
 from iconmatting_core.training.data import TrainSamples, derived_unknown, load_train_data
 from iconmatting_core.training.trainer import lr_factor
+from documented_env import documented_env
 from train_helpers import make_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,7 +242,7 @@ def _heads_equal(a: Path, b: Path, exact=True):
 
 def test_sigkill_then_resume_latest_is_bit_equal(tiny, tmp_path):
     common = ("--steps", "4", "--lr", "1e-3", "--warmup", "2", "--batch-size", "1", "--checkpoint-every", "1")
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = documented_env({**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "iconmatting_core", *_train_argv(tiny, killed, *common)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -281,7 +282,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_
 @pytest.mark.slow  # more than ~20 s on its own
 def test_two_processes_give_the_head_of_one_with_the_same_global_batch(tiny, tmp_path):
     common = ("--steps", "2", "--lr", "1e-3", "--warmup", "0", "--loss", "recipe", "--checkpoint-every", "2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = documented_env({**os.environ, "OMP_NUM_THREADS": "1"})
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                           "-m", "iconmatting_core", *_train_argv(tiny, tmp_path / "ddp", *common, "--batch-size", "4")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
