@@ -32,18 +32,20 @@ def conv_outputs(module):
 
 
 def run(pipe, layout):
-    """Reference features, one target's features and alpha with ``channels_last`` = ``layout``."""
+    """The reference's tokens, one target's features (those its matte was made from, taken as the extractor
+    returns them) and its alpha, with ``channels_last`` = ``layout``."""
     ext = pipe.model.extractor
     ext.channels_last = layout
+    passes = []
+    handle = ext.register_forward_hook(lambda _m, _i, out: passes.append(out))
     try:
         context = pipe.encode_reference(*make_reference())
-        targets = make_targets(n=1)
-        size = pipe.config.image_size
-        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
-        feats = ext(x, seed=3)
-        return context.tokens, feats, pipe.matte(context, targets)[0]
+        alpha = pipe.matte(context, make_targets(n=1))[0]
     finally:
         ext.channels_last = None
+        handle.remove()
+    assert len(passes) == 2  # the reference's, then the target's
+    return context.tokens, passes[1], alpha
 
 
 def assert_same(plain, fast, alpha_tol):
