@@ -18,6 +18,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 ANIMATED_EXTENSIONS = {".gif", ".webp", ".png"}  # image files that may hold an animation
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageReadError(ValueError):
@@ -71,9 +72,6 @@ def _webp_frames(f, at_most: int) -> int:
         frames += header[:4] == b"ANMF"
         f.seek(size + size % 2, 1)
     return frames
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _apng_frames(f) -> int:
