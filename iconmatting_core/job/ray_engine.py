@@ -217,8 +217,8 @@ def run_ray_job(job: RayJob, todo: Sequence[Target], record: JobRecord, failures
             reaper = _start_reaper()
     try:
         logging.getLogger("ray").setLevel(logging.CRITICAL)  # Ray's INFO/WARNING notes are not the user's business
-        with _without_native_log_lines():
-            return _run(ray, job, list(todo), record, failures)
+        with _without_native_log_lines() as stderr:
+            return _run(ray, job, list(todo), record, failures, stderr)
     finally:
         if started_here:
             ray.shutdown()
@@ -235,11 +235,13 @@ _NATIVE_LOG_LINE = re.compile(rb"^(?:\[\d{4}-\d\d-\d\d [\d:,]+ [DIWE] \d+ \d+\] 
 def _without_native_log_lines():
     """Drop the lines Ray's C++ core writes straight to this process's stderr (e.g. a note on
     actor constructor arguments) and Ray's ``(raylet)`` notes while the job runs; everything else
-    passes through."""
+    passes through. Yields the stream for the job's own progress: where ``sys.stderr`` is the process's
+    fd 2, a text stream on the real stderr, past the filter, so a terminal stays a terminal (a tqdm bar,
+    its ``\\r`` updates shown at once); ``sys.stderr`` itself where a caller has put another stream there."""
     try:
         saved = os.dup(2)
     except OSError:
-        yield
+        yield sys.stderr
         return
     read_end, write_end = os.pipe()
     sys.stderr.flush()
@@ -256,8 +258,15 @@ def _without_native_log_lines():
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     try:
-        yield
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a stream of the caller's (io.StringIO, a test's capture)
+        on_fd2 = False
+    own = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace") if on_fd2 else None
+    try:
+        yield own or sys.stderr
     finally:
+        if own is not None:
+            own.close()
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and stops
         os.close(saved)
@@ -327,14 +336,14 @@ def _await_ready(ray, workers: list) -> None:
                                    f"a Ray worker could not set up: {row['error_type']}: {row['error']}")
 
 
-def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures) -> int:
+def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures, stderr=None) -> int:
     images, videos = split_targets(todo)
     tasks = deque([("clip", t) for t in videos]  # the long tasks first
                   + [("images", images[i:i + job.chunk_size]) for i in range(0, len(images), job.chunk_size)])
     by_path = {str(t.path): t for t in todo}
     workers = _start_workers(ray, job, len(tasks))
     pending: Dict[object, tuple] = {}  # result ref -> (worker, the record of a clip's outputs)
-    bar = Progress(len(todo), f"matte on Ray ({len(workers)} workers)", "target")
+    bar = Progress(len(todo), f"matte on Ray ({len(workers)} workers)", "target", stream=stderr)
     matted, finished = 0, set()
 
     def send(worker) -> None:

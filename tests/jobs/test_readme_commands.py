@@ -586,18 +586,9 @@ _PLAIN_LINE = re.compile(r"^\S.*: \d+/\d+ \(\d+%\), [\d.]+ \S+/s, ETA", re.M)  #
 PROGRESS = {"matte", "train"}
 
 
-def _on_ray(step: R.Step, tty: bool) -> bool:
-    return tty and _values(step.args, "--engine") == ["ray"]
-
-
 #: Defects these tests found in code another change owns: (which runs, which check, what is wrong). The
 #: check then asserts the defect is still there, so the day it is fixed this fails and asks to drop the entry.
-KNOWN_DEFECTS = [
-    (_on_ray, "progress bar",
-     "matte --engine ray on a terminal prints plain lines, no tqdm bar: ray_engine._without_native_log_lines "
-     "pipes fd 2 through a line filter for the whole job, so Progress sees no terminal (and a bar's \\r "
-     "updates would wait for a newline in that pump)"),
-]
+KNOWN_DEFECTS: List[tuple] = []
 
 
 def _known(step: R.Step, tty: bool, check: str) -> Optional[str]:
