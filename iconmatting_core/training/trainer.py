@@ -32,6 +32,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,10 +60,30 @@ WARMUP_START = 1e-6
 
 
 def leave_ctrl_c_to_the_trainer(_worker_id: int) -> None:
-    """A data-loading worker ignores Ctrl-C. A terminal signals the whole process group: a worker that died of it
-    while handing a batch's shared memory over printed multiprocessing's traceback after the trainer's one line
-    (seen in CI); the trainer stops on it and shuts its workers down."""
+    """A data-loading worker ignores Ctrl-C and is quiet about the trainer hanging up on a batch: a terminal signals
+    the whole process group; the trainer stops on it (its one line) and shuts its workers down. Seen in CI, each
+    after that line: a worker that died of the signal while handing a batch's shared memory over, and the serving
+    thread of a live worker (multiprocessing's resource sharer) printing EOFError's traceback because the interrupted
+    trainer closed the hand-over's connection half-way. Any other error in a worker is printed as before."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _without_hang_ups(sys.excepthook)
+
+
+def _without_hang_ups(hook):
+    def excepthook(kind, value, tb):
+        if issubclass(kind, (EOFError, ConnectionError)) and _raised_in_resource_sharer(tb):
+            return  # the trainer is gone or stopping: it reports for itself
+        hook(kind, value, tb)
+
+    return excepthook
+
+
+def _raised_in_resource_sharer(tb) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "multiprocessing.resource_sharer":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class TrainingStopped(RuntimeError):

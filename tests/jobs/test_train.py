@@ -357,3 +357,36 @@ def test_one_training_step_gives_the_authors_updated_head():
             # elements. Rounding (thread count, summation order) can only tip the few whose gradient is ~0.
             off = (ours[k] - v).abs()
             assert off.max() <= 2 * expected["lr"] and (off > 1e-6).float().mean() <= 1e-3, k
+
+
+HANG_UP = r"""
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+from iconmatting_core.training.trainer import leave_ctrl_c_to_the_trainer
+
+if sys.argv[1] == "worker":
+    leave_ctrl_c_to_the_trainer(0)  # what the trainer's DataLoader runs in each of its workers
+read_end, _ = os.pipe()
+offered = resource_sharer.DupFd(read_end)  # a batch's file descriptor offered to the trainer: the server starts
+address, _key = offered._id
+client = socket.socket(socket.AF_UNIX)
+client.connect(address)
+client.close()  # the trainer, interrupted, hangs up half-way through the hand-over
+time.sleep(1)
+try:
+    raise ValueError("any other error")
+except ValueError:
+    sys.excepthook(*sys.exc_info())
+"""
+
+
+@pytest.mark.parametrize("role", ["worker", "control"])
+def test_a_data_worker_says_nothing_when_the_trainer_hangs_up_on_a_batch(role):
+    """The multiprocessing hand-over of a batch's shared memory, cut off by the trainer (as Ctrl-C does, seen in CI
+    after the trainer's one line): a worker set up by the trainer prints nothing of it; any other error still shows.
+    The control (a process not set up so) prints the serving thread's traceback (EOFError or BrokenPipeError, by
+    timing): the hang-up is reproduced."""
+    done = subprocess.run([sys.executable, "-c", HANG_UP, role], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ("multiprocessing/resource_sharer.py" in done.stderr) is (role == "control"), done.stderr  # its traceback
+    assert done.stderr.rstrip().endswith("ValueError: any other error")

@@ -84,9 +84,10 @@ def test_the_trainers_data_workers_leave_ctrl_c_to_it():
 
     from iconmatting_core.training.trainer import leave_ctrl_c_to_the_trainer
 
-    before = signal.getsignal(signal.SIGINT)
+    before, hook = signal.getsignal(signal.SIGINT), sys.excepthook
     try:
         leave_ctrl_c_to_the_trainer(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+        sys.excepthook = hook
