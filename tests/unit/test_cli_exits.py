@@ -4,6 +4,7 @@ landed inside a library's bookkeeping and its cleanup failed with an error of it
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pytest
 import torch
