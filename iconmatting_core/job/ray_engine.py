@@ -336,7 +336,7 @@ def _await_ready(ray, workers: list) -> None:
                                    f"a Ray worker could not set up: {row['error_type']}: {row['error']}")
 
 
-def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures, stderr=None) -> int:
+def _run(ray, job: RayJob, todo: List[Target], record: JobRecord, failures: Failures, stderr) -> int:
     images, videos = split_targets(todo)
     tasks = deque([("clip", t) for t in videos]  # the long tasks first
                   + [("images", images[i:i + job.chunk_size]) for i in range(0, len(images), job.chunk_size)])

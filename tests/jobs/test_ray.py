@@ -23,16 +23,11 @@ pytestmark = pytest.mark.slow  # a local Ray cluster: ~20-90 s per test
 def local_ray():
     """One local Ray for the module. Its processes (the workers that build the pipeline in their actors) start in
     the documented command-line environment (tests/support/documented_env.py), as a user's workers do."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "ICONMATTING_HIDDEN_PACKAGES")}
-    os.environ.update({k: documented_env()[k] for k in saved})
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its processes take this environment
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    env = documented_env()
+    with pytest.MonkeyPatch.context() as patch:  # only while Ray starts: its processes take this environment
+        for key in ("PYTHONPATH", "ICONMATTING_HIDDEN_PACKAGES"):
+            patch.setenv(key, env[key])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -67,7 +67,7 @@ import pytest
 from PIL import Image
 
 import readme_commands as R
-from documented_env import HIDDEN, SITE
+from documented_env import HIDDEN, SITE, documented_env
 from warm_python import WarmProcess
 
 ROOT = R.ROOT
@@ -197,11 +197,10 @@ class World:
     def base_env(self, token: str) -> dict:
         drop = {"PYTHONPATH", "ICONMATTING_MODELS", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
                 "XDG_CACHE_HOME", "RAY_ADDRESS", "PYTHONSTARTUP", "COLUMNS", "LINES", "TQDM_DISABLE"}
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-        env.update(HOME=str(self.home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=f"{SITE}{os.pathsep}{ROOT}",
+        env = documented_env({**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONPATH": str(ROOT)})
+        env.update(HOME=str(self.home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), str(self.bin), os.environ.get("PATH", "")]),
-                   ICONMATTING_TINY_RELEASE=self.tiny_release, ICONMATTING_HIDDEN_PACKAGES=",".join(HIDDEN),
-                   ICONMATTING_README_RUN=token, TERM="xterm")
+                   ICONMATTING_TINY_RELEASE=self.tiny_release, ICONMATTING_README_RUN=token, TERM="xterm")
         return env
 
     def materialise(self, fixture: str, at: Path) -> None:

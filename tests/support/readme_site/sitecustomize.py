@@ -1,5 +1,6 @@
-"""Start-up hook of the README-command tests' subprocesses (tests/jobs/test_readme_commands.py puts this
-folder first on their PYTHONPATH) and of tests/jobs/test_ray.py's local Ray (hidden packages only).
+"""Start-up hook of the tests' own Python subprocesses that run in the documented command-line environment
+(tests/support/documented_env.py puts this folder first on their PYTHONPATH: the README's commands, the command
+line started as a process, torchrun's ranks, a local Ray's workers).
 
 The README's commands run on tiny random-weight models. A model is its weights *and* its architecture,
 and where a command has no file to read the architecture from -- the authors' ``icm.ckpt`` holds no
